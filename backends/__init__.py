@@ -1,0 +1,1 @@
+"""Storage backends shipped with batchdb; each registers through the ``batchdb`` entry points."""

@@ -1,0 +1,345 @@
+"""SQLite in WAL mode: one writer thread, a pool of aiosqlite readers, upsert by ON CONFLICT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from batchdb.backend import Backend, Batch, Capabilities, ErrorKind
+from batchdb.models import BatchDBError, OperationType
+from batchdb.schema import TableInfo, quote_ident
+from batchdb.settings import SQLiteSettings
+
+__all__ = ["SQLiteBackend"]
+
+T = TypeVar("T")
+
+_TRANSIENT = ("database is locked", "database table is locked", "database schema is locked",
+              "busy")
+_RESOURCE = ("disk is full", "database or disk is full", "readonly", "read-only",
+             "unable to open", "disk i/o error", "malformed", "not a database",
+             "out of memory", "no such table")
+
+
+class SQLiteBackend(Backend):
+    """The reference backend: an SQLite file in WAL mode, tuned with the seed's PRAGMAs."""
+
+    name = "sqlite"
+    settings_model = SQLiteSettings
+    maintenance_tasks = ("checkpoint", "analyze", "vacuum", "integrity_check")
+
+    def __init__(
+        self,
+        settings: SQLiteSettings,  # type: ignore[override]
+        *,
+        connection_factory: Callable[[], sqlite3.Connection] | None = None,
+    ) -> None:
+        super().__init__(settings, connection_factory=connection_factory)
+        self.settings: SQLiteSettings = settings
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._readers: asyncio.Queue[aiosqlite.Connection] | None = None
+        self._reader_count = 0
+        self._all_readers: list[aiosqlite.Connection] = []
+        self._sql_cache: dict[tuple[str, OperationType, tuple[str, ...]], str] = {}
+        self.path: str | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(max_writers=1, supports_upsert=True, dialect="sqlite")
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self) -> sqlite3.Connection:
+        if self.connection_factory is not None:
+            conn = self.connection_factory()
+            if not isinstance(conn, sqlite3.Connection):
+                raise BatchDBError("the connection factory must return a sqlite3.Connection, "
+                                   f"got {type(conn).__name__}")
+        else:
+            path = Path(self.settings.path)
+            if not path.parent.exists():
+                raise BatchDBError(f"SQLite database {path}: directory {path.parent} does "
+                                   "not exist")
+            try:
+                conn = sqlite3.connect(path, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise BatchDBError(f"SQLite database {path}: cannot open: {exc}") from exc
+        conn.isolation_level = None  # explicit BEGIN IMMEDIATE / COMMIT
+        self._tune(conn)
+        return conn
+
+    def _tune(self, conn: sqlite3.Connection) -> None:
+        s = self.settings
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(s.busy_timeout_ms)}")
+            mode = conn.execute(f"PRAGMA journal_mode = {s.journal_mode}").fetchone()[0]
+            conn.execute(f"PRAGMA synchronous = {s.synchronous}")
+            conn.execute(f"PRAGMA cache_size = {int(s.cache_size)}")
+            conn.execute(f"PRAGMA mmap_size = {int(s.mmap_size)}")
+            conn.execute(f"PRAGMA foreign_keys = {'ON' if s.foreign_keys else 'OFF'}")
+            conn.execute("PRAGMA temp_store = MEMORY")
+        except sqlite3.DatabaseError as exc:
+            where = self.path or s.path
+            raise BatchDBError(f"SQLite database {where}: cannot be used: {exc}") from exc
+        if str(mode).upper() != s.journal_mode and self.path not in (":memory:", ""):
+            raise BatchDBError(f"SQLite database {self.path}: journal_mode {s.journal_mode} "
+                               f"was refused (the file reports {mode})")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise BatchDBError("the SQLite backend is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batchdb-sqlite-writer")
+        try:
+            self._conn = await self._call(self._connect)
+            self.path = await self._call(self._main_file)
+        except BaseException:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+            raise
+        self._readers = asyncio.Queue()
+
+    def _main_file(self) -> str:
+        assert self._conn is not None
+        for _, name, file in self._conn.execute("PRAGMA database_list"):
+            if name == "main":
+                return str(file)
+        return ""
+
+    async def close(self) -> None:
+        for reader in self._all_readers:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        self._all_readers.clear()
+        self._readers = None
+        self._reader_count = 0
+        if self._executor is not None:
+            if self._conn is not None:
+                await self._call(self._conn.close)
+                self._conn = None
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    @contextlib.asynccontextmanager
+    async def _reader(self) -> Any:
+        if self._readers is None:
+            raise BatchDBError("the SQLite backend is not open")
+        if self._readers.empty() and self._reader_count < self.settings.readers:
+            self._reader_count += 1
+            try:
+                factory = self.connection_factory or (
+                    lambda: sqlite3.connect(self.path or self.settings.path, check_same_thread=False)
+                )
+                conn = await aiosqlite.Connection(self._reader_factory(factory), 64)
+            except BaseException:
+                self._reader_count -= 1
+                raise
+            self._all_readers.append(conn)
+            self._readers.put_nowait(conn)
+        conn = await self._readers.get()
+        try:
+            yield conn
+        finally:
+            if self._readers is not None:
+                self._readers.put_nowait(conn)
+
+    def _reader_factory(
+        self, factory: Callable[[], sqlite3.Connection]
+    ) -> Callable[[], sqlite3.Connection]:
+        def connect() -> sqlite3.Connection:
+            conn = factory()
+            conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+            conn.execute(f"PRAGMA mmap_size = {int(self.settings.mmap_size)}")
+            return conn
+
+        return connect
+
+    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        async with self._reader() as conn:
+            async with conn.execute(sql, params) as cursor:
+                return [tuple(r) for r in await cursor.fetchall()]
+
+    # ------------------------------------------------------------------ schema
+    def _describe(self, name: str) -> TableInfo | None:
+        assert self._conn is not None
+        found = self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        if found is None:
+            return None
+        cols = self._conn.execute(
+            'SELECT name, type, "notnull", pk FROM pragma_table_info(?)', (name,)
+        ).fetchall()
+        pk = tuple(c[0] for c in sorted((c for c in cols if c[3]), key=lambda c: c[3]))
+        return TableInfo(
+            name=found[0],
+            columns=tuple(c[0] for c in cols),
+            primary_key=pk,
+            types={c[0]: c[1] for c in cols},
+            not_null=frozenset(c[0] for c in cols if c[2] or c[3]),
+        )
+
+    async def describe_table(self, name: str) -> TableInfo | None:
+        return await self._call(self._describe, name)
+
+    def _create(self, table: sa.Table) -> TableInfo:
+        assert self._conn is not None
+        dialect = sqlite_dialect.dialect()  # type: ignore[no-untyped-call]
+        statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
+        statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
+                       for ix in table.indexes]
+        with self._transaction():
+            for stmt in statements:
+                self._conn.execute(stmt)
+        info = self._describe(table.name)
+        assert info is not None
+        return info
+
+    async def create_table(self, table: sa.Table) -> TableInfo:
+        return await self._call(self._create, table)
+
+    # ------------------------------------------------------------------ writing
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _sql(self, table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> str:
+        key = (table.name, op, columns)
+        sql = self._sql_cache.get(key)
+        if sql is None:
+            sql = self._sql_cache[key] = build_sql(table, op, columns)
+        return sql
+
+    def _write(self, batch: Batch) -> int:
+        assert self._conn is not None
+        sql = self._sql(batch.table, batch.operation_type, batch.columns)
+        rows = batch.rows
+        with self._transaction():
+            self._conn.executemany(sql, rows)
+        return len(rows)
+
+    async def write_batch(self, batch: Batch) -> int:
+        return await self._call(self._write, batch)
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        message = str(exc).lower()
+        if isinstance(exc, sqlite3.OperationalError):
+            if any(t in message for t in _TRANSIENT):
+                return ErrorKind.TRANSIENT
+            if any(t in message for t in _RESOURCE):
+                return ErrorKind.RESOURCE
+            return ErrorKind.DATA
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+            exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError
+            | sqlite3.InterfaceError
+        ) and any(t in message for t in _RESOURCE):
+            return ErrorKind.RESOURCE
+        if isinstance(exc, BatchDBError):
+            return ErrorKind.RESOURCE
+        return ErrorKind.DATA
+
+    # ------------------------------------------------------------------ maintenance
+    def _maintain(self, task: str) -> dict[str, Any]:
+        conn = self._conn
+        assert conn is not None
+        if task == "checkpoint":
+            busy, log_pages, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return {"busy": bool(busy), "wal_pages": log_pages, "checkpointed_pages": done}
+        if task == "analyze":
+            conn.execute("ANALYZE")
+            conn.execute("PRAGMA optimize")
+            return {"analyzed": True}
+        if task == "vacuum":
+            before = self._file_size()
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return {"bytes_before": before, "bytes_after": self._file_size()}
+        if task == "integrity_check":
+            result = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+            return {"ok": result == ["ok"], "messages": result[:20]}
+        raise ValueError(f"unknown SQLite maintenance task {task!r}; "
+                         f"known: {', '.join(self.maintenance_tasks)}")
+
+    async def maintenance(self, task: str) -> dict[str, Any]:
+        if task not in self.maintenance_tasks:
+            raise ValueError(f"unknown SQLite maintenance task {task!r}; "
+                             f"known: {', '.join(self.maintenance_tasks)}")
+        start = time.perf_counter()
+        result = await self._call(self._maintain, task)
+        result["seconds"] = round(time.perf_counter() - start, 4)
+        return result
+
+    def _file_size(self) -> int:
+        if not self.path:
+            return 0
+        return sum(os.path.getsize(p) for p in (self.path, self.path + "-wal")
+                   if os.path.exists(p))
+
+    def _status(self) -> dict[str, Any]:
+        assert self._conn is not None
+        conn = self._conn
+        wal = (self.path or "") + "-wal"
+        return {
+            "backend": self.name,
+            "path": self.path,
+            "sqlite_version": sqlite3.sqlite_version,
+            "journal_mode": conn.execute("PRAGMA journal_mode").fetchone()[0],
+            "page_count": conn.execute("PRAGMA page_count").fetchone()[0],
+            "freelist_count": conn.execute("PRAGMA freelist_count").fetchone()[0],
+            "file_bytes": os.path.getsize(self.path) if self.path and os.path.exists(self.path)
+            else 0,
+            "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call(self._status)
+
+
+def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> str:
+    """The statement for one (table, operation, columns); parameters are ``?N`` by position."""
+    q = quote_ident
+    name = q(table.name)
+    pos = {c: i + 1 for i, c in enumerate(columns)}
+    keys = table.primary_key
+    where = " AND ".join(f"{q(k)} = ?{pos[k]}" for k in keys)
+    if op is OperationType.DELETE:
+        return f"DELETE FROM {name} WHERE {where}"
+    values = [c for c in columns if c not in keys]
+    if op is OperationType.UPDATE:
+        sets = ", ".join(f"{q(c)} = ?{pos[c]}" for c in values)
+        return f"UPDATE {name} SET {sets} WHERE {where}"
+    insert = (f"INSERT INTO {name} ({', '.join(map(q, columns))}) "
+              f"VALUES ({', '.join(f'?{i}' for i in range(1, len(columns) + 1))})")
+    if op is OperationType.INSERT:
+        return insert
+    conflict = ", ".join(map(q, keys))
+    if not values:
+        return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
+    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
+    changed = " OR ".join(f"{name}.{q(c)} IS NOT excluded.{q(c)}" for c in values)
+    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets} WHERE {changed}"

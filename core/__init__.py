@@ -1,0 +1,41 @@
+"""batchdb: priority-queued, memory-bounded batch writes through pluggable storage backends."""
+
+from .backend import Backend, Batch, Capabilities, ErrorKind
+from .hookspecs import hookimpl
+from .manager import BatchDBManager
+from .models import (
+    BatchDBError,
+    BatchOperation,
+    OperationFailed,
+    OperationType,
+    Priority,
+    QueueFull,
+    SchemaError,
+)
+from .schema import TableInfo, candles_table
+from .settings import BatchConfig, Settings, SettingsError, load_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Batch",
+    "BatchConfig",
+    "BatchDBError",
+    "BatchDBManager",
+    "BatchOperation",
+    "Capabilities",
+    "ErrorKind",
+    "OperationFailed",
+    "OperationType",
+    "Priority",
+    "QueueFull",
+    "SchemaError",
+    "Settings",
+    "SettingsError",
+    "TableInfo",
+    "__version__",
+    "candles_table",
+    "hookimpl",
+    "load_settings",
+]

@@ -1,0 +1,133 @@
+"""The storage backend contract every backend plugin implements."""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from .models import BatchOperation, OperationType
+from .schema import TableInfo
+
+__all__ = ["Backend", "Batch", "Capabilities", "ErrorKind"]
+
+
+class ErrorKind(enum.Enum):
+    """How the scheduler treats a failed batch."""
+
+    TRANSIENT = "transient"  # locked, busy, connection lost: retry the same batch with backoff
+    DATA = "data"  # constraint, type, bad value: split the batch to isolate the operation(s)
+    RESOURCE = "resource"  # disk full, read-only, corrupt: fail the batch's operations as they are
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend declares about itself; the scheduler sizes its work from it."""
+
+    max_writers: int = 1
+    supports_upsert: bool = True
+    insert_batch_size: int | None = None  # a backend-preferred batch size, if it has one
+    update_batch_size: int | None = None
+    dialect: str = "sqlite"
+
+
+@dataclass(eq=False)
+class Batch:
+    """Operations of one (table, operation type, column set), committed in one transaction."""
+
+    table: TableInfo
+    operation_type: OperationType
+    columns: tuple[str, ...]
+    operations: list[BatchOperation]
+    _rows: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> list[tuple[Any, ...]]:
+        """All rows of all operations, in submission order (built once)."""
+        if self._rows is None:
+            if len(self.operations) == 1:
+                self._rows = self.operations[0].values
+            else:
+                rows: list[tuple[Any, ...]] = []
+                for op in self.operations:
+                    rows.extend(op.values)
+                self._rows = rows
+        return self._rows
+
+    @property
+    def row_count(self) -> int:
+        """Rows in the batch."""
+        return sum(len(op.values) for op in self.operations)
+
+    def split(self) -> tuple[Batch, Batch]:
+        """Two halves by operation, to isolate a failing operation."""
+        mid = len(self.operations) // 2
+        return (
+            Batch(self.table, self.operation_type, self.columns, self.operations[:mid]),
+            Batch(self.table, self.operation_type, self.columns, self.operations[mid:]),
+        )
+
+
+class Backend(ABC):
+    """A storage backend. One instance serves one ``BatchDBManager``.
+
+    All methods are coroutines; blocking driver calls must run off the event loop.
+    ``write_batch`` commits the whole batch in one transaction or raises and leaves
+    nothing of it behind.
+    """
+
+    name: ClassVar[str]
+    settings_model: ClassVar[type[BaseModel]]
+    maintenance_tasks: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None
+    ) -> None:
+        self.settings = settings
+        self.connection_factory = connection_factory
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What this backend can do and how many writers it takes."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, tune the connection(s), create the writer."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every connection; idempotent."""
+
+    @abstractmethod
+    async def describe_table(self, name: str) -> TableInfo | None:
+        """Columns and primary key of ``name`` as the database has it, or None if absent."""
+
+    @abstractmethod
+    async def create_table(self, table: sa.Table) -> TableInfo:
+        """Create a declared table if it does not exist, then describe it."""
+
+    @abstractmethod
+    async def write_batch(self, batch: Batch) -> int:
+        """Commit ``batch`` in one transaction; return the rows written."""
+
+    @abstractmethod
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        """Tell the scheduler whether to retry, split, or fail a batch that raised ``exc``."""
+
+    @abstractmethod
+    async def maintenance(self, task: str) -> dict[str, Any]:
+        """Run one of ``maintenance_tasks``; return what it did."""
+
+    @abstractmethod
+    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a reader connection (never the writer)."""
+
+    async def status(self) -> dict[str, Any]:
+        """Health and size figures for ``get_queue_status``/``batchdb status``."""
+        return {"backend": self.name}

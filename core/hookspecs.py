@@ -1,0 +1,64 @@
+"""The batchdb hook contract (pluggy). Every hook is documented in docs/hooks.md.
+
+Plugins implement these with ``@batchdb.hookimpl`` and register through the ``batchdb``
+entry-point group. A hook may return a coroutine: the core awaits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .backend import Backend, Batch
+    from .models import BatchOperation
+
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
+
+PROJECT = "batchdb"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+RegisterBackend = Callable[[str, "type[Backend]"], None]
+
+
+@hookspec
+def batchdb_register_backends(register: RegisterBackend) -> None:
+    """Hand over backend classes: call ``register(name, BackendClass)`` once per backend.
+
+    The class carries its settings model as ``settings_model``; its section in
+    ``settings.toml`` is ``[name]``.
+    """
+
+
+@hookspec(firstresult=True)
+def batchdb_normalize_candles(
+    symbol: str, timeframe: str, candles: Sequence[Any], source: str
+) -> tuple[tuple[str, ...], list[tuple[Any, ...]]] | None:
+    """Map source candles onto the ``candles`` table: return ``(columns, rows)``.
+
+    Return None when ``source`` is not yours. Raise ``ValueError`` naming the field and
+    the candle's index for a malformed candle: the whole operation fails with it.
+    """
+
+
+@hookspec
+def batchdb_operation_queued(operation: BatchOperation) -> None:
+    """An operation entered a queue (called in the producer's task: keep it cheap)."""
+
+
+@hookspec
+def batchdb_batch_committed(batch: Batch, seconds: float, backend: Backend) -> None:
+    """A batch committed: ``batch.operations`` are acknowledged, ``batch.row_count`` rows."""
+
+
+@hookspec
+def batchdb_batch_failed(batch: Batch, error: BaseException, backend: Backend) -> None:
+    """Operations of ``batch`` failed for good (after retries and splitting)."""
+
+
+@hookspec
+def batchdb_maintenance_done(task: str, seconds: float, result: dict[str, Any]) -> None:
+    """A maintenance task (checkpoint, analyze, vacuum, …) finished."""

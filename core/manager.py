@@ -1,0 +1,426 @@
+"""BatchDBManager: the seed's public API over the scheduler and a backend plugin."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from operator import itemgetter
+from types import TracebackType
+from typing import Any, Self
+
+import pluggy
+import sqlalchemy as sa
+
+from .backend import Backend, Batch
+from .models import (
+    BatchDBError,
+    BatchOperation,
+    OperationCallback,
+    OperationType,
+    Priority,
+    SchemaError,
+)
+from .pluginmanager import BackendRegistry, await_me_maybe, create_plugin_manager
+from .scheduler import Scheduler
+from .schema import TableInfo, candles_table, check_identifier, table_info_from_sqlalchemy
+from .settings import BatchConfig, Settings, load_settings
+
+__all__ = ["BatchDBManager"]
+
+log = logging.getLogger("batchdb")
+
+_MB = 1024 * 1024
+_MAINTENANCE_SCHEDULE = (
+    ("checkpoint", "wal_checkpoint_interval_seconds"),
+    ("analyze", "analyze_interval_seconds"),
+    ("vacuum", "vacuum_interval_seconds"),
+)
+
+
+def _row_bytes(row: Mapping[str, Any] | None, values: tuple[Any, ...]) -> int:
+    """A cheap per-row size estimate from one sample row (no JSON dump)."""
+    size = sys.getsizeof(values) + sum(sys.getsizeof(v) for v in values)
+    if row is not None:
+        size += sys.getsizeof(row)
+    return size
+
+
+class BatchDBManager:
+    """Takes writes from many producers and commits them in batches through a backend.
+
+    ``BatchDBManager(lambda: sqlite3.connect("market.sqlite3"))`` is the seed's form;
+    :meth:`from_settings` reads ``settings.toml`` and ``BATCHDB_*`` variables.
+    """
+
+    def __init__(
+        self,
+        db_connection_factory: Callable[[], sqlite3.Connection] | None = None,
+        *,
+        settings: Settings | None = None,
+        backend: str | None = None,
+        plugins: Iterable[object] = (),
+        tables: Iterable[sa.Table] = (),
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        if db_connection_factory is not None:
+            if backend not in (None, "sqlite"):
+                raise ValueError("a connection factory selects the sqlite backend")
+            backend = "sqlite"
+        self.backend_name = backend or self.settings.backend
+        self.db_factory = db_connection_factory
+        self.config: BatchConfig = self.settings.batch.model_copy()
+        self.pm: pluggy.PluginManager = create_plugin_manager(
+            self.settings.plugins.disabled, plugins
+        )
+        self.registry = BackendRegistry(self.pm)
+        backend_cls = self.registry.get(self.backend_name)
+        section = self.settings.backend_section(self.backend_name)
+        if not isinstance(section, backend_cls.settings_model):
+            section = backend_cls.settings_model.model_validate(section)
+        self.backend: Backend = backend_cls(section, connection_factory=db_connection_factory)
+        self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
+        for table in tables:
+            self.declare_table(table)
+        self._tables: dict[str, TableInfo] = {}
+        self._table_locks: dict[str, asyncio.Lock] = {}
+        self._scheduler: Scheduler | None = None
+        self._maintenance_task: asyncio.Task[None] | None = None
+        self.last_maintenance: dict[str, float | None] = {t: None for t, _ in _MAINTENANCE_SCHEDULE}
+        self._started_at: float | None = None
+        self._id_prefix = secrets.token_hex(3)
+        self._state_lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(
+        cls, path: str | os.PathLike[str] | None = None, **overrides: Any
+    ) -> BatchDBManager:
+        """A manager configured from ``path`` (or ``$BATCHDB_SETTINGS``, or ./settings.toml),
+        ``BATCHDB_*`` variables and ``overrides`` (the file's structure), in that order."""
+        plugins = overrides.pop("plugins_extra", ())
+        tables = overrides.pop("tables", ())
+        return cls(settings=load_settings(path, **overrides), plugins=plugins, tables=tables)
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> None:
+        """Open the backend (applying its tuning) and start the background processing."""
+        async with self._state_lock:
+            if self._scheduler is not None:
+                return
+            await self.backend.open()
+            hook = self.pm.hook
+            committed = (self._hook_committed
+                         if hook.batchdb_batch_committed.get_hookimpls() else None)
+            failed = self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None
+            self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
+            self._scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
+                                        committed, failed)
+            self._scheduler.start()
+            self._started_at = time.monotonic()
+            self._maintenance_due = dict.fromkeys(self.last_maintenance, time.monotonic())
+            if self.settings.maintenance.enabled:
+                self._maintenance_task = asyncio.get_running_loop().create_task(
+                    self._maintenance_loop(), name="batchdb-maintenance")
+
+    async def stop(self) -> None:
+        """Commit everything queued, run pending callbacks, then close the backend."""
+        async with self._state_lock:
+            if self._scheduler is None:
+                return
+            if self._maintenance_task is not None:
+                self._maintenance_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._maintenance_task
+                self._maintenance_task = None
+            try:
+                await self._scheduler.stop()
+            finally:
+                self._scheduler = None
+                await self.backend.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The running scheduler; a clear error before start()."""
+        if self._scheduler is None:
+            raise BatchDBError("the manager is not running: call start() or use 'async with'")
+        return self._scheduler
+
+    # ------------------------------------------------------------------ tables
+    def declare_table(self, table: sa.Table) -> None:
+        """Declare a table (SQLAlchemy Core): it is created on first use if missing."""
+        check_identifier(table.name, "table name")
+        self._declared[table.name] = table
+        self._tables.pop(table.name, None)
+
+    async def table_info(self, name: str) -> TableInfo:
+        """Columns and key of ``name``: declared (created if missing) or read from the database."""
+        info = self._tables.get(name)
+        if info is not None:
+            return info
+        check_identifier(name, "table name")
+        lock = self._table_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            info = self._tables.get(name)
+            if info is None:
+                if self._scheduler is None:
+                    raise BatchDBError("the manager is not running: call start() first")
+                info = await self.backend.describe_table(name)
+                if info is None and name in self._declared:
+                    info = await self.backend.create_table(self._declared[name])
+                elif info is None:
+                    raise SchemaError(f"unknown table {name!r}: it is neither in the database "
+                                      "nor declared")
+                self._tables[name] = info
+        return info
+
+    # ------------------------------------------------------------------ writing
+    async def queue_operation(
+        self,
+        table_name: str,
+        operation_type: OperationType | str,
+        data_rows: Sequence[Mapping[str, Any]],
+        priority: Priority | str | int = Priority.NORMAL,
+        callback: OperationCallback | None = None,
+    ) -> str:
+        """Queue rows for ``table_name``; return the operation id.
+
+        Bad input (unknown table or column, missing key column, empty or malformed rows,
+        wrong operation type or priority) raises here and queues nothing.
+        """
+        op_type = OperationType.parse(operation_type)
+        prio = Priority.parse(priority)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+        if isinstance(data_rows, Mapping | str | bytes) or not isinstance(data_rows, Sequence):
+            raise ValueError("data_rows must be a list of row mappings (column -> value), "
+                             f"got {type(data_rows).__name__}")
+        if not data_rows:
+            raise ValueError(f"data_rows for table {table_name!r} is empty")
+        table = await self.table_info(table_name)
+        columns, values = self._rows_to_values(table, data_rows)
+        if op_type is OperationType.DELETE:
+            table.check_columns(columns, need_key=True, need_value=False)
+            keys = table.primary_key
+            if columns != keys:
+                getter = itemgetter(*(columns.index(k) for k in keys))
+                values = [getter(v) for v in values] if len(keys) > 1 else [
+                    (getter(v),) for v in values]
+                columns = keys
+        else:
+            table.check_columns(columns, need_key=op_type is not OperationType.INSERT,
+                                need_value=op_type is OperationType.UPDATE)
+        return await self._submit(table, op_type, columns, values, data_rows, prio, callback)
+
+    @staticmethod
+    def _rows_to_values(
+        table: TableInfo, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+        first = rows[0]
+        if not isinstance(first, Mapping):
+            raise ValueError(f"row 0 for table {table.name!r} is not a mapping: "
+                             f"{type(first).__name__}")
+        columns = tuple(first)
+        if not columns:
+            raise ValueError(f"row 0 for table {table.name!r} has no columns")
+        for c in columns:
+            if not isinstance(c, str):
+                raise SchemaError(f"column names must be strings, got {c!r}")
+        if len(columns) == 1:
+            only = columns[0]
+
+            def getter(row: Mapping[str, Any]) -> tuple[Any, ...]:
+                return (row[only],)
+        else:
+            getter = itemgetter(*columns)
+        n = len(columns)
+        try:
+            values = list(map(getter, rows))
+            uniform = all(map(n.__eq__, map(len, rows)))
+        except (KeyError, TypeError):
+            uniform = False
+        if not uniform:
+            for i, row in enumerate(rows):
+                if not isinstance(row, Mapping):
+                    raise ValueError(f"row {i} for table {table.name!r} is not a mapping: "
+                                     f"{type(row).__name__}")
+                missing = [c for c in columns if c not in row]
+                extra = [c for c in row if c not in columns]
+                if missing or extra:
+                    raise SchemaError(
+                        f"row {i} for table {table.name!r} has other columns than row 0: "
+                        + (f"missing {missing}" if missing else "")
+                        + (" " if missing and extra else "")
+                        + (f"extra {extra}" if extra else "")
+                    )
+            raise ValueError(f"rows for table {table.name!r} are malformed")  # pragma: no cover
+        return columns, values
+
+    async def _submit(
+        self,
+        table: TableInfo,
+        op_type: OperationType,
+        columns: tuple[str, ...],
+        values: list[tuple[Any, ...]],
+        data_rows: Sequence[Any],
+        priority: Priority,
+        callback: OperationCallback | None,
+    ) -> str:
+        scheduler = self.scheduler
+        seq = scheduler.next_seq()
+        per_row = _row_bytes(data_rows[0] if isinstance(data_rows[0], Mapping) else None,
+                             values[0])
+        op = BatchOperation(
+            operation_id=f"{self._id_prefix}-{seq:08d}",
+            table_name=table.name,
+            operation_type=op_type,
+            data_rows=data_rows,
+            priority=priority,
+            estimated_size_mb=per_row * len(values) / _MB,
+            callback=callback,
+            columns=columns,
+            values=values,
+            seq=seq,
+        )
+        limit = scheduler.batch_limit(op_type)
+        parts = None
+        if len(values) > limit:
+            # a large operation is committed in batch-sized transactions, in order, so it
+            # never holds the writer for long; it is acknowledged when all parts committed
+            parts = [
+                BatchOperation(
+                    operation_id=f"{op.operation_id}.{i // limit}", table_name=table.name,
+                    operation_type=op_type, data_rows=(), priority=priority,
+                    estimated_size_mb=per_row * len(values[i:i + limit]) / _MB,
+                    columns=columns, values=values[i:i + limit], seq=seq, parent=op,
+                )
+                for i in range(0, len(values), limit)
+            ]
+            op.pending_parts = len(parts)
+            op.estimated_size_mb = 0.0
+        await scheduler.submit(op, parts)
+        if self._queued_hook:
+            self.pm.hook.batchdb_operation_queued(operation=op)
+        return op.operation_id
+
+    async def insert_candles_batch(
+        self,
+        symbol: str,
+        timeframe: str,
+        candles: Sequence[Mapping[str, Any]],
+        priority: Priority | str | int = Priority.NORMAL,
+        callback: OperationCallback | None = None,
+        source: str = "upbit",
+    ) -> str:
+        """Upsert exchange candles (Upbit's API JSON by default) into the ``candles`` table."""
+        prio = Priority.parse(priority)
+        if not candles:
+            raise ValueError(f"no candles given for {symbol!r} {timeframe!r}")
+        result = self.pm.hook.batchdb_normalize_candles(
+            symbol=symbol, timeframe=timeframe, candles=candles, source=source)
+        if result is None:
+            raise ValueError(f"no plugin normalises candles from source {source!r}")
+        columns, values = result
+        table = await self.table_info(candles_table.name)
+        table.check_columns(tuple(columns), need_key=True, need_value=False)
+        return await self._submit(table, OperationType.UPSERT, tuple(columns), values, candles,
+                                  prio, callback)
+
+    async def wait(self, operation_id: str) -> BatchOperation:
+        """The operation once committed; raises ``OperationFailed`` if it failed."""
+        return await self.scheduler.wait(operation_id)
+
+    async def flush(self) -> None:
+        """Return when everything queued before this call has been committed (or failed)."""
+        await self.scheduler.flush()
+
+    # ------------------------------------------------------------------ reading & status
+    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only query on a reader connection of the backend."""
+        return await self.backend.fetch(sql, params)
+
+    async def get_queue_status(self) -> dict[str, Any]:
+        """Queue sizes, memory estimate, statistics and maintenance times (seed keys and more)."""
+        if self._scheduler is None:
+            status: dict[str, Any] = {"running": False, "total_queued_operations": 0,
+                                      "estimated_memory_mb": 0.0}
+        else:
+            status = self._scheduler.queue_status()
+            status["running"] = True
+            status["uptime_seconds"] = round(time.monotonic() - (self._started_at or 0), 3)
+        status["backend"] = self.backend_name
+        status["last_maintenance"] = {
+            task: None if t is None else datetime.fromtimestamp(t, UTC).isoformat()
+            for task, t in self.last_maintenance.items()
+        }
+        return status
+
+    # ------------------------------------------------------------------ maintenance
+    async def maintain(self, task: str) -> dict[str, Any]:
+        """Run one maintenance task now, holding the writer alone while it runs."""
+        if task not in self.backend.maintenance_tasks:
+            raise ValueError(f"backend {self.backend_name!r} has no maintenance task {task!r}; "
+                             f"it has: {', '.join(self.backend.maintenance_tasks)}")
+        start = time.perf_counter()
+        async with self.scheduler.exclusive():
+            result = await self.backend.maintenance(task)
+        self.last_maintenance[task] = time.time()
+        seconds = time.perf_counter() - start
+        for hook_result in self.pm.hook.batchdb_maintenance_done(
+                task=task, seconds=seconds, result=result):
+            await await_me_maybe(hook_result)
+        log.info("maintenance %s done in %.3fs: %s", task, seconds, result)
+        return result
+
+    async def _maintenance_loop(self) -> None:
+        cfg = self.settings.maintenance
+        schedule = [(task, getattr(cfg, attr)) for task, attr in _MAINTENANCE_SCHEDULE
+                    if getattr(cfg, attr) > 0 and task in self.backend.maintenance_tasks]
+        if not schedule:
+            return
+        tick = max(0.05, min(min(i for _, i in schedule) / 4, 30.0))
+        while True:
+            await asyncio.sleep(tick)
+            for task, interval in schedule:
+                if time.monotonic() - self._maintenance_due[task] < interval:
+                    continue
+                if self.scheduler.critical_waiting():
+                    break  # never while a CRITICAL write waits: try again next tick
+                try:
+                    await self.maintain(task)
+                except Exception:
+                    log.exception("maintenance %s failed", task)
+                self._maintenance_due[task] = time.monotonic()
+
+    # ------------------------------------------------------------------ hooks
+    def _hook_committed(self, batch: Batch, seconds: float) -> None:
+        self._call_hook(self.pm.hook.batchdb_batch_committed, batch=batch, seconds=seconds,
+                        backend=self.backend)
+
+    def _hook_failed(self, batch: Batch, error: BaseException) -> None:
+        self._call_hook(self.pm.hook.batchdb_batch_failed, batch=batch, error=error,
+                        backend=self.backend)
+
+    def _call_hook(self, hook: Any, **kwargs: Any) -> None:
+        try:
+            results = hook(**kwargs)
+        except Exception:
+            log.exception("plugin hook %s raised", hook.name)
+            return
+        for result in results:
+            if asyncio.iscoroutine(result):
+                asyncio.ensure_future(result)

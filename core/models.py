@@ -1,0 +1,134 @@
+"""The seed's data model: operation types, priorities and the batch operation record."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BatchDBError",
+    "BatchOperation",
+    "OperationCallback",
+    "OperationFailed",
+    "OperationType",
+    "Priority",
+    "QueueFull",
+    "SchemaError",
+]
+
+
+class BatchDBError(Exception):
+    """Base class of every error batchdb raises on purpose."""
+
+
+class SchemaError(BatchDBError, ValueError):
+    """An unknown table or column, a missing key column, or an identifier batchdb refuses."""
+
+
+class QueueFull(BatchDBError):
+    """The queue is over its memory or length budget and the backpressure mode is ``raise``."""
+
+
+class OperationFailed(BatchDBError):
+    """An operation could not be committed; ``__cause__`` holds the database's own error."""
+
+    def __init__(self, message: str, operation_id: str) -> None:
+        super().__init__(message)
+        self.operation_id = operation_id
+
+
+class OperationType(str, enum.Enum):
+    """What an operation does to its rows (the seed's four kinds)."""
+
+    INSERT = "INSERT"
+    UPDATE = "UPDATE"
+    UPSERT = "UPSERT"
+    DELETE = "DELETE"
+
+    @classmethod
+    def parse(cls, value: OperationType | str) -> OperationType:
+        """Accept an ``OperationType`` or its name in any case; anything else is a ValueError."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                pass
+        names = ", ".join(m.name for m in cls)
+        raise ValueError(f"operation_type must be one of {names}, got {value!r}")
+
+
+class Priority(enum.IntEnum):
+    """Dispatch order: CRITICAL (live trading) > HIGH > NORMAL > LOW (backtests)."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: Priority | str | int) -> Priority:
+        """Accept a ``Priority``, its name in any case or its number; else a ValueError."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls[value.strip().upper()]
+            except KeyError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        names = ", ".join(m.name for m in cls)
+        raise ValueError(f"priority must be one of {names}, got {value!r}")
+
+
+OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
+
+
+@dataclass(eq=False)
+class BatchOperation:
+    """One producer's request, kept whole: it commits or fails as a unit.
+
+    The seed's fields come first and keep their meaning. ``data_rows`` holds the rows as
+    the producer gave them; batchdb works on ``columns``/``values`` (one tuple per row).
+    """
+
+    operation_id: str
+    table_name: str
+    operation_type: OperationType
+    data_rows: Sequence[Mapping[str, Any]]
+    priority: Priority = Priority.NORMAL
+    estimated_size_mb: float = 0.0
+    callback: OperationCallback | None = None
+    created_at: float = field(default_factory=time.time)
+    processed_at: float | None = None
+    processing_time: float = 0.0
+    is_processed: bool = False
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False)
+    rows_affected: int = 0
+    columns: tuple[str, ...] = ()
+    values: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    seq: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic, repr=False)
+    future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
+    parent: BatchOperation | None = field(default=None, repr=False)
+    pending_parts: int = field(default=0, repr=False)
+
+    @property
+    def row_count(self) -> int:
+        """Number of rows this operation writes."""
+        return len(self.values)
+
+    @property
+    def succeeded(self) -> bool:
+        """True once committed without error."""
+        return self.is_processed and self.error is None

@@ -1,0 +1,532 @@
+"""The scheduler: priority queues, coalescing, memory budget, dispatch, retries, statistics.
+
+One deque per (priority, table) keeps submission order per table and priority. The dispatcher
+always serves the highest priority that has a batch ready, and among its tables the one whose
+head has waited longest. A batch is ready when it is full, when its priority's linger has
+elapsed, or when something forces it (``flush()``, ``stop()``, memory or queue-length pressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Backend, Batch, ErrorKind
+from .models import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
+from .schema import TableInfo
+from .settings import BatchConfig
+
+__all__ = ["Scheduler", "SchedulerStats"]
+
+log = logging.getLogger("batchdb.scheduler")
+
+_PRIORITIES = sorted(Priority, reverse=True)  # CRITICAL first
+_MB = 1024 * 1024
+_KEYED = (OperationType.UPDATE, OperationType.DELETE)
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start; ``latencies`` holds recent enqueue-to-commit times."""
+
+    total_operations: int = 0
+    successful_operations: int = 0
+    failed_operations: int = 0
+    total_processing_time: float = 0.0
+    rows_committed: int = 0
+    batches_committed: int = 0
+    batches_failed: int = 0
+    retries: int = 0
+    splits: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
+
+    def latency_quantiles(self) -> dict[str, float | None]:
+        """p50/p99/max of recent commit latencies, in milliseconds."""
+        if not self.latencies:
+            return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+        data = sorted(self.latencies)
+        n = len(data)
+
+        def q(p: float) -> float:
+            return round(data[min(n - 1, int(p * n))] * 1000, 3)
+
+        return {"p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
+
+
+class _Lane:
+    """Queued operations of one table at one priority."""
+
+    __slots__ = ("ops", "rows")
+
+    def __init__(self) -> None:
+        self.ops: deque[BatchOperation] = deque()
+        self.rows = 0
+
+
+class Scheduler:
+    """Queues operations and commits them through ``backend`` in batches."""
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        backend: Backend,
+        table_of: Callable[[str], TableInfo],
+        on_committed: Callable[[Batch, float], None] | None = None,
+        on_failed: Callable[[Batch, BaseException], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self._table_of = table_of
+        self._on_committed = on_committed
+        self._on_failed = on_failed
+        caps = backend.capabilities
+        self.max_inflight = max(1, min(config.max_concurrent_batches, caps.max_writers))
+        self._insert_size = caps.insert_batch_size or config.insert_batch_size
+        self._update_size = caps.update_batch_size or config.update_batch_size
+        self._lanes: dict[Priority, dict[str, _Lane]] = {p: {} for p in Priority}
+        self._linger = {p: config.linger_for(p) for p in Priority}
+        self.queued_ops = 0
+        self.queued_bytes = 0
+        self._queued_by_prio = dict.fromkeys(Priority, 0)
+        self._budget = config.max_memory_mb * _MB
+        self._pending: OrderedDict[str, BatchOperation] = OrderedDict()
+        self._history: OrderedDict[str, BatchOperation] = OrderedDict()
+        self._inflight = 0
+        self._inflight_tables: set[str] = set()
+        self._flush_barrier = -1
+        self._seq = 0
+        self._sleep_until = 0.0
+        self._stopping = False
+        self._paused = 0
+        self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
+        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        """Start the dispatcher task."""
+        if self._runner is None:
+            self._stopping = False
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name="batchdb-dispatch")
+
+    async def stop(self) -> None:
+        """Commit everything queued, wait for callbacks, stop the dispatcher."""
+        if self._runner is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        try:
+            await self._runner
+        finally:
+            self._runner = None
+        if self._callback_tasks:
+            await asyncio.wait(list(self._callback_tasks), timeout=self.config.callback_timeout_seconds)
+
+    @property
+    def running(self) -> bool:
+        """True between start() and the end of stop()."""
+        return self._runner is not None and not self._runner.done()
+
+    # ------------------------------------------------------------------ submission
+    def next_seq(self) -> int:
+        """A new sequence number (submission order across all priorities)."""
+        self._seq += 1
+        return self._seq
+
+    def _over_budget(self, op: BatchOperation) -> bool:
+        if self.queued_ops >= self.config.max_queue_size:
+            return True
+        size = op.estimated_size_mb * _MB
+        # an operation larger than the whole budget gets in once the queue is empty
+        return self.queued_bytes > 0 and self.queued_bytes + size > self._budget
+
+    async def submit(self, op: BatchOperation, parts: list[BatchOperation] | None = None) -> None:
+        """Queue ``op`` (or its ``parts``, committed in order); apply backpressure first."""
+        if self._stopping or self._runner is None:
+            raise RuntimeError("the manager is not running: call start() or use 'async with'")
+        if op.priority is not Priority.CRITICAL and self._over_budget(op):
+            self._wakeup.set()  # pressure: dispatch without lingering
+            if self.config.backpressure == "raise":
+                raise QueueFull(
+                    f"queue is full ({self.queued_ops} operations, "
+                    f"{self.queued_bytes / _MB:.1f} MB of {self.config.max_memory_mb} MB): "
+                    f"operation on {op.table_name!r} refused"
+                )
+            await self._wait_for_room(op)
+        self._pending[op.operation_id] = op
+        for part in parts or (op,):
+            self._enqueue(part)
+        if self._wakeup_needed(op):
+            self._wakeup.set()
+
+    async def _wait_for_room(self, op: BatchOperation) -> None:
+        deadline = self.config.backpressure_timeout_seconds
+        start = time.monotonic()
+        while self._over_budget(op):
+            if self._stopping:
+                raise RuntimeError("the manager is stopping")
+            self._room.clear()
+            timeout = None if deadline is None else deadline - (time.monotonic() - start)
+            if timeout is not None and timeout <= 0:
+                raise QueueFull(f"no room in the queue after {deadline}s: operation on "
+                                f"{op.table_name!r} refused")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout)
+
+    def _enqueue(self, op: BatchOperation) -> None:
+        lanes = self._lanes[op.priority]
+        lane = lanes.get(op.table_name)
+        if lane is None:
+            lane = lanes[op.table_name] = _Lane()
+        lane.ops.append(op)
+        lane.rows += len(op.values)
+        self.queued_ops += 1
+        self._queued_by_prio[op.priority] += 1
+        self.queued_bytes += int(op.estimated_size_mb * _MB)
+
+    def _wakeup_needed(self, op: BatchOperation) -> bool:
+        # the dispatcher sleeps until the next linger deadline; wake it only when this
+        # submission can make something ready earlier
+        linger = self._linger[op.priority]
+        if linger == 0 or op.enqueued_at + linger < self._sleep_until or self._pressure():
+            return True
+        lane = self._lanes[op.priority][op.table_name]
+        return lane.rows >= self.batch_limit(op.operation_type)
+
+    # ------------------------------------------------------------------ completion API
+    def get(self, operation_id: str) -> BatchOperation | None:
+        """A pending or recently finished operation."""
+        return self._pending.get(operation_id) or self._history.get(operation_id)
+
+    async def wait(self, operation_id: str) -> BatchOperation:
+        """Return the operation once committed; raise OperationFailed if it failed."""
+        op = self.get(operation_id)
+        if op is None:
+            raise KeyError(f"unknown operation id {operation_id!r} (never queued, or finished "
+                           f"longer ago than the last {self.config.completed_history} operations)")
+        if not op.is_processed:
+            if op.future is None:
+                op.future = asyncio.get_running_loop().create_future()
+            await asyncio.shield(op.future)
+        if op.error is not None:
+            raise OperationFailed(
+                f"operation {op.operation_id} on {op.table_name!r} failed: {op.error}",
+                op.operation_id,
+            ) from op.exception
+        return op
+
+    async def flush(self) -> None:
+        """Return when every operation queued before this call has finished."""
+        if not self._pending:
+            return
+        barrier = next(reversed(self._pending.values())).seq
+        self._flush_barrier = max(self._flush_barrier, barrier)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((barrier, fut))
+        self._wakeup.set()
+        await fut
+
+    def _check_flush_waiters(self) -> None:
+        if not self._flush_waiters:
+            return
+        oldest = next(iter(self._pending.values())).seq if self._pending else None
+        keep = []
+        for barrier, fut in self._flush_waiters:
+            if oldest is None or oldest > barrier:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                keep.append((barrier, fut))
+        self._flush_waiters = keep
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the writer alone (for maintenance): no batch runs meanwhile."""
+        self._paused += 1
+        try:
+            while self._inflight:
+                self._idle.clear()
+                await self._idle.wait()
+            yield
+        finally:
+            self._paused -= 1
+            self._wakeup.set()
+
+    def critical_waiting(self) -> bool:
+        """True while a CRITICAL operation is queued."""
+        return self._queued_by_prio[Priority.CRITICAL] > 0
+
+    # ------------------------------------------------------------------ dispatch
+    def batch_limit(self, op_type: OperationType) -> int:
+        """Rows per batch for this kind of operation."""
+        return self._update_size if op_type in _KEYED else self._insert_size
+
+    def _pressure(self) -> bool:
+        return (
+            self._stopping
+            or self.queued_ops >= self.config.max_queue_size // 2
+            or self.queued_bytes >= self._budget / 2
+        )
+
+    def _pick(self, now: float) -> tuple[Batch | None, float | None]:
+        """The next batch to run, or the time until one becomes ready."""
+        forced = self._pressure()
+        next_deadline: float | None = None
+        for prio in _PRIORITIES:
+            lanes = self._lanes[prio]
+            if not lanes:
+                continue
+            linger = self._linger[prio]
+            best: tuple[str, _Lane] | None = None
+            for table, lane in lanes.items():
+                if table in self._inflight_tables:
+                    continue
+                head = lane.ops[0]
+                ready = (
+                    forced
+                    or head.seq <= self._flush_barrier
+                    or now - head.enqueued_at >= linger
+                    or lane.rows >= self.batch_limit(head.operation_type)
+                )
+                if ready:
+                    if best is None or head.seq < best[1].ops[0].seq:
+                        best = (table, lane)
+                else:
+                    deadline = head.enqueued_at + linger - now
+                    if next_deadline is None or deadline < next_deadline:
+                        next_deadline = deadline
+            if best is not None:
+                return self._take(prio, *best), None
+        return None, next_deadline
+
+    def _take(self, prio: Priority, table: str, lane: _Lane) -> Batch:
+        head = lane.ops.popleft()
+        ops = [head]
+        rows = len(head.values)
+        limit = self.batch_limit(head.operation_type)
+        key = (head.operation_type, head.columns)
+        q = lane.ops
+        while q and rows < limit:
+            nxt = q[0]
+            if (nxt.operation_type, nxt.columns) != key or rows + len(nxt.values) > limit:
+                break
+            ops.append(q.popleft())
+            rows += len(nxt.values)
+        lane.rows -= rows
+        if not q:
+            del self._lanes[prio][table]
+        nbytes = sum(int(op.estimated_size_mb * _MB) for op in ops)
+        self.queued_ops -= len(ops)
+        self._queued_by_prio[prio] -= len(ops)
+        self.queued_bytes -= nbytes
+        return Batch(self._table_of(table), head.operation_type, head.columns, ops)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            blocked = self._inflight >= self.max_inflight or self._paused > 0
+            wait: float | None = None
+            if not blocked:
+                batch, wait = self._pick(time.monotonic())
+                if batch is not None:
+                    self._inflight += 1
+                    self._inflight_tables.add(batch.table.name)
+                    task = loop.create_task(self._execute(batch))
+                    self._batch_tasks.add(task)
+                    task.add_done_callback(self._batch_tasks.discard)
+                    continue
+            if self._stopping and not self.queued_ops and not self._inflight:
+                return
+            self._wakeup.clear()
+            if blocked or wait is None:
+                # blocked: only a finished batch (or a forcing event) can unblock us
+                self._sleep_until = 0.0 if blocked else float("inf")
+                await self._wakeup.wait()
+            else:
+                wait = max(wait, 0.0005)
+                self._sleep_until = time.monotonic() + wait
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+            self._sleep_until = 0.0
+
+    # ------------------------------------------------------------------ execution
+    async def _execute(self, batch: Batch) -> None:
+        try:
+            await self._commit(batch)
+        except BaseException as exc:  # never lose track of operations, whatever happens
+            self._finish(batch, exc, 0.0)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._inflight -= 1
+            self._inflight_tables.discard(batch.table.name)
+            if not self._inflight:
+                self._idle.set()
+            self._room.set()
+            self._wakeup.set()
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.config.retry_base_delay_seconds * (2 ** (attempt - 1))
+        return min(self.config.retry_max_delay_seconds, base) * random.uniform(0.5, 1.5)
+
+    async def _commit(self, batch: Batch) -> None:
+        attempt = 0
+        while True:
+            start = time.perf_counter()
+            try:
+                written = await self.backend.write_batch(batch)
+            except Exception as exc:
+                kind = self.backend.classify_error(exc)
+                if kind is ErrorKind.TRANSIENT and attempt < self.config.max_retries:
+                    attempt += 1
+                    self.stats.retries += 1
+                    delay = self._backoff(attempt)
+                    log.warning("batch on %r: %s; retry %d/%d in %.2fs", batch.table.name, exc,
+                                attempt, self.config.max_retries, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if kind is ErrorKind.DATA and len(batch.operations) > 1:
+                    self.stats.splits += 1
+                    first, second = batch.split()
+                    await self._commit(first)
+                    await self._commit(second)
+                    return
+                self._finish(batch, exc, time.perf_counter() - start)
+                return
+            self._finish(batch, None, time.perf_counter() - start, written)
+            return
+
+    def _finish(self, batch: Batch, exc: BaseException | None, seconds: float,
+                written: int = 0) -> None:
+        stats = self.stats
+        now_wall = time.time()
+        now = time.monotonic()
+        stats.total_processing_time += seconds
+        if exc is None:
+            stats.batches_committed += 1
+            stats.rows_committed += written
+        else:
+            stats.batches_failed += 1
+            log.error("batch of %d operation(s) on %r failed: %s", len(batch.operations),
+                      batch.table.name, exc)
+        latencies = stats.latencies
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        for part in batch.operations:
+            op = part if part.parent is None else part.parent
+            if part is not op:
+                op.pending_parts -= 1
+                if exc is None:
+                    op.rows_affected += len(part.values)
+                elif op.error is None:
+                    op.error, op.exception = error, exc
+                if op.pending_parts:
+                    continue
+            else:
+                op.error, op.exception = error, exc
+                if exc is None:
+                    op.rows_affected = len(op.values)
+            op.is_processed = True
+            op.processed_at = now_wall
+            op.processing_time = seconds
+            op.values = []
+            stats.total_operations += 1
+            if op.error is None:
+                stats.successful_operations += 1
+                latencies.append(now - op.enqueued_at)
+            else:
+                stats.failed_operations += 1
+            self._complete(op)
+        hook = self._on_committed if exc is None else None
+        if hook is not None:
+            hook(batch, seconds)
+        elif exc is not None and self._on_failed is not None:
+            self._on_failed(batch, exc)
+        self._check_flush_waiters()
+
+    def _complete(self, op: BatchOperation) -> None:
+        self._pending.pop(op.operation_id, None)
+        if op.future is not None and not op.future.done():
+            op.future.set_result(op)
+        if op.callback is not None:
+            self._run_callback(op)
+        op.data_rows = ()  # release the rows: the history keeps only the record
+        keep = self.config.completed_history
+        if keep:
+            history = self._history
+            history[op.operation_id] = op
+            if len(history) > keep:
+                history.popitem(last=False)
+
+    def _run_callback(self, op: BatchOperation) -> None:
+        callback = op.callback
+        assert callback is not None
+        try:
+            result = callback(op)
+        except Exception:
+            log.exception("callback of operation %s raised", op.operation_id)
+            return
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            task = asyncio.ensure_future(
+                asyncio.wait_for(result, self.config.callback_timeout_seconds)
+            )
+            self._callback_tasks.add(task)
+            task.add_done_callback(self._callback_done(op.operation_id))
+
+    def _callback_done(self, operation_id: str) -> Callable[[asyncio.Task[Any]], None]:
+        def done(task: asyncio.Task[Any]) -> None:
+            self._callback_tasks.discard(task)
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if isinstance(exc, TimeoutError):
+                log.error("callback of operation %s timed out after %.1fs", operation_id,
+                          self.config.callback_timeout_seconds)
+            elif exc is not None:
+                log.error("callback of operation %s raised: %r", operation_id, exc)
+
+        return done
+
+    # ------------------------------------------------------------------ status
+    def queue_status(self) -> dict[str, Any]:
+        """Queue sizes, memory estimate, ages and counters (the seed's keys and more)."""
+        now = time.monotonic()
+        sizes = {}
+        ages = {}
+        for prio in _PRIORITIES:
+            lanes = self._lanes[prio]
+            sizes[prio.name] = self._queued_by_prio[prio]
+            heads = [lane.ops[0].enqueued_at for lane in lanes.values()]
+            ages[prio.name] = round(now - min(heads), 3) if heads else 0.0
+        s = self.stats
+        return {
+            "total_queued_operations": self.queued_ops,
+            "estimated_memory_mb": self.queued_bytes / _MB,
+            "queue_sizes": sizes,
+            "oldest_wait_seconds": ages,
+            "batches_in_flight": self._inflight,
+            "max_concurrent_batches": self.max_inflight,
+            "stats": {
+                "total_operations": s.total_operations,
+                "successful_operations": s.successful_operations,
+                "failed_operations": s.failed_operations,
+                "total_processing_time": s.total_processing_time,
+                "rows_committed": s.rows_committed,
+                "batches_committed": s.batches_committed,
+                "batches_failed": s.batches_failed,
+                "retries": s.retries,
+                "splits": s.splits,
+            },
+            "commit_latency": s.latency_quantiles(),
+        }

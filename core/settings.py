@@ -1,0 +1,285 @@
+"""Configuration: defaults < settings.toml < BATCHDB_* environment < explicit arguments."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .models import BatchDBError, Priority
+
+__all__ = [
+    "BatchConfig",
+    "DuckDBSettings",
+    "MaintenanceConfig",
+    "PluginsConfig",
+    "PostgresSettings",
+    "SQLiteSettings",
+    "Settings",
+    "SettingsError",
+    "explain_settings",
+    "load_settings",
+    "redact_dsn",
+    "resolve_settings_path",
+]
+
+SETTINGS_ENV = "BATCHDB_SETTINGS"
+DEFAULT_SETTINGS_FILE = "settings.toml"
+
+
+class SettingsError(BatchDBError):
+    """A settings file or value is wrong; the message names the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BatchConfig(_Section):
+    """The seed's batch settings, plus the scheduler's own knobs."""
+
+    insert_batch_size: int = Field(1000, ge=1, description="rows per INSERT/UPSERT batch")
+    update_batch_size: int = Field(500, ge=1, description="rows per UPDATE/DELETE batch")
+    max_memory_mb: float = Field(100.0, gt=0, description="budget for queued rows")
+    flush_interval_seconds: float = Field(
+        10.0, gt=0, description="upper bound on how long any operation waits in a queue"
+    )
+    max_queue_size: int = Field(10000, ge=1, description="queued operations before backpressure")
+    max_concurrent_batches: int = Field(3, ge=1, description="batches in flight (capped by the backend)")
+    linger_seconds: dict[str, float] = Field(
+        default_factory=lambda: {"CRITICAL": 0.0, "HIGH": 0.01, "NORMAL": 0.1, "LOW": 0.5},
+        description="how long a priority waits to fill a batch before dispatching it",
+    )
+    backpressure: Literal["wait", "raise"] = Field(
+        "wait", description="when over budget: producers await room, or get QueueFull"
+    )
+    backpressure_timeout_seconds: float | None = Field(
+        None, gt=0, description="with backpressure=wait: raise QueueFull after this long"
+    )
+    max_retries: int = Field(8, ge=0, description="retries of a batch on locked/busy/lost connection")
+    retry_base_delay_seconds: float = Field(0.05, gt=0)
+    retry_max_delay_seconds: float = Field(2.0, gt=0)
+    callback_timeout_seconds: float = Field(30.0, gt=0)
+    completed_history: int = Field(100_000, ge=0, description="finished operations kept for wait()")
+
+    @field_validator("linger_seconds")
+    @classmethod
+    def _check_linger(cls, value: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, seconds in value.items():
+            prio = Priority.parse(name)
+            if seconds < 0:
+                raise ValueError(f"linger for {prio.name} must be >= 0, got {seconds}")
+            out[prio.name] = float(seconds)
+        return out
+
+    def linger_for(self, priority: Priority) -> float:
+        """Linger of a priority, never longer than ``flush_interval_seconds``."""
+        default = {"CRITICAL": 0.0, "HIGH": 0.01, "NORMAL": 0.1, "LOW": 0.5}[priority.name]
+        return min(self.linger_seconds.get(priority.name, default), self.flush_interval_seconds)
+
+
+class MaintenanceConfig(_Section):
+    """The seed's maintenance schedule (seconds); 0 disables a task."""
+
+    enabled: bool = True
+    wal_checkpoint_interval_seconds: float = Field(3600.0, ge=0)
+    analyze_interval_seconds: float = Field(3600.0, ge=0)
+    vacuum_interval_seconds: float = Field(86400.0, ge=0)
+
+
+class SQLiteSettings(_Section):
+    """The embedded default: one SQLite file in WAL mode."""
+
+    path: str = "market_data.sqlite3"
+    journal_mode: Literal["WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY"] = "WAL"
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    cache_size: int = 10000
+    mmap_size: int = Field(268435456, ge=0)
+    busy_timeout_ms: int = Field(30000, ge=0)
+    foreign_keys: bool = True
+    readers: int = Field(4, ge=1, le=64, description="reader connections in the pool")
+
+
+class DuckDBSettings(_Section):
+    """The analytical alternative: one DuckDB file."""
+
+    path: str = "market_data.duckdb"
+    batch_size: int = Field(50_000, ge=1, description="rows per batch (DuckDB pays ~7 ms a statement)")
+    threads: int | None = Field(None, ge=1)
+    memory_limit: str | None = None
+
+
+class PostgresSettings(_Section):
+    """A PostgreSQL server, for many hosts writing into one store."""
+
+    dsn: str = "postgresql://localhost:5432/batchdb"
+    pool_size: int = Field(4, ge=1, le=64)
+    batch_size: int = Field(20_000, ge=1)
+    statement_timeout_ms: int = Field(60_000, ge=0)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+
+
+class PluginsConfig(_Section):
+    """Plugins found through the ``batchdb`` entry-point group can be disabled by name."""
+
+    disabled: list[str] = Field(default_factory=list)
+
+
+_toml_path: ContextVar[Path | None] = ContextVar("batchdb_toml_path", default=None)
+
+
+class Settings(BaseSettings):
+    """Every setting of batchdb. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHDB_",
+        env_nested_delimiter="__",
+        extra="allow",
+        validate_assignment=True,
+    )
+
+    backend: str = Field("sqlite", description="backend plugin name")
+    log_level: str = "INFO"
+    batch: BatchConfig = Field(default_factory=BatchConfig)  # type: ignore[arg-type]
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
+    sqlite: SQLiteSettings = Field(default_factory=SQLiteSettings)
+    duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)  # type: ignore[arg-type]
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def backend_section(self, name: str | None = None) -> Any:
+        """The settings section of a backend (a model for built-ins, a dict for others)."""
+        name = name or self.backend
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        extra = self.model_extra or {}
+        return extra.get(name, {})
+
+
+def resolve_settings_path(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The file to read: ``path``, else ``$BATCHDB_SETTINGS``, else ``./settings.toml`` if any."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"settings file {p}: not found")
+        return p
+    env = os.environ.get(SETTINGS_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise SettingsError(f"settings file {p} (from ${SETTINGS_ENV}): not found")
+        return p
+    p = Path(DEFAULT_SETTINGS_FILE)
+    return p if p.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"settings file {path}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise SettingsError(f"settings file {path}: cannot be read: {exc.strerror}") from exc
+
+
+def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    where = f"settings file {path}" if path else "settings (no settings file)"
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{key}: {err['msg']}{shown}")
+    return f"{where}: " + "; ".join(parts) + " (values may also come from BATCHDB_* variables)"
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load settings: defaults < TOML file < ``BATCHDB_*`` environment < ``overrides``.
+
+    ``overrides`` take the file's structure, e.g. ``backend="sqlite",
+    sqlite={"path": "x.db"}, batch={"insert_batch_size": 5000}``.
+    """
+    toml_path = resolve_settings_path(path)
+    if toml_path is not None:
+        _read_toml(toml_path)  # a clear error for a broken file before pydantic sees it
+    token = _toml_path.set(toml_path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe_validation_error(exc, toml_path)) from None
+    finally:
+        _toml_path.reset(token)
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and key != "linger_seconds":
+            yield from _leaves(value, name + ".")
+        else:
+            yield name, value
+
+
+def explain_settings(
+    path: str | os.PathLike[str] | None = None, **overrides: Any
+) -> list[tuple[str, Any, str]]:
+    """Each effective setting with the place it came from (default, file, env, argument)."""
+    settings = load_settings(path, **overrides)
+    toml_path = resolve_settings_path(path)
+    file_keys = {k for k, _ in _leaves(_read_toml(toml_path))} if toml_path else set()
+    env_keys = {k for k, _ in _leaves(EnvSettingsSource(Settings)())}
+    arg_keys = {k for k, _ in _leaves(overrides)}
+    rows = []
+    dumped = settings.model_dump(mode="json")
+    for key, value in _leaves(dumped):
+        if key in arg_keys:
+            source = "argument"
+        elif key in env_keys:
+            source = "env BATCHDB_" + key.upper().replace(".", "__")
+        elif key in file_keys:
+            source = f"file {toml_path}"
+        else:
+            source = "default"
+        if key == "postgres.dsn":
+            value = redact_dsn(str(value))
+        rows.append((key, value, source))
+    return rows
+
+
+_DSN_PASSWORD = re.compile(r"(://[^:/@]*:)([^@]*)(@)")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN with its password replaced by ``***`` (URL and key=value forms)."""
+    return _KV_PASSWORD.sub(r"\1***", _DSN_PASSWORD.sub(r"\1***\3", dsn))

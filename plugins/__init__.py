@@ -1,0 +1,1 @@
+"""Non-storage plugins shipped with batchdb (the Upbit candle normaliser, …)."""

@@ -1,0 +1,120 @@
+"""Upbit candle normaliser: the Upbit REST candle JSON → rows of the ``candles`` table.
+
+Dates are converted for the whole batch in one numpy call: a per-row
+``datetime.fromisoformat`` would cost most of SQLite's write budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+
+from batchdb.hookspecs import hookimpl
+from batchdb.schema import CANDLE_COLUMNS
+
+__all__ = ["UPBIT_FIELDS", "batchdb_normalize_candles", "normalize_upbit_candles"]
+
+#: Upbit field → candles column
+UPBIT_FIELDS: dict[str, str] = {
+    "opening_price": "open_price",
+    "high_price": "high_price",
+    "low_price": "low_price",
+    "trade_price": "close_price",
+    "candle_acc_trade_volume": "volume",
+    "candle_acc_trade_price": "quote_volume",
+}
+_REQUIRED = ("candle_date_time_utc", *UPBIT_FIELDS)
+
+
+def _missing(candles: Sequence[Mapping[str, Any]], field: str) -> ValueError:
+    for i, candle in enumerate(candles):
+        if not isinstance(candle, Mapping):
+            return ValueError(f"candle {i} is not an object: {type(candle).__name__}")
+        if field not in candle or candle[field] is None:
+            return ValueError(f"candle {i} has no {field!r}")
+    return ValueError(f"a candle has no {field!r}")  # pragma: no cover - caller saw a KeyError
+
+
+def _column(candles: Sequence[Mapping[str, Any]], field: str) -> list[Any]:
+    try:
+        return [c[field] for c in candles]
+    except (KeyError, TypeError):
+        raise _missing(candles, field) from None
+
+
+def _numbers(values: list[Any], field: str) -> list[float]:
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":
+        for i, v in enumerate(values):
+            if v is None:
+                raise ValueError(f"candle {i} has no {field!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"candle {i}: {field!r} must be a number, got {v!r}")
+        raise ValueError(f"{field!r} must hold numbers")  # pragma: no cover
+    arr = arr.astype(np.float64, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"candle {i}: {field!r} must be a finite number, got {values[i]!r}")
+    result: list[float] = arr.tolist()
+    return result
+
+
+def _timestamps(values: list[Any]) -> list[int]:
+    try:
+        arr = np.array(values, dtype="datetime64[ms]")
+    except (ValueError, TypeError):
+        for i, v in enumerate(values):
+            try:
+                np.datetime64(v, "ms")
+                if not isinstance(v, str):
+                    raise TypeError
+            except (ValueError, TypeError):
+                raise ValueError(
+                    f"candle {i}: 'candle_date_time_utc' is not an ISO date-time: {v!r}"
+                ) from None
+        raise
+    if np.isnat(arr).any():
+        i = int(np.argmax(np.isnat(arr)))
+        raise ValueError(f"candle {i}: 'candle_date_time_utc' is not an ISO date-time: "
+                         f"{values[i]!r}")
+    result: list[int] = arr.astype(np.int64).tolist()
+    return result
+
+
+def normalize_upbit_candles(
+    symbol: str, timeframe: str, candles: Sequence[Mapping[str, Any]], source: str = "upbit"
+) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    """Rows for the ``candles`` table from Upbit candle dicts, in ``CANDLE_COLUMNS`` order."""
+    if not isinstance(symbol, str) or not symbol:
+        raise ValueError(f"symbol must be a non-empty string, got {symbol!r}")
+    if not isinstance(timeframe, str) or not timeframe:
+        raise ValueError(f"timeframe must be a non-empty string, got {timeframe!r}")
+    if isinstance(candles, Mapping | str | bytes):
+        raise ValueError("candles must be a list of candle objects")
+    markets = {c.get("market") for c in candles if isinstance(c, Mapping)}
+    markets.discard(None)
+    if markets - {symbol}:
+        for i, c in enumerate(candles):
+            if isinstance(c, Mapping) and c.get("market") not in (None, symbol):
+                raise ValueError(f"candle {i} is for market {c.get('market')!r}, not {symbol!r}")
+    ts = _timestamps(_column(candles, "candle_date_time_utc"))
+    prices = [_numbers(_column(candles, f), f) for f in UPBIT_FIELDS]
+    now_ms = int(time.time() * 1000)
+    rows = list(zip(repeat(symbol), repeat(timeframe), ts, *prices, repeat(source),
+                    repeat(now_ms), strict=False))
+    return CANDLE_COLUMNS, rows
+
+
+@hookimpl
+def batchdb_normalize_candles(
+    symbol: str, timeframe: str, candles: Sequence[Any], source: str
+) -> tuple[tuple[str, ...], list[tuple[Any, ...]]] | None:
+    """Normalise candles whose source is ``upbit``."""
+    if source != "upbit":
+        return None
+    return normalize_upbit_candles(symbol, timeframe, candles, source)
