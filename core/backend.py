@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 from .models import BatchOperation, OperationType
 from .schema import TableInfo
 
-__all__ = ["Backend", "Batch", "Capabilities", "ErrorKind"]
+__all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy"]
 
 
 class ErrorKind(enum.Enum):
@@ -26,10 +27,42 @@ class ErrorKind(enum.Enum):
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter for transient errors (locked, busy, connection lost)."""
+
+    max_retries: int = 8
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1-based)."""
+        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+@dataclass
+class BatchResult:
+    """What ``write_batch`` committed: rows written, and operations that failed alone.
+
+    ``errors`` maps an index into ``batch.operations`` to that operation's error; every
+    other operation of the batch is committed.
+    """
+
+    rows: int
+    errors: dict[int, BaseException] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Capabilities:
-    """What a backend declares about itself; the scheduler sizes its work from it."""
+    """What a backend declares about itself; the scheduler sizes its work from it.
+
+    ``ordered``: the backend runs batches strictly in the order it was handed them and
+    isolates failing operations and retries transient errors itself, so the scheduler may
+    hand it the next batch of a table before the previous one finished (pipelining).
+    ``max_writers`` is then the depth of that pipeline.
+    """
 
     max_writers: int = 1
+    ordered: bool = False
     supports_upsert: bool = True
     insert_batch_size: int | None = None  # a backend-preferred batch size, if it has one
     update_batch_size: int | None = None
@@ -51,18 +84,18 @@ class Batch:
         """All rows of all operations, in submission order (built once)."""
         if self._rows is None:
             if len(self.operations) == 1:
-                self._rows = self.operations[0].values
+                self._rows = self.operations[0].tuples()
             else:
                 rows: list[tuple[Any, ...]] = []
                 for op in self.operations:
-                    rows.extend(op.values)
+                    rows.extend(op.tuples())
                 self._rows = rows
         return self._rows
 
     @property
     def row_count(self) -> int:
         """Rows in the batch."""
-        return sum(len(op.values) for op in self.operations)
+        return sum(op.n_rows for op in self.operations)
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves by operation, to isolate a failing operation."""
@@ -90,6 +123,7 @@ class Backend(ABC):
     ) -> None:
         self.settings = settings
         self.connection_factory = connection_factory
+        self.retry_policy = RetryPolicy()
 
     @property
     @abstractmethod
@@ -113,8 +147,14 @@ class Backend(ABC):
         """Create a declared table if it does not exist, then describe it."""
 
     @abstractmethod
-    async def write_batch(self, batch: Batch) -> int:
-        """Commit ``batch`` in one transaction; return the rows written."""
+    def write_batch(self, batch: Batch) -> Awaitable[BatchResult]:
+        """Commit ``batch``: all of it in one transaction, or raise and leave nothing behind.
+
+        A backend may instead isolate failing operations itself (savepoints) and report
+        them in ``BatchResult.errors``. Implement it as ``async def``, or as a plain method
+        returning a future that is already running (the SQLite writer thread does that,
+        so a batch starts without waiting for the event loop).
+        """
 
     @abstractmethod
     def classify_error(self, exc: BaseException) -> ErrorKind:

@@ -12,11 +12,9 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from operator import itemgetter
 from types import TracebackType
 from typing import Any, Self
 
-import pluggy
 import sqlalchemy as sa
 
 from .backend import Backend, Batch
@@ -28,7 +26,12 @@ from .models import (
     Priority,
     SchemaError,
 )
-from .pluginmanager import BackendRegistry, await_me_maybe, create_plugin_manager
+from .pluginmanager import (
+    BackendRegistry,
+    PluginManager,
+    await_me_maybe,
+    create_plugin_manager,
+)
 from .scheduler import Scheduler
 from .schema import TableInfo, candles_table, check_identifier, table_info_from_sqlalchemy
 from .settings import BatchConfig, Settings, load_settings
@@ -77,7 +80,7 @@ class BatchDBManager:
         self.backend_name = backend or self.settings.backend
         self.db_factory = db_connection_factory
         self.config: BatchConfig = self.settings.batch.model_copy()
-        self.pm: pluggy.PluginManager = create_plugin_manager(
+        self.pm: PluginManager = create_plugin_manager(
             self.settings.plugins.disabled, plugins
         )
         self.registry = BackendRegistry(self.pm)
@@ -212,24 +215,22 @@ class BatchDBManager:
         if not data_rows:
             raise ValueError(f"data_rows for table {table_name!r} is empty")
         table = await self.table_info(table_name)
-        columns, values = self._rows_to_values(table, data_rows)
+        columns = self._check_rows(table, data_rows)
         if op_type is OperationType.DELETE:
             table.check_columns(columns, need_key=True, need_value=False)
-            keys = table.primary_key
-            if columns != keys:
-                getter = itemgetter(*(columns.index(k) for k in keys))
-                values = [getter(v) for v in values] if len(keys) > 1 else [
-                    (getter(v),) for v in values]
-                columns = keys
+            columns = table.primary_key  # only the key is read from each row
         else:
             table.check_columns(columns, need_key=op_type is not OperationType.INSERT,
                                 need_value=op_type is OperationType.UPDATE)
-        return await self._submit(table, op_type, columns, values, data_rows, prio, callback)
+        return await self._submit(table, op_type, columns, None, data_rows, prio, callback)
 
     @staticmethod
-    def _rows_to_values(
-        table: TableInfo, rows: Sequence[Mapping[str, Any]]
-    ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    def _check_rows(table: TableInfo, rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+        """The column set of ``rows``: every row must be a mapping with the same keys.
+
+        This is the cheap part (types and lengths); values are read into tuples later, in
+        the writer, where a row lacking one of row 0's keys fails its operation by name.
+        """
         first = rows[0]
         if not isinstance(first, Mapping):
             raise ValueError(f"row 0 for table {table.name!r} is not a mapping: "
@@ -240,75 +241,69 @@ class BatchDBManager:
         for c in columns:
             if not isinstance(c, str):
                 raise SchemaError(f"column names must be strings, got {c!r}")
-        if len(columns) == 1:
-            only = columns[0]
-
-            def getter(row: Mapping[str, Any]) -> tuple[Any, ...]:
-                return (row[only],)
-        else:
-            getter = itemgetter(*columns)
         n = len(columns)
-        try:
-            values = list(map(getter, rows))
-            uniform = all(map(n.__eq__, map(len, rows)))
-        except (KeyError, TypeError):
-            uniform = False
-        if not uniform:
-            for i, row in enumerate(rows):
-                if not isinstance(row, Mapping):
-                    raise ValueError(f"row {i} for table {table.name!r} is not a mapping: "
-                                     f"{type(row).__name__}")
+        kinds = set(map(type, rows))
+        if (kinds == {dict} or all(issubclass(k, Mapping) for k in kinds)) and all(
+                map(n.__eq__, map(len, rows))):
+            return columns
+        for i, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"row {i} for table {table.name!r} is not a mapping: "
+                                 f"{type(row).__name__}")
+            if len(row) != n:
                 missing = [c for c in columns if c not in row]
                 extra = [c for c in row if c not in columns]
-                if missing or extra:
-                    raise SchemaError(
-                        f"row {i} for table {table.name!r} has other columns than row 0: "
-                        + (f"missing {missing}" if missing else "")
-                        + (" " if missing and extra else "")
-                        + (f"extra {extra}" if extra else "")
-                    )
-            raise ValueError(f"rows for table {table.name!r} are malformed")  # pragma: no cover
-        return columns, values
+                raise SchemaError(
+                    f"row {i} for table {table.name!r} has other columns than row 0:"
+                    + (f" missing {missing}" if missing else "")
+                    + (f" extra {extra}" if extra else "")
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _submit(
         self,
         table: TableInfo,
         op_type: OperationType,
         columns: tuple[str, ...],
-        values: list[tuple[Any, ...]],
+        values: list[tuple[Any, ...]] | None,
         data_rows: Sequence[Any],
         priority: Priority,
         callback: OperationCallback | None,
     ) -> str:
         scheduler = self.scheduler
         seq = scheduler.next_seq()
+        n_rows = len(data_rows) if values is None else len(values)
         per_row = _row_bytes(data_rows[0] if isinstance(data_rows[0], Mapping) else None,
-                             values[0])
+                             values[0] if values else tuple(data_rows[0].values()))
         op = BatchOperation(
             operation_id=f"{self._id_prefix}-{seq:08d}",
             table_name=table.name,
             operation_type=op_type,
             data_rows=data_rows,
             priority=priority,
-            estimated_size_mb=per_row * len(values) / _MB,
+            estimated_size_mb=per_row * n_rows / _MB,
             callback=callback,
             columns=columns,
             values=values,
+            n_rows=n_rows,
             seq=seq,
         )
         limit = scheduler.batch_limit(op_type)
         parts = None
-        if len(values) > limit:
+        if n_rows > limit:
             # a large operation is committed in batch-sized transactions, in order, so it
             # never holds the writer for long; it is acknowledged when all parts committed
             parts = [
                 BatchOperation(
                     operation_id=f"{op.operation_id}.{i // limit}", table_name=table.name,
-                    operation_type=op_type, data_rows=(), priority=priority,
-                    estimated_size_mb=per_row * len(values[i:i + limit]) / _MB,
-                    columns=columns, values=values[i:i + limit], seq=seq, parent=op,
+                    operation_type=op_type, priority=priority,
+                    data_rows=data_rows[i:i + limit] if values is None else (),
+                    values=None if values is None else values[i:i + limit],
+                    n_rows=min(limit, n_rows - i),
+                    estimated_size_mb=per_row * min(limit, n_rows - i) / _MB,
+                    columns=columns, seq=seq, parent=op,
                 )
-                for i in range(0, len(values), limit)
+                for i in range(0, n_rows, limit)
             ]
             op.pending_parts = len(parts)
             op.estimated_size_mb = 0.0

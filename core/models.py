@@ -7,6 +7,7 @@ import enum
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 __all__ = [
@@ -90,6 +91,13 @@ class Priority(enum.IntEnum):
         raise ValueError(f"priority must be one of {names}, got {value!r}")
 
 
+def _single(column: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    def get(row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return (row[column],)
+
+    return get
+
+
 OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 
 
@@ -115,8 +123,9 @@ class BatchOperation:
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)
     rows_affected: int = 0
-    columns: tuple[str, ...] = ()
-    values: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    columns: tuple[str, ...] = field(default=(), repr=False)
+    values: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+    n_rows: int = field(default=0, repr=False)
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
@@ -126,7 +135,31 @@ class BatchOperation:
     @property
     def row_count(self) -> int:
         """Number of rows this operation writes."""
-        return len(self.values)
+        return self.n_rows
+
+    def tuples(self) -> list[tuple[Any, ...]]:
+        """The rows as tuples in ``columns`` order.
+
+        Rows given as mappings are converted here, in the backend's writer thread, not in
+        the producer's call: that keeps the event loop free while batches are written.
+        """
+        if self.values is not None:
+            return self.values
+        columns = self.columns
+        getter = itemgetter(*columns) if len(columns) > 1 else _single(columns[0])
+        try:
+            return list(map(getter, self.data_rows))
+        except (KeyError, TypeError):
+            for i, row in enumerate(self.data_rows):
+                try:
+                    getter(row)
+                except (KeyError, TypeError) as exc:
+                    raise SchemaError(
+                        f"row {i} for table {self.table_name!r} lacks column {exc}"
+                        if isinstance(exc, KeyError)
+                        else f"row {i} for table {self.table_name!r} is not a mapping"
+                    ) from None
+            raise
 
     @property
     def succeeded(self) -> bool:

@@ -26,15 +26,38 @@ async def await_me_maybe(value: Any) -> Any:
     return value
 
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, remembering the entry points that failed to load and why."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.load_errors: dict[str, BaseException] = {}
+
+
 def create_plugin_manager(
     disabled: Iterable[str] = (), extra_plugins: Iterable[object] = ()
-) -> pluggy.PluginManager:
-    """A fresh plugin manager with every ``batchdb`` entry point except the disabled ones."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
+) -> PluginManager:
+    """A fresh plugin manager with every ``batchdb`` entry point except the disabled ones.
+
+    A plugin that fails to import is logged and remembered instead of breaking every other
+    plugin; selecting it later reports its error.
+    """
+    pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     for name in disabled:
         pm.set_blocked(name)
-    pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+    for ep in entry_points(group=hookspecs.PROJECT):
+        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            log.warning("batchdb plugin %r (%s) failed to load: %s", ep.name, ep.value, exc)
+            pm.load_errors[ep.name] = exc
+            continue
+        pm.register(plugin, name=ep.name)
+        if ep.dist is not None:
+            pm._plugin_distinfo.append((plugin, ep.dist))  # type: ignore[arg-type]
     for plugin in extra_plugins:
         pm.register(plugin)
     return pm
@@ -45,6 +68,7 @@ class BackendRegistry:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._backends: dict[str, type[Backend]] = {}
+        self._load_errors: dict[str, BaseException] = getattr(pm, "load_errors", {})
         pm.hook.batchdb_register_backends(register=self._register)
 
     def _register(self, name: str, cls: type[Backend]) -> None:
@@ -63,6 +87,10 @@ class BackendRegistry:
         try:
             return self._backends[name]
         except KeyError:
+            if name in self._load_errors:
+                err = self._load_errors[name]
+                raise BatchDBError(f"backend plugin {name!r} failed to load: "
+                                   f"{type(err).__name__}: {err}") from err
             hint = ""
             if name in {"duckdb", "postgres"}:
                 hint = f" (install it with: pip install 'batchdb[{name}]')"
@@ -91,4 +119,7 @@ def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
                if pm.is_blocked(n)]
     out.extend({"name": n, "module": "", "distribution": "", "hooks": [], "disabled": True}
                for n in blocked)
+    for name, err in getattr(pm, "load_errors", {}).items():
+        out.append({"name": name, "module": "", "distribution": "", "hooks": [],
+                    "error": f"{type(err).__name__}: {err}"})
     return out

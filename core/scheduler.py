@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Backend, Batch, ErrorKind
+from .backend import Backend, Batch, BatchResult, ErrorKind, RetryPolicy
 from .models import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
 from .schema import TableInfo
 from .settings import BatchConfig
@@ -71,7 +70,12 @@ class _Lane:
 
 
 class Scheduler:
-    """Queues operations and commits them through ``backend`` in batches."""
+    """Queues operations and commits them through ``backend`` in batches.
+
+    Dispatch is driven by events, not by a polling task: a submission that makes a batch
+    ready, a finished batch, a linger timer, ``flush()`` and ``stop()`` each call
+    :meth:`_dispatch`, which hands ready batches to the backend at once.
+    """
 
     def __init__(
         self,
@@ -83,10 +87,13 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.backend = backend
+        backend.retry_policy = RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
+                                           config.retry_max_delay_seconds)
         self._table_of = table_of
         self._on_committed = on_committed
         self._on_failed = on_failed
         caps = backend.capabilities
+        self._ordered = caps.ordered
         self.max_inflight = max(1, min(config.max_concurrent_batches, caps.max_writers))
         self._insert_size = caps.insert_batch_size or config.insert_batch_size
         self._update_size = caps.update_batch_size or config.update_batch_size
@@ -99,45 +106,52 @@ class Scheduler:
         self._pending: OrderedDict[str, BatchOperation] = OrderedDict()
         self._history: OrderedDict[str, BatchOperation] = OrderedDict()
         self._inflight = 0
-        self._inflight_tables: set[str] = set()
+        self._inflight_tables: dict[str, int] = {}
         self._flush_barrier = -1
         self._seq = 0
-        self._sleep_until = 0.0
+        self._running = False
         self._stopping = False
         self._paused = 0
-        self._wakeup = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._last_yield = 0.0
         self._room = asyncio.Event()
         self._idle = asyncio.Event()
+        self._idle.set()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._callback_tasks: set[asyncio.Task[Any]] = set()
-        self._batch_tasks: set[asyncio.Task[None]] = set()
-        self._runner: asyncio.Task[None] | None = None
+        self._recoveries: set[asyncio.Task[None]] = set()
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
-        """Start the dispatcher task."""
-        if self._runner is None:
-            self._stopping = False
-            self._runner = asyncio.get_running_loop().create_task(self._run(), name="batchdb-dispatch")
+        """Accept operations."""
+        self._running = True
+        self._stopping = False
 
     async def stop(self) -> None:
-        """Commit everything queued, wait for callbacks, stop the dispatcher."""
-        if self._runner is None:
+        """Commit everything queued, wait for callbacks, then refuse new operations."""
+        if not self._running:
             return
         self._stopping = True
-        self._wakeup.set()
-        try:
-            await self._runner
-        finally:
-            self._runner = None
+        self._room.set()
+        while self.queued_ops or self._inflight:
+            self._dispatch()
+            self._idle.clear()
+            await self._idle.wait()
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._check_flush_waiters()
         if self._callback_tasks:
-            await asyncio.wait(list(self._callback_tasks), timeout=self.config.callback_timeout_seconds)
+            await asyncio.wait(list(self._callback_tasks),
+                               timeout=self.config.callback_timeout_seconds)
 
     @property
     def running(self) -> bool:
         """True between start() and the end of stop()."""
-        return self._runner is not None and not self._runner.done()
+        return self._running
 
     # ------------------------------------------------------------------ submission
     def next_seq(self) -> int:
@@ -154,10 +168,10 @@ class Scheduler:
 
     async def submit(self, op: BatchOperation, parts: list[BatchOperation] | None = None) -> None:
         """Queue ``op`` (or its ``parts``, committed in order); apply backpressure first."""
-        if self._stopping or self._runner is None:
+        if self._stopping or not self._running:
             raise RuntimeError("the manager is not running: call start() or use 'async with'")
         if op.priority is not Priority.CRITICAL and self._over_budget(op):
-            self._wakeup.set()  # pressure: dispatch without lingering
+            self._dispatch()  # pressure: dispatch without lingering
             if self.config.backpressure == "raise":
                 raise QueueFull(
                     f"queue is full ({self.queued_ops} operations, "
@@ -168,8 +182,14 @@ class Scheduler:
         self._pending[op.operation_id] = op
         for part in parts or (op,):
             self._enqueue(part)
-        if self._wakeup_needed(op):
-            self._wakeup.set()
+        if self._dispatch_needed(op):
+            self._dispatch()
+        # a producer that never awaits anything would starve the event loop, and with it
+        # the completions that feed the writer: yield once a millisecond
+        now = time.monotonic()
+        if now - self._last_yield > 0.001:
+            self._last_yield = now
+            await asyncio.sleep(0)
 
     async def _wait_for_room(self, op: BatchOperation) -> None:
         deadline = self.config.backpressure_timeout_seconds
@@ -191,16 +211,16 @@ class Scheduler:
         if lane is None:
             lane = lanes[op.table_name] = _Lane()
         lane.ops.append(op)
-        lane.rows += len(op.values)
+        lane.rows += op.n_rows
         self.queued_ops += 1
         self._queued_by_prio[op.priority] += 1
         self.queued_bytes += int(op.estimated_size_mb * _MB)
 
-    def _wakeup_needed(self, op: BatchOperation) -> bool:
-        # the dispatcher sleeps until the next linger deadline; wake it only when this
-        # submission can make something ready earlier
+    def _dispatch_needed(self, op: BatchOperation) -> bool:
+        if self._inflight >= self.max_inflight or self._paused:
+            return False  # a finished batch will dispatch
         linger = self._linger[op.priority]
-        if linger == 0 or op.enqueued_at + linger < self._sleep_until or self._pressure():
+        if linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure():
             return True
         lane = self._lanes[op.priority][op.table_name]
         return lane.rows >= self.batch_limit(op.operation_type)
@@ -235,7 +255,7 @@ class Scheduler:
         self._flush_barrier = max(self._flush_barrier, barrier)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._flush_waiters.append((barrier, fut))
-        self._wakeup.set()
+        self._dispatch()
         await fut
 
     def _check_flush_waiters(self) -> None:
@@ -262,7 +282,7 @@ class Scheduler:
             yield
         finally:
             self._paused -= 1
-            self._wakeup.set()
+            self._dispatch()
 
     def critical_waiting(self) -> bool:
         """True while a CRITICAL operation is queued."""
@@ -284,6 +304,7 @@ class Scheduler:
         """The next batch to run, or the time until one becomes ready."""
         forced = self._pressure()
         next_deadline: float | None = None
+        busy = self._inflight_tables if not self._ordered else {}
         for prio in _PRIORITIES:
             lanes = self._lanes[prio]
             if not lanes:
@@ -291,7 +312,7 @@ class Scheduler:
             linger = self._linger[prio]
             best: tuple[str, _Lane] | None = None
             for table, lane in lanes.items():
-                if table in self._inflight_tables:
+                if table in busy:
                     continue
                 head = lane.ops[0]
                 ready = (
@@ -304,7 +325,7 @@ class Scheduler:
                     if best is None or head.seq < best[1].ops[0].seq:
                         best = (table, lane)
                 else:
-                    deadline = head.enqueued_at + linger - now
+                    deadline = head.enqueued_at + linger
                     if next_deadline is None or deadline < next_deadline:
                         next_deadline = deadline
             if best is not None:
@@ -314,16 +335,16 @@ class Scheduler:
     def _take(self, prio: Priority, table: str, lane: _Lane) -> Batch:
         head = lane.ops.popleft()
         ops = [head]
-        rows = len(head.values)
+        rows = head.n_rows
         limit = self.batch_limit(head.operation_type)
         key = (head.operation_type, head.columns)
         q = lane.ops
         while q and rows < limit:
             nxt = q[0]
-            if (nxt.operation_type, nxt.columns) != key or rows + len(nxt.values) > limit:
+            if (nxt.operation_type, nxt.columns) != key or rows + nxt.n_rows > limit:
                 break
             ops.append(q.popleft())
-            rows += len(nxt.values)
+            rows += nxt.n_rows
         lane.rows -= rows
         if not q:
             del self._lanes[prio][table]
@@ -333,80 +354,136 @@ class Scheduler:
         self.queued_bytes -= nbytes
         return Batch(self._table_of(table), head.operation_type, head.columns, ops)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            blocked = self._inflight >= self.max_inflight or self._paused > 0
-            wait: float | None = None
-            if not blocked:
-                batch, wait = self._pick(time.monotonic())
-                if batch is not None:
-                    self._inflight += 1
-                    self._inflight_tables.add(batch.table.name)
-                    task = loop.create_task(self._execute(batch))
-                    self._batch_tasks.add(task)
-                    task.add_done_callback(self._batch_tasks.discard)
-                    continue
-            if self._stopping and not self.queued_ops and not self._inflight:
-                return
-            self._wakeup.clear()
-            if blocked or wait is None:
-                # blocked: only a finished batch (or a forcing event) can unblock us
-                self._sleep_until = 0.0 if blocked else float("inf")
-                await self._wakeup.wait()
-            else:
-                wait = max(wait, 0.0005)
-                self._sleep_until = time.monotonic() + wait
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
-            self._sleep_until = 0.0
+    def _dispatch(self) -> None:
+        """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""
+        if not self._running:
+            return
+        deadline: float | None = None
+        while self._inflight < self.max_inflight and not self._paused:
+            batch, deadline = self._pick(time.monotonic())
+            if batch is None:
+                break
+            self._launch(batch)
+        if deadline is not None and deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer_at = deadline
+            self._timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0.0002),
+                                       self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._dispatch()
 
     # ------------------------------------------------------------------ execution
-    async def _execute(self, batch: Batch) -> None:
+    def _launch(self, batch: Batch) -> None:
+        self._inflight += 1
+        name = batch.table.name
+        self._inflight_tables[name] = self._inflight_tables.get(name, 0) + 1
+        self._idle.clear()
+        start = time.perf_counter()
         try:
-            await self._commit(batch)
-        except BaseException as exc:  # never lose track of operations, whatever happens
-            self._finish(batch, exc, 0.0)
-            if not isinstance(exc, Exception):
-                raise
+            fut = asyncio.ensure_future(self.backend.write_batch(batch))
+        except Exception as exc:  # a backend that fails before returning an awaitable
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(exc)
+        fut.add_done_callback(lambda f: self._on_written(batch, start, f))
+
+    def _release(self, batch: Batch) -> None:
+        self._inflight -= 1
+        name = batch.table.name
+        left = self._inflight_tables[name] - 1
+        if left:
+            self._inflight_tables[name] = left
+        else:
+            del self._inflight_tables[name]
+        self._room.set()
+        self._dispatch()
+        if not self._inflight:
+            self._idle.set()
+
+    def _on_written(self, batch: Batch, start: float, fut: asyncio.Future[BatchResult]) -> None:
+        seconds = time.perf_counter() - start
+        try:
+            result = fut.result()
+        except Exception as exc:
+            kind = self.backend.classify_error(exc)
+            if self._ordered or kind is ErrorKind.RESOURCE or (
+                    kind is ErrorKind.DATA and len(batch.operations) == 1):
+                self._finish(batch, exc, seconds)
+                self._release(batch)
+            else:
+                task = asyncio.get_running_loop().create_task(self._recover(batch, exc, kind))
+                self._recoveries.add(task)
+                task.add_done_callback(self._recoveries.discard)
+            return
+        except BaseException as exc:  # cancelled: the operations are failed, never dropped
+            self._finish(batch, exc, seconds)
+            self._release(batch)
+            return
+        self._finish_result(batch, result, seconds)
+        self._release(batch)
+
+    async def _recover(self, batch: Batch, exc: Exception, kind: ErrorKind) -> None:
+        """Retry a transiently failed batch, or split a batch with bad data, then release it."""
+        try:
+            await self._retry(batch, exc, kind, 0)
+        except BaseException as err:
+            self._finish(batch, err, 0.0)
+            raise
         finally:
-            self._inflight -= 1
-            self._inflight_tables.discard(batch.table.name)
-            if not self._inflight:
-                self._idle.set()
-            self._room.set()
-            self._wakeup.set()
+            self._release(batch)
 
-    def _backoff(self, attempt: int) -> float:
-        base = self.config.retry_base_delay_seconds * (2 ** (attempt - 1))
-        return min(self.config.retry_max_delay_seconds, base) * random.uniform(0.5, 1.5)
-
-    async def _commit(self, batch: Batch) -> None:
-        attempt = 0
+    async def _retry(self, batch: Batch, exc: Exception, kind: ErrorKind, attempt: int) -> None:
+        policy = self.backend.retry_policy
         while True:
+            if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
+                attempt += 1
+                self.stats.retries += 1
+                delay = policy.delay(attempt)
+                log.warning("batch on %r: %s; retry %d/%d in %.2fs", batch.table.name, exc,
+                            attempt, policy.max_retries, delay)
+                await asyncio.sleep(delay)
+            elif kind is ErrorKind.DATA and len(batch.operations) > 1:
+                self.stats.splits += 1
+                for half in batch.split():
+                    await self._retry_half(half, attempt)
+                return
+            else:
+                self._finish(batch, exc, 0.0)
+                return
             start = time.perf_counter()
             try:
-                written = await self.backend.write_batch(batch)
-            except Exception as exc:
-                kind = self.backend.classify_error(exc)
-                if kind is ErrorKind.TRANSIENT and attempt < self.config.max_retries:
-                    attempt += 1
-                    self.stats.retries += 1
-                    delay = self._backoff(attempt)
-                    log.warning("batch on %r: %s; retry %d/%d in %.2fs", batch.table.name, exc,
-                                attempt, self.config.max_retries, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                if kind is ErrorKind.DATA and len(batch.operations) > 1:
-                    self.stats.splits += 1
-                    first, second = batch.split()
-                    await self._commit(first)
-                    await self._commit(second)
-                    return
-                self._finish(batch, exc, time.perf_counter() - start)
-                return
-            self._finish(batch, None, time.perf_counter() - start, written)
+                result = await self.backend.write_batch(batch)
+            except Exception as err:
+                exc, kind = err, self.backend.classify_error(err)
+                continue
+            self._finish_result(batch, result, time.perf_counter() - start)
             return
+
+    async def _retry_half(self, batch: Batch, attempt: int) -> None:
+        start = time.perf_counter()
+        try:
+            result = await self.backend.write_batch(batch)
+        except Exception as err:
+            await self._retry(batch, err, self.backend.classify_error(err), attempt)
+            return
+        self._finish_result(batch, result, time.perf_counter() - start)
+
+    def _finish_result(self, batch: Batch, result: BatchResult, seconds: float) -> None:
+        if not result.errors:
+            self._finish(batch, None, seconds, result.rows)
+            return
+        ops = batch.operations
+        good = [op for i, op in enumerate(ops) if i not in result.errors]
+        if good:
+            self._finish(Batch(batch.table, batch.operation_type, batch.columns, good), None,
+                         seconds, result.rows)
+        for i, err in result.errors.items():
+            self._finish(Batch(batch.table, batch.operation_type, batch.columns, [ops[i]]),
+                         err, 0.0)
 
     def _finish(self, batch: Batch, exc: BaseException | None, seconds: float,
                 written: int = 0) -> None:
@@ -419,7 +496,7 @@ class Scheduler:
             stats.rows_committed += written
         else:
             stats.batches_failed += 1
-            log.error("batch of %d operation(s) on %r failed: %s", len(batch.operations),
+            log.error("%d operation(s) on %r failed: %s", len(batch.operations),
                       batch.table.name, exc)
         latencies = stats.latencies
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
@@ -428,19 +505,20 @@ class Scheduler:
             if part is not op:
                 op.pending_parts -= 1
                 if exc is None:
-                    op.rows_affected += len(part.values)
+                    op.rows_affected += part.n_rows
                 elif op.error is None:
                     op.error, op.exception = error, exc
+                part.values, part.data_rows = None, ()
                 if op.pending_parts:
                     continue
             else:
                 op.error, op.exception = error, exc
                 if exc is None:
-                    op.rows_affected = len(op.values)
+                    op.rows_affected = op.n_rows
             op.is_processed = True
             op.processed_at = now_wall
             op.processing_time = seconds
-            op.values = []
+            op.values = None
             stats.total_operations += 1
             if op.error is None:
                 stats.successful_operations += 1
@@ -448,10 +526,10 @@ class Scheduler:
             else:
                 stats.failed_operations += 1
             self._complete(op)
-        hook = self._on_committed if exc is None else None
-        if hook is not None:
-            hook(batch, seconds)
-        elif exc is not None and self._on_failed is not None:
+        if exc is None:
+            if self._on_committed is not None:
+                self._on_committed(batch, seconds)
+        elif self._on_failed is not None:
             self._on_failed(batch, exc)
         self._check_flush_waiters()
 

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from batchdb.backend import Backend, Batch, Capabilities, ErrorKind
+from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
 from batchdb.models import BatchDBError, OperationType
 from batchdb.schema import TableInfo, quote_ident
 from batchdb.settings import SQLiteSettings
@@ -58,7 +58,10 @@ class SQLiteBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(max_writers=1, supports_upsert=True, dialect="sqlite")
+        # one writer connection; two batches in flight so that the next batch already
+        # waits in the writer thread when the current one commits (the thread runs them in
+        # order and isolates failures itself, so pipelining keeps submission order)
+        return Capabilities(max_writers=2, ordered=True, supports_upsert=True, dialect="sqlite")
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -235,16 +238,58 @@ class SQLiteBackend(Backend):
             sql = self._sql_cache[key] = build_sql(table, op, columns)
         return sql
 
-    def _write(self, batch: Batch) -> int:
-        assert self._conn is not None
+    def _write(self, batch: Batch) -> BatchResult:
+        """Runs in the writer thread: the batch in one transaction, retried while the
+        database is locked; on bad data, again with one savepoint per operation so that
+        only the failing operations are left out."""
+        conn = self._conn
+        assert conn is not None
         sql = self._sql(batch.table, batch.operation_type, batch.columns)
-        rows = batch.rows
-        with self._transaction():
-            self._conn.executemany(sql, rows)
-        return len(rows)
+        policy = self.retry_policy
+        attempt = 0
+        isolate = False
+        while True:
+            try:
+                if isolate:
+                    return self._write_isolated(sql, batch)
+                with self._transaction():
+                    conn.executemany(sql, batch.rows)
+                return BatchResult(len(batch.rows))
+            except Exception as exc:
+                kind = self.classify_error(exc)
+                if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
+                    attempt += 1
+                    time.sleep(policy.delay(attempt))
+                    continue
+                if kind is ErrorKind.DATA and not isolate and len(batch.operations) > 1:
+                    isolate = True
+                    continue
+                raise
 
-    async def write_batch(self, batch: Batch) -> int:
-        return await self._call(self._write, batch)
+    def _write_isolated(self, sql: str, batch: Batch) -> BatchResult:
+        conn = self._conn
+        assert conn is not None
+        errors: dict[int, BaseException] = {}
+        rows = 0
+        with self._transaction():
+            for i, op in enumerate(batch.operations):
+                conn.execute("SAVEPOINT batchdb_op")
+                try:
+                    conn.executemany(sql, op.tuples())
+                except Exception as exc:
+                    if self.classify_error(exc) is not ErrorKind.DATA:
+                        raise
+                    conn.execute("ROLLBACK TO batchdb_op")
+                    errors[i] = exc
+                else:
+                    rows += op.n_rows
+                conn.execute("RELEASE batchdb_op")
+        return BatchResult(rows, errors)
+
+    def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
+        if self._executor is None:
+            raise BatchDBError("the SQLite backend is not open")
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch)
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         message = str(exc).lower()

@@ -1,0 +1,1 @@
+"""The duckdb backend plugin (being written)."""
