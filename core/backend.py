@@ -36,7 +36,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (1-based)."""
-        return min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+        delay = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return float(delay * random.uniform(0.5, 1.5))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .pluginmanager import (
     create_plugin_manager,
 )
 from .scheduler import Scheduler
-from .schema import TableInfo, candles_table, check_identifier, table_info_from_sqlalchemy
+from .schema import TableInfo, candles_table, check_identifier
 from .settings import BatchConfig, Settings, load_settings
 
 __all__ = ["BatchDBManager"]
@@ -100,6 +100,7 @@ class BatchDBManager:
         self._started_at: float | None = None
         self._id_prefix = secrets.token_hex(3)
         self._state_lock = asyncio.Lock()
+        self._hook_tasks: set[asyncio.Future[Any]] = set()
 
     @classmethod
     def from_settings(
@@ -418,4 +419,6 @@ class BatchDBManager:
             return
         for result in results:
             if asyncio.iscoroutine(result):
-                asyncio.ensure_future(result)
+                task = asyncio.ensure_future(result)
+                self._hook_tasks.add(task)
+                task.add_done_callback(self._hook_tasks.discard)

@@ -42,7 +42,7 @@ class OperationFailed(BatchDBError):
         self.operation_id = operation_id
 
 
-class OperationType(str, enum.Enum):
+class OperationType(enum.StrEnum):
     """What an operation does to its rows (the seed's four kinds)."""
 
     INSERT = "INSERT"

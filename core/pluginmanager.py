@@ -32,6 +32,7 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.load_errors: dict[str, BaseException] = {}
+        self.dists: dict[str, str] = {}
 
 
 def create_plugin_manager(
@@ -57,7 +58,7 @@ def create_plugin_manager(
             continue
         pm.register(plugin, name=ep.name)
         if ep.dist is not None:
-            pm._plugin_distinfo.append((plugin, ep.dist))  # type: ignore[arg-type]
+            pm.dists[ep.name] = f"{ep.dist.name} {ep.dist.version}"
     for plugin in extra_plugins:
         pm.register(plugin)
     return pm
@@ -102,17 +103,16 @@ class BackendRegistry:
 
 def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     """Name, module, entry point and hooks of every registered plugin (for ``batchdb plugins``)."""
-    dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+    dists: dict[str, str] = getattr(pm, "dists", {})
     out = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
             continue
-        dist = dists.get(id(plugin))
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
         out.append({
             "name": name,
             "module": getattr(plugin, "__name__", type(plugin).__name__),
-            "distribution": f"{dist.project_name} {dist.version}" if dist else "",
+            "distribution": dists.get(name, ""),
             "hooks": hooks,
         })
     blocked = [n for n in (ep.name for ep in entry_points(group=hookspecs.PROJECT))

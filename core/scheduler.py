@@ -384,6 +384,7 @@ class Scheduler:
         self._inflight_tables[name] = self._inflight_tables.get(name, 0) + 1
         self._idle.clear()
         start = time.perf_counter()
+        fut: asyncio.Future[BatchResult]
         try:
             fut = asyncio.ensure_future(self.backend.write_batch(batch))
         except Exception as exc:  # a backend that fails before returning an awaitable

@@ -21,8 +21,8 @@ __all__ = [
 
 metadata = sa.MetaData()
 
-_REAL = sa.Double().with_variant(sa.REAL(), "sqlite")
-_BIGINT = sa.BigInteger().with_variant(sa.INTEGER(), "sqlite")
+_REAL: sa.types.TypeEngine[float] = sa.Double().with_variant(sa.REAL(), "sqlite")
+_BIGINT: sa.types.TypeEngine[int] = sa.BigInteger().with_variant(sa.INTEGER(), "sqlite")
 
 candles_table = sa.Table(
     "candles",

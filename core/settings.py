@@ -58,7 +58,9 @@ class BatchConfig(_Section):
         10.0, gt=0, description="upper bound on how long any operation waits in a queue"
     )
     max_queue_size: int = Field(10000, ge=1, description="queued operations before backpressure")
-    max_concurrent_batches: int = Field(3, ge=1, description="batches in flight (capped by the backend)")
+    max_concurrent_batches: int = Field(
+        3, ge=1, description="batches in flight (capped by the backend)"
+    )
     linger_seconds: dict[str, float] = Field(
         default_factory=lambda: {"CRITICAL": 0.0, "HIGH": 0.01, "NORMAL": 0.1, "LOW": 0.5},
         description="how long a priority waits to fill a batch before dispatching it",
@@ -69,7 +71,9 @@ class BatchConfig(_Section):
     backpressure_timeout_seconds: float | None = Field(
         None, gt=0, description="with backpressure=wait: raise QueueFull after this long"
     )
-    max_retries: int = Field(8, ge=0, description="retries of a batch on locked/busy/lost connection")
+    max_retries: int = Field(
+        8, ge=0, description="retries of a batch on locked/busy/lost connection"
+    )
     retry_base_delay_seconds: float = Field(0.05, gt=0)
     retry_max_delay_seconds: float = Field(2.0, gt=0)
     callback_timeout_seconds: float = Field(30.0, gt=0)
@@ -118,7 +122,9 @@ class DuckDBSettings(_Section):
     """The analytical alternative: one DuckDB file."""
 
     path: str = "market_data.duckdb"
-    batch_size: int = Field(50_000, ge=1, description="rows per batch (DuckDB pays ~7 ms a statement)")
+    batch_size: int = Field(
+        50_000, ge=1, description="rows per batch (DuckDB pays ~7 ms a statement)"
+    )
     threads: int | None = Field(None, ge=1)
     memory_limit: str | None = None
 
@@ -154,10 +160,10 @@ class Settings(BaseSettings):
 
     backend: str = Field("sqlite", description="backend plugin name")
     log_level: str = "INFO"
-    batch: BatchConfig = Field(default_factory=BatchConfig)  # type: ignore[arg-type]
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     sqlite: SQLiteSettings = Field(default_factory=SQLiteSettings)
-    duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)  # type: ignore[arg-type]
+    duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
 

@@ -42,7 +42,7 @@ class SQLiteBackend(Backend):
 
     def __init__(
         self,
-        settings: SQLiteSettings,  # type: ignore[override]
+        settings: SQLiteSettings,
         *,
         connection_factory: Callable[[], sqlite3.Connection] | None = None,
     ) -> None:
@@ -146,8 +146,9 @@ class SQLiteBackend(Backend):
         if self._readers.empty() and self._reader_count < self.settings.readers:
             self._reader_count += 1
             try:
+                path = self.path or self.settings.path
                 factory = self.connection_factory or (
-                    lambda: sqlite3.connect(self.path or self.settings.path, check_same_thread=False)
+                    lambda: sqlite3.connect(path, check_same_thread=False)
                 )
                 conn = await aiosqlite.Connection(self._reader_factory(factory), 64)
             except BaseException:
@@ -174,9 +175,8 @@ class SQLiteBackend(Backend):
         return connect
 
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        async with self._reader() as conn:
-            async with conn.execute(sql, params) as cursor:
-                return [tuple(r) for r in await cursor.fetchall()]
+        async with self._reader() as conn, conn.execute(sql, params) as cursor:
+            return [tuple(r) for r in await cursor.fetchall()]
 
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:
@@ -203,7 +203,7 @@ class SQLiteBackend(Backend):
 
     def _create(self, table: sa.Table) -> TableInfo:
         assert self._conn is not None
-        dialect = sqlite_dialect.dialect()  # type: ignore[no-untyped-call]
+        dialect = sqlite_dialect.dialect()
         statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
         statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
                        for ix in table.indexes]
@@ -366,20 +366,24 @@ class SQLiteBackend(Backend):
 
 
 def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> str:
-    """The statement for one (table, operation, columns); parameters are ``?N`` by position."""
+    """The statement for one (table, operation, columns); parameters are ``?N`` by position.
+
+    Every identifier comes from ``table`` (names the database reported, or a declared
+    table), never from a caller's string, and is quoted by ``quote_ident``.
+    """
     q = quote_ident
     name = q(table.name)
     pos = {c: i + 1 for i, c in enumerate(columns)}
     keys = table.primary_key
     where = " AND ".join(f"{q(k)} = ?{pos[k]}" for k in keys)
     if op is OperationType.DELETE:
-        return f"DELETE FROM {name} WHERE {where}"
+        return f"DELETE FROM {name} WHERE {where}"  # noqa: S608 - quoted known identifiers
     values = [c for c in columns if c not in keys]
     if op is OperationType.UPDATE:
         sets = ", ".join(f"{q(c)} = ?{pos[c]}" for c in values)
-        return f"UPDATE {name} SET {sets} WHERE {where}"
-    insert = (f"INSERT INTO {name} ({', '.join(map(q, columns))}) "
-              f"VALUES ({', '.join(f'?{i}' for i in range(1, len(columns) + 1))})")
+        return f"UPDATE {name} SET {sets} WHERE {where}"  # noqa: S608 - quoted known identifiers
+    params = ", ".join(f"?{i}" for i in range(1, len(columns) + 1))
+    insert = f"INSERT INTO {name} ({', '.join(map(q, columns))}) VALUES ({params})"  # noqa: S608
     if op is OperationType.INSERT:
         return insert
     conflict = ", ".join(map(q, keys))
