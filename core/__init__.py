@@ -6,6 +6,7 @@ from .manager import BatchDBManager
 from .models import (
     BatchDBError,
     BatchOperation,
+    NotRunningError,
     OperationFailed,
     OperationType,
     Priority,
@@ -26,6 +27,7 @@ __all__ = [
     "BatchOperation",
     "Capabilities",
     "ErrorKind",
+    "NotRunningError",
     "OperationFailed",
     "OperationType",
     "Priority",

@@ -50,6 +50,7 @@ class BatchResult:
 
     rows: int
     errors: dict[int, BaseException] = field(default_factory=dict)
+    retries: int = 0  # transient failures the backend retried itself
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import sqlalchemy as sa
 
 from .backend import Backend, Batch
 from .models import (
-    BatchDBError,
     BatchOperation,
+    NotRunningError,
     OperationCallback,
     OperationType,
     Priority,
@@ -161,7 +161,7 @@ class BatchDBManager:
     def scheduler(self) -> Scheduler:
         """The running scheduler; a clear error before start()."""
         if self._scheduler is None:
-            raise BatchDBError("the manager is not running: call start() or use 'async with'")
+            raise NotRunningError("the manager is not running: call start() or use 'async with'")
         return self._scheduler
 
     # ------------------------------------------------------------------ tables
@@ -182,7 +182,7 @@ class BatchDBManager:
             info = self._tables.get(name)
             if info is None:
                 if self._scheduler is None:
-                    raise BatchDBError("the manager is not running: call start() first")
+                    raise NotRunningError("the manager is not running: call start() first")
                 info = await self.backend.describe_table(name)
                 if info is None and name in self._declared:
                     info = await self.backend.create_table(self._declared[name])
@@ -208,6 +208,7 @@ class BatchDBManager:
         """
         op_type = OperationType.parse(operation_type)
         prio = Priority.parse(priority)
+        self.scheduler  # noqa: B018 - raises NotRunningError before any work
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         if isinstance(data_rows, Mapping | str | bytes) or not isinstance(data_rows, Sequence):

@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "BatchDBError",
     "BatchOperation",
+    "NotRunningError",
     "OperationCallback",
     "OperationFailed",
     "OperationType",
@@ -28,6 +29,10 @@ class BatchDBError(Exception):
 
 class SchemaError(BatchDBError, ValueError):
     """An unknown table or column, a missing key column, or an identifier batchdb refuses."""
+
+
+class NotRunningError(BatchDBError, RuntimeError):
+    """The manager is not started (or is stopping): nothing can be queued."""
 
 
 class QueueFull(BatchDBError):

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import Backend, Batch, BatchResult, ErrorKind, RetryPolicy
-from .models import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
+from .models import (
+    BatchOperation,
+    NotRunningError,
+    OperationFailed,
+    OperationType,
+    Priority,
+    QueueFull,
+)
 from .schema import TableInfo
 from .settings import BatchConfig
 
@@ -169,7 +176,8 @@ class Scheduler:
     async def submit(self, op: BatchOperation, parts: list[BatchOperation] | None = None) -> None:
         """Queue ``op`` (or its ``parts``, committed in order); apply backpressure first."""
         if self._stopping or not self._running:
-            raise RuntimeError("the manager is not running: call start() or use 'async with'")
+            raise NotRunningError("the manager is not running: call start() or use "
+                                  "'async with'")
         if op.priority is not Priority.CRITICAL and self._over_budget(op):
             self._dispatch()  # pressure: dispatch without lingering
             if self.config.backpressure == "raise":
@@ -196,7 +204,7 @@ class Scheduler:
         start = time.monotonic()
         while self._over_budget(op):
             if self._stopping:
-                raise RuntimeError("the manager is stopping")
+                raise NotRunningError("the manager is stopping")
             self._room.clear()
             timeout = None if deadline is None else deadline - (time.monotonic() - start)
             if timeout is not None and timeout <= 0:
@@ -474,6 +482,7 @@ class Scheduler:
         self._finish_result(batch, result, time.perf_counter() - start)
 
     def _finish_result(self, batch: Batch, result: BatchResult, seconds: float) -> None:
+        self.stats.retries += result.retries
         if not result.errors:
             self._finish(batch, None, seconds, result.rows)
             return

@@ -251,10 +251,13 @@ class SQLiteBackend(Backend):
         while True:
             try:
                 if isolate:
-                    return self._write_isolated(sql, batch)
-                with self._transaction():
-                    conn.executemany(sql, batch.rows)
-                return BatchResult(len(batch.rows))
+                    result = self._write_isolated(sql, batch)
+                else:
+                    with self._transaction():
+                        conn.executemany(sql, batch.rows)
+                    result = BatchResult(len(batch.rows))
+                result.retries = attempt
+                return result
             except Exception as exc:
                 kind = self.classify_error(exc)
                 if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
@@ -375,7 +378,8 @@ def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> 
     name = q(table.name)
     pos = {c: i + 1 for i, c in enumerate(columns)}
     keys = table.primary_key
-    where = " AND ".join(f"{q(k)} = ?{pos[k]}" for k in keys)
+    if op in (OperationType.DELETE, OperationType.UPDATE):
+        where = " AND ".join(f"{q(k)} = ?{pos[k]}" for k in keys)
     if op is OperationType.DELETE:
         return f"DELETE FROM {name} WHERE {where}"  # noqa: S608 - quoted known identifiers
     values = [c for c in columns if c not in keys]
