@@ -290,26 +290,7 @@ class BatchDBManager:
             n_rows=n_rows,
             seq=seq,
         )
-        limit = scheduler.batch_limit(op_type)
-        parts = None
-        if n_rows > limit:
-            # a large operation is committed in batch-sized transactions, in order, so it
-            # never holds the writer for long; it is acknowledged when all parts committed
-            parts = [
-                BatchOperation(
-                    operation_id=f"{op.operation_id}.{i // limit}", table_name=table.name,
-                    operation_type=op_type, priority=priority,
-                    data_rows=data_rows[i:i + limit] if values is None else (),
-                    values=None if values is None else values[i:i + limit],
-                    n_rows=min(limit, n_rows - i),
-                    estimated_size_mb=per_row * min(limit, n_rows - i) / _MB,
-                    columns=columns, seq=seq, parent=op,
-                )
-                for i in range(0, n_rows, limit)
-            ]
-            op.pending_parts = len(parts)
-            op.estimated_size_mb = 0.0
-        await scheduler.submit(op, parts)
+        await scheduler.submit(op)
         if self._queued_hook:
             self.pm.hook.batchdb_operation_queued(operation=op)
         return op.operation_id

@@ -134,8 +134,6 @@ class BatchOperation:
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
-    parent: BatchOperation | None = field(default=None, repr=False)
-    pending_parts: int = field(default=0, repr=False)
 
     @property
     def row_count(self) -> int:

@@ -173,8 +173,11 @@ class Scheduler:
         # an operation larger than the whole budget gets in once the queue is empty
         return self.queued_bytes > 0 and self.queued_bytes + size > self._budget
 
-    async def submit(self, op: BatchOperation, parts: list[BatchOperation] | None = None) -> None:
-        """Queue ``op`` (or its ``parts``, committed in order); apply backpressure first."""
+    async def submit(self, op: BatchOperation) -> None:
+        """Queue ``op``, after waiting for room (or raising QueueFull) when over budget.
+
+        An operation is never split: larger than a batch, it is a batch of its own.
+        """
         if self._stopping or not self._running:
             raise NotRunningError("the manager is not running: call start() or use "
                                   "'async with'")
@@ -188,8 +191,7 @@ class Scheduler:
                 )
             await self._wait_for_room(op)
         self._pending[op.operation_id] = op
-        for part in parts or (op,):
-            self._enqueue(part)
+        self._enqueue(op)
         if self._dispatch_needed(op):
             self._dispatch()
         # a producer that never awaits anything would starve the event loop, and with it
@@ -510,21 +512,10 @@ class Scheduler:
                       batch.table.name, exc)
         latencies = stats.latencies
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
-        for part in batch.operations:
-            op = part if part.parent is None else part.parent
-            if part is not op:
-                op.pending_parts -= 1
-                if exc is None:
-                    op.rows_affected += part.n_rows
-                elif op.error is None:
-                    op.error, op.exception = error, exc
-                part.values, part.data_rows = None, ()
-                if op.pending_parts:
-                    continue
-            else:
-                op.error, op.exception = error, exc
-                if exc is None:
-                    op.rows_affected = op.n_rows
+        for op in batch.operations:
+            op.error, op.exception = error, exc
+            if exc is None:
+                op.rows_affected = op.n_rows
             op.is_processed = True
             op.processed_at = now_wall
             op.processing_time = seconds

@@ -260,24 +260,27 @@ async def test_locked_too_long_is_reported_not_dropped(db_path: Path,
     assert (await m.wait(again)).succeeded
 
 
-async def test_large_operation_commits_in_parts(db_path: Path,
-                                                make_manager: ManagerFactory) -> None:
+async def test_large_operation_is_one_atomic_batch(db_path: Path,
+                                                  make_manager: ManagerFactory) -> None:
     make_table(db_path, LOG_DDL)
     m = make_manager(**batch_cfg(insert_batch_size=100))
     await m.start()
+    small = [await m.queue_operation("kv", "INSERT", [{"k": -i, "v": "s", "n": 0}])
+             for i in range(1, 4)]
     op_id = await m.queue_operation("kv", "INSERT",
                                     [{"k": i, "v": "r", "n": i} for i in range(1050)])
     op = await m.wait(op_id)
     assert op.succeeded and op.rows_affected == 1050
+    assert all([(await m.wait(s)).succeeded for s in small])
     status = await m.get_queue_status()
-    assert status["stats"]["batches_committed"] == 11
-    assert status["stats"]["total_operations"] == 1
-    # a part failing fails its operation, with the error
+    assert status["stats"]["batches_committed"] == 2  # the 3 small ones, then the large one
+    # a bad row anywhere fails the whole operation and leaves none of its rows behind
     bad_rows = [{"k": 5000 + i, "v": "r", "n": i} for i in range(250)] + [{"k": 1, "v": "d",
                                                                            "n": 0}]
     bad = await m.queue_operation("kv", "INSERT", bad_rows)
     with pytest.raises(OperationFailed, match="UNIQUE"):
         await m.wait(bad)
+    assert rows_of(db_path, "SELECT COUNT(*) FROM kv WHERE k >= 5000") == [(0,)]
 
 
 async def test_callbacks_plain_async_raising_and_hanging(
