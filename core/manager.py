@@ -292,7 +292,7 @@ class BatchDBManager:
         )
         await scheduler.submit(op)
         if self._queued_hook:
-            self.pm.hook.batchdb_operation_queued(operation=op)
+            self._call_hook(self.pm.hook.batchdb_operation_queued, operation=op)
         return op.operation_id
 
     async def insert_candles_batch(
