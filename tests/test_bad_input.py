@@ -102,7 +102,8 @@ async def test_bad_calls_raise_and_queue_nothing(started: Any, db_path: Path, ar
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [({"nested": 1}, "type 'dict' is not supported"), ([1, 2], "type 'list' is not supported"),
+    [({"nested": 1}, r"type 'dict' is not supported \(column 'v'\)"),
+     ([1, 2], r"type 'list' is not supported \(column 'v'\)"),
      (object(), "is not supported"), (2**70, "too large")],
 )
 async def test_unbindable_values_fail_their_operation_only(started: Any, db_path: Path,
@@ -175,3 +176,11 @@ async def test_candles_argument_errors(db_path: Path, make_manager: ManagerFacto
         await m.insert_candles_batch("", "1m", upbit_candles(1))
     with pytest.raises(ValueError, match="no plugin normalises candles from source 'binance'"):
         await m.insert_candles_batch("KRW-BTC", "1m", upbit_candles(1), source="binance")
+
+
+async def test_a_lone_bad_value_names_its_column(started: Any) -> None:
+    bad = await started.queue_operation("kv", "INSERT", [{"k": 9, "v": {"a": 1}}],
+                                        Priority.CRITICAL)
+    with pytest.raises(OperationFailed, match=r"parameter 2: type 'dict' is not supported "
+                                              r"\(column 'v'\)"):
+        await started.wait(bad)

@@ -382,3 +382,28 @@ async def test_manual_maintenance(db_path: Path, make_manager: ManagerFactory) -
     assert (await m.maintain("checkpoint"))["busy"] is False
     with pytest.raises(ValueError, match="no maintenance task 'defrag'"):
         await m.maintain("defrag")
+
+
+async def test_reads_go_through_the_reader_pool_while_writes_wait(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager(sqlite={"busy_timeout_ms": 20, "readers": 2},
+                     **batch_cfg(max_retries=30, retry_base_delay_seconds=0.02))
+    await m.start()
+    await m.queue_operation("log", "INSERT", [{"tag": "before"}], Priority.CRITICAL)
+    await m.flush()
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db_path), "0.8"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        pending = await m.queue_operation("log", "INSERT", [{"tag": "during"}], Priority.CRITICAL)
+        # WAL: readers see the last commit while another process holds the write lock
+        reads = await asyncio.gather(*(m.fetch("SELECT tag FROM log ORDER BY id")
+                                       for _ in range(5)))
+        assert reads == [[("before",)]] * 5
+        assert await m.fetch("SELECT COUNT(*) FROM log WHERE tag = ?", ("before",)) == [(1,)]
+        assert (await m.wait(pending)).succeeded
+    finally:
+        locker.wait(10)
+    assert await m.fetch("SELECT tag FROM log ORDER BY id") == [("before",), ("locker",),
+                                                                ("during",)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -267,6 +268,8 @@ class SQLiteBackend(Backend):
                 if kind is ErrorKind.DATA and not isolate and len(batch.operations) > 1:
                     isolate = True
                     continue
+                if kind is ErrorKind.DATA:
+                    raise _name_parameter(exc, batch.columns) from exc
                 raise
 
     def _write_isolated(self, sql: str, batch: Batch) -> BatchResult:
@@ -283,7 +286,7 @@ class SQLiteBackend(Backend):
                     if self.classify_error(exc) is not ErrorKind.DATA:
                         raise
                     conn.execute("ROLLBACK TO batchdb_op")
-                    errors[i] = exc
+                    errors[i] = _name_parameter(exc, batch.columns)
                 else:
                     rows += op.n_rows
                 conn.execute("RELEASE batchdb_op")
@@ -366,6 +369,20 @@ class SQLiteBackend(Backend):
 
     async def status(self) -> dict[str, Any]:
         return await self._call(self._status)
+
+
+_PARAMETER = re.compile(r"parameter (\d+)")
+
+
+def _name_parameter(exc: Exception, columns: tuple[str, ...]) -> Exception:
+    """sqlite3 names a bad value by its parameter number; add the column's name."""
+    match = _PARAMETER.search(str(exc))
+    if match is None or not 1 <= int(match.group(1)) <= len(columns):
+        return exc
+    column = columns[int(match.group(1)) - 1]
+    named = type(exc)(f"{exc} (column {column!r})")
+    named.__cause__ = exc
+    return named
 
 
 def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> str:
