@@ -130,6 +130,7 @@ class BatchOperation:
     rows_affected: int = 0
     columns: tuple[str, ...] = field(default=(), repr=False)
     values: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+    row_columns: tuple[str, ...] = field(default=(), repr=False)
     n_rows: int = field(default=0, repr=False)
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
@@ -149,20 +150,33 @@ class BatchOperation:
         if self.values is not None:
             return self.values
         columns = self.columns
+        rows = self.data_rows
         getter = itemgetter(*columns) if len(columns) > 1 else _single(columns[0])
+        width = len(self.row_columns) or len(columns)
         try:
-            return list(map(getter, self.data_rows))
+            values = list(map(getter, rows))
+            if all(map(width.__eq__, map(len, rows))):
+                return values
         except (KeyError, TypeError):
-            for i, row in enumerate(self.data_rows):
-                try:
-                    getter(row)
-                except (KeyError, TypeError) as exc:
-                    raise SchemaError(
-                        f"row {i} for table {self.table_name!r} lacks column {exc}"
-                        if isinstance(exc, KeyError)
-                        else f"row {i} for table {self.table_name!r} is not a mapping"
-                    ) from None
-            raise
+            pass
+        raise self._row_error()
+
+    def _row_error(self) -> SchemaError:
+        """Name the first row that is not a mapping with exactly row 0's keys."""
+        expected = self.row_columns or self.columns
+        for i, row in enumerate(self.data_rows):
+            where = f"row {i} for table {self.table_name!r}"
+            if not isinstance(row, Mapping):
+                return SchemaError(f"{where} is not a mapping: {type(row).__name__}")
+            missing = [c for c in expected if c not in row]
+            extra = [c for c in row if c not in expected]
+            if missing or extra:
+                return SchemaError(
+                    f"{where} has other columns than row 0:"
+                    + (f" missing {missing}" if missing else "")
+                    + (f" extra {extra}" if extra else "")
+                )
+        return SchemaError(f"rows for table {self.table_name!r} are malformed")
 
     @property
     def succeeded(self) -> bool:

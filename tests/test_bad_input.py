@@ -75,10 +75,6 @@ async def test_quoted_real_column_names_work(started: Any, db_path: Path) -> Non
         (("kv", "INSERT", {"k": 1, "v": "x"}), ValueError, "list of row mappings"),
         (("kv", "INSERT", "k=1"), ValueError, "list of row mappings"),
         (("kv", "INSERT", [[1, "x"]]), ValueError, "row 0 .* not a mapping"),
-        (("kv", "INSERT", [{"k": 1, "v": "x"}, {"k": 2}]), SchemaError, "row 1 .* missing"),
-        (("kv", "INSERT", [{"k": 1, "v": "x"}, {"k": 2, "v": "y", "z": 1}]), SchemaError,
-         "row 1 .* extra"),
-        (("kv", "INSERT", [{"k": 1, "v": "x"}, "row"]), ValueError, "row 1 .* not a mapping"),
         (("kv", "UPDATE", [{"v": "x"}]), SchemaError, "primary-key column"),
         (("kv", "UPSERT", [{"v": "x"}]), SchemaError, "primary-key column"),
         (("kv", "DELETE", [{"v": "x"}]), SchemaError, "primary-key column"),
@@ -98,6 +94,29 @@ async def test_bad_calls_raise_and_queue_nothing(started: Any, db_path: Path, ar
     assert (await started.wait(good)).succeeded
     assert rows_of(db_path, "SELECT k, v FROM kv") == [(1, "ok")]
     assert (await started.get_queue_status())["stats"]["total_operations"] == 1
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"k": 1, "v": "x"}, {"k": 2}], r"row 1 for table 'kv' has other columns than row 0: "
+                                         r"missing \['v'\]"),
+        ([{"k": 1, "v": "x"}, {"k": 2, "v": "y", "z": 1}], r"row 1 .* extra \['z'\]"),
+        ([{"k": 1, "v": "x"}, {"k": 2, "w": "y"}], r"row 1 .* missing \['v'\] extra \['w'\]"),
+        ([{"k": 1, "v": "x"}, {"k": 2, "v": "y"}, "row"], "row 2 .* is not a mapping: str"),
+        ([{"k": 1, "v": "x"}, (2, "y")], "row 1 .* is not a mapping: tuple"),
+    ],
+)
+async def test_malformed_later_rows_fail_their_operation_only(
+        started: Any, db_path: Path, rows: list[Any], message: str) -> None:
+    before = await good_write(started, 10)
+    bad = await started.queue_operation("kv", "INSERT", rows)
+    after = await good_write(started, 11)
+    await started.flush()
+    with pytest.raises(OperationFailed, match=message):
+        await started.wait(bad)
+    assert (await started.wait(before)).succeeded and (await started.wait(after)).succeeded
+    assert rows_of(db_path, "SELECT k FROM kv ORDER BY k") == [(10,), (11,)]
 
 
 @pytest.mark.parametrize(

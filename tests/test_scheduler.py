@@ -407,3 +407,18 @@ async def test_reads_go_through_the_reader_pool_while_writes_wait(
         locker.wait(10)
     assert await m.fetch("SELECT tag FROM log ORDER BY id") == [("before",), ("locker",),
                                                                 ("during",)]
+
+
+async def test_delete_accepts_whole_rows_and_reads_only_the_key(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager()
+    await m.start()
+    rows = [{"k": i, "v": str(i), "n": i} for i in range(10)]
+    await m.queue_operation("kv", "INSERT", rows)
+    gone = await m.queue_operation("kv", "DELETE", rows[:4])
+    missing = await m.queue_operation("kv", "DELETE", [{"k": 99, "v": "x", "n": 0}])
+    await m.flush()
+    assert (await m.wait(gone)).rows_affected == 4
+    assert (await m.wait(missing)).succeeded  # deleting a missing key is not an error
+    assert rows_of(db_path, "SELECT k FROM kv ORDER BY k") == [(k,) for k in range(4, 10)]

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
-from batchdb.models import BatchDBError, OperationType
+from batchdb.models import BatchDBError, OperationType, SchemaError
 from batchdb.schema import TableInfo, quote_ident
 from batchdb.settings import SQLiteSettings
 
@@ -310,6 +310,8 @@ class SQLiteBackend(Backend):
             | sqlite3.InterfaceError
         ) and any(t in message for t in _RESOURCE):
             return ErrorKind.RESOURCE
+        if isinstance(exc, SchemaError):
+            return ErrorKind.DATA  # a malformed row: its operation fails alone
         if isinstance(exc, BatchDBError):
             return ErrorKind.RESOURCE
         return ErrorKind.DATA
