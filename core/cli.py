@@ -1,0 +1,708 @@
+"""The ``batchdb`` command line: ingest, demo, status, maintain, plugins, config.
+
+Every command reads the settings file given by ``--settings`` (default ``$BATCHDB_SETTINGS``
+or ``./settings.toml``; built-in defaults when there is none) and takes ``--backend`` to use
+another backend plugin. A wrong settings file or value exits with code 2 and one message that
+names the file and the key; any other batchdb error exits with code 1 and its message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich import box
+from rich.console import Console, Group
+from rich.logging import RichHandler
+from rich.panel import Panel
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__
+from .demo import DEMO_TABLES, DemoReport, DemoWorkload
+from .ingest import DEFAULT_CHUNK_SIZE, FileReport, Ingester
+from .manager import BatchDBManager
+from .models import BatchDBError, Priority
+from .pluginmanager import BackendRegistry, create_plugin_manager, plugin_info
+from .schema import candles_table, quote_ident
+from .settings import (
+    Settings,
+    SettingsError,
+    explain_settings,
+    load_settings,
+    redact_dsn,
+    resolve_settings_path,
+)
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="batchdb",
+    help="Priority-queued, memory-bounded batch writes to SQLite, DuckDB and PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals may hold a DSN with its password
+    rich_markup_mode="markdown",
+)
+
+SettingsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--settings", "-s", dir_okay=False, show_default=False,
+        help="Settings file [default: $BATCHDB_SETTINGS or ./settings.toml, if present].",
+    ),
+]
+BackendOption = Annotated[
+    str | None,
+    typer.Option("--backend", "-b", show_default=False,
+                 help="Backend plugin to use instead of the configured one."),
+]
+PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
+
+
+# ---------------------------------------------------------------------- shared helpers
+def _stdout() -> Console:
+    return Console(highlight=False)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def _expected_errors() -> Iterator[None]:
+    """Turn the errors batchdb raises on purpose into one message and an exit code."""
+    try:
+        yield
+    except SettingsError as exc:
+        _stderr().print(Text(f"error: {exc}", style="bold red"))
+        raise typer.Exit(2) from None
+    except BatchDBError as exc:
+        _stderr().print(Text(f"error: {exc}", style="bold red"))
+        raise typer.Exit(1) from None
+
+
+def _setup_logging(level_name: str) -> None:
+    """Log to stderr through rich. INFO records are left out unless the settings ask for
+    DEBUG: the commands report what they did themselves."""
+    level = logging.getLevelName(level_name.upper())
+    if not isinstance(level, int):
+        level = logging.INFO
+    root = logging.getLogger("batchdb")
+    root.setLevel(level if level < logging.INFO else max(level, logging.WARNING))
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        handler = RichHandler(console=_stderr(), show_path=False, markup=False)
+        root.addHandler(handler)
+        root.propagate = False
+
+
+def _overrides(backend: str | None) -> dict[str, Any]:
+    return {"backend": backend} if backend else {}
+
+
+def _manager(settings: Path | None, backend: str | None, **overrides: Any) -> BatchDBManager:
+    """A manager from the settings file; logging set up from its settings."""
+    manager = BatchDBManager.from_settings(settings, **_overrides(backend), **overrides)
+    _setup_logging(manager.settings.log_level)
+    return manager
+
+
+def _database_file(settings: Settings, backend: str) -> Path | None:
+    """The file of a file-based backend (sqlite, duckdb), if its section names one."""
+    section = settings.backend_section(backend)
+    path = section.get("path") if isinstance(section, dict) else getattr(section, "path", None)
+    if not isinstance(path, str) or not path or path == ":memory:":
+        return None
+    return Path(path)
+
+
+def _require_database(manager: BatchDBManager) -> None:
+    """Refuse to create an empty database file for a command that only reads or tidies."""
+    path = _database_file(manager.settings, manager.backend_name)
+    if path is not None and not path.exists():
+        raise BatchDBError(f"{manager.backend_name} database {path} does not exist yet "
+                           "(nothing has been written; see `batchdb ingest` or `batchdb demo`)")
+
+
+@contextlib.contextmanager
+def _on_signals(callback: Callable[[str], None]) -> Iterator[None]:
+    """Call ``callback(name)`` on the first SIGINT/SIGTERM; a second one acts as usual."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def uninstall() -> None:
+        while installed:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(installed.pop())
+
+    def handler(sig: signal.Signals) -> None:
+        uninstall()
+        callback(sig.name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, handler, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        uninstall()
+
+
+def _table(title: str, **options: Any) -> Table:
+    """A compact table (it has to fit 80 columns when the output is not a terminal)."""
+    return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
+                 pad_edge=False, collapse_padding=True, **options)
+
+
+def _fmt_int(value: float | int | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds:,.2f}s"
+
+
+def _show_value(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def _iso_ms(ms: Any) -> str:
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(ms)
+
+
+# ---------------------------------------------------------------------- app
+def _version(value: bool) -> None:
+    if value:
+        _stdout().print(f"batchdb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Priority-queued, memory-bounded batch writes through pluggable storage backends."""
+
+
+# ---------------------------------------------------------------------- ingest
+@app.command()
+def ingest(
+    files: Annotated[list[Path], typer.Argument(
+        show_default=False, help="Candle files: JSON array (.json), NDJSON (.ndjson/.jsonl) "
+        "or CSV (.csv) in the Upbit format.")],
+    symbol: Annotated[str | None, typer.Option(
+        "--symbol", help="Market of every candle [default: each candle's 'market'].")] = None,
+    timeframe: Annotated[str | None, typer.Option(
+        "--timeframe", help="Timeframe, e.g. 1m, 1d [default: from each candle's 'unit'].",
+    )] = None,
+    priority: Annotated[PriorityName, typer.Option(
+        "--priority", case_sensitive=False, help="Queue priority of the writes.")] = "NORMAL",
+    source: Annotated[str, typer.Option(
+        "--source", help="Candle format, i.e. the normaliser plugin to use.")] = "upbit",
+    fmt: Annotated[Literal["auto", "json", "ndjson", "csv"], typer.Option(
+        "--format", case_sensitive=False,
+        help="File format; auto: from the extension and the first byte.")] = "auto",
+    chunk_size: Annotated[int, typer.Option(
+        "--chunk-size", min=1, help="Candles per insert_candles_batch call.",
+    )] = DEFAULT_CHUNK_SIZE,
+    max_errors: Annotated[int, typer.Option(
+        "--max-errors", min=0, help="Problems printed one by one (all are counted).",
+    )] = 100,
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Ingest Upbit-format candle files into the **candles** table.
+
+    Files are streamed in chunks. A bad file, line or candle is reported with the file name
+    and line number and the rest is still ingested. Exit code 0 when everything went in,
+    1 when something failed. SIGINT/SIGTERM stops reading, commits what was read, exits 0.
+    """
+    with _expected_errors():
+        manager = _manager(settings, backend)
+        try:
+            ingester = Ingester(manager, symbol=symbol, timeframe=timeframe,
+                                priority=Priority.parse(priority), source=source, fmt=fmt.lower(),
+                                chunk_size=chunk_size)
+            ingester.check_source()
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        code = asyncio.run(_ingest(manager, ingester, files, max_errors))
+    raise typer.Exit(code)
+
+
+async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[Path],
+                  max_errors: int) -> int:
+    out, err = _stdout(), _stderr()
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TextColumn("{task.fields[candles]:>10,} candles"), TimeElapsedColumn(),
+        console=err, transient=False,
+    )
+    tasks: dict[str, TaskID] = {}
+    shown = 0
+    problems = 0
+    signal_name: list[str] = []
+
+    def on_error(message: str) -> None:
+        nonlocal shown, problems
+        problems += 1
+        if shown < max_errors:
+            shown += 1
+            progress.console.print(Text(message, style="red"), soft_wrap=True)
+
+    def on_progress(report: FileReport) -> None:
+        task = tasks.get(report.path)
+        if task is not None:
+            progress.update(task, completed=report.bytes_read, candles=report.candles_read,
+                            total=max(report.size_bytes, report.bytes_read) or None)
+
+    def on_signal(name: str) -> None:
+        signal_name.append(name)
+        ingester.request_stop()
+        progress.console.print(Text(f"{name}: stopping: no more reading, committing what "
+                                    "was read (again to quit at once)", style="yellow"))
+
+    ingester.on_error = on_error
+    ingester.on_progress = on_progress
+    for path in files:
+        key = str(path)
+        if key not in tasks:
+            tasks[key] = progress.add_task(Text(path.name).plain, total=None, candles=0)
+    start = time.monotonic()
+    await manager.start()
+    try:
+        with _on_signals(on_signal), progress:
+            reports = await ingester.ingest(files)
+    finally:
+        await manager.stop()
+    elapsed = time.monotonic() - start
+    _ingest_summary(out, reports, files, elapsed, signal_name[0] if signal_name else None)
+    if problems > shown:
+        err.print(Text(f"{problems - shown:,} more problem(s) not shown (--max-errors "
+                       f"{max_errors})", style="red"))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Path],
+                    elapsed: float, interrupted: str | None) -> None:
+    table = _table("ingest summary")
+    table.add_column("file", overflow="fold", min_width=12)
+    table.add_column("format", no_wrap=True)
+    for name in ("read", "committed", "failed", "rows/s", "elapsed"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    names = [Path(r.path).name for r in reports]
+    short = len(set(names)) == len(names)  # file names alone when they tell files apart
+    for r in reports:
+        if r.error is not None:
+            status = Text("file error", style="red")
+        elif r.failed:
+            status = Text(f"{r.failed:,} failed", style="red")
+        elif r.interrupted:
+            status = Text("interrupted", style="yellow")
+        else:
+            status = Text("ok", style="green")
+        table.add_row(Text(Path(r.path).name if short else r.path), r.format or "-",
+                      _fmt_int(r.candles_read), _fmt_int(r.rows_committed), _fmt_int(r.failed),
+                      _fmt_int(r.rows_per_second), _fmt_seconds(r.elapsed), status)
+    for path in files[len(reports):]:
+        table.add_row(Text(str(path)), "-", "0", "0", "0", "-", "-",
+                      Text("not read (interrupted)", style="yellow"))
+    read = sum(r.candles_read for r in reports)
+    committed = sum(r.rows_committed for r in reports)
+    failed = sum(r.failed for r in reports)
+    table.add_section()
+    table.add_row(Text(f"{len(files)} files", style="bold"), "", _fmt_int(read),
+                  _fmt_int(committed), _fmt_int(failed),
+                  _fmt_int(committed / elapsed if elapsed > 0 else 0), _fmt_seconds(elapsed), "")
+    out.print(table)
+    bad_files = [r for r in reports if r.error is not None]
+    if failed or bad_files:
+        parts = []
+        if failed:
+            parts.append(f"{failed:,} line(s)/candle(s) failed")
+        if bad_files:
+            parts.append(f"{len(bad_files)} file(s) could not be read completely")
+        out.print(Text("Some input was not ingested: " + "; ".join(parts)
+                       + " (see the file:line messages above).", style="bold red"))
+        for r in bad_files:
+            out.print(Text(f"file error: {r.path}: {r.error}", style="red"))
+    else:
+        out.print(Text(f"All {committed:,} candles committed.", style="bold green"))
+    if interrupted:
+        out.print(Text(f"Interrupted by {interrupted}: reading stopped; every candle read "
+                       "before it was committed.", style="yellow"))
+
+
+# ---------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(
+        "--seconds", min=0.5, help="How long the producers run.")] = 8.0,
+    db: Annotated[Path | None, typer.Option(
+        "--db", dir_okay=False, show_default=False,
+        help="Database file for the sqlite/duckdb backend [default: from the settings, "
+             "market_data.sqlite3 in the current directory].")] = None,
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Run a mixed-priority trading workload and watch the queues live.
+
+    A trading bot writes orders (CRITICAL), a monitor upserts live candles (HIGH), a chart
+    viewer backfills history (NORMAL) and a backtester writes results (LOW), all at once.
+    """
+    with _expected_errors():
+        overrides: dict[str, Any] = _overrides(backend)
+        if db is not None:
+            name = load_settings(settings, **overrides).backend
+            if name not in ("sqlite", "duckdb"):
+                raise typer.BadParameter(f"--db sets the file of the sqlite or duckdb backend; "
+                                         f"the backend is {name!r}")
+            overrides[name] = {"path": str(db)}
+        manager = _manager(settings, None, **overrides)
+        for table in DEMO_TABLES:
+            manager.declare_table(table)
+        report = asyncio.run(_demo(manager, seconds))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _queue_panel(status: dict[str, Any], elapsed: float, seconds: float,
+                 workload: DemoWorkload) -> Panel:
+    queues = Table(box=None, expand=False, pad_edge=False)
+    queues.add_column("priority")
+    queues.add_column("queued ops", justify="right")
+    queues.add_column("oldest wait", justify="right")
+    sizes = status.get("queue_sizes", {})
+    ages = status.get("oldest_wait_seconds", {})
+    for prio in ("CRITICAL", "HIGH", "NORMAL", "LOW"):
+        queues.add_row(prio, _fmt_int(sizes.get(prio, 0)), f"{ages.get(prio, 0.0):.3f}s")
+    stats = status.get("stats", {})
+    latency = status.get("commit_latency", {})
+    figures = Table(box=None, show_header=False, pad_edge=False)
+    figures.add_column(style="bold")
+    figures.add_column(justify="right")
+    figures.add_row("memory", f"{status.get('estimated_memory_mb', 0.0):,.1f} MB")
+    figures.add_row("rows committed", _fmt_int(stats.get("rows_committed")))
+    figures.add_row("batches", _fmt_int(stats.get("batches_committed")))
+    figures.add_row("in flight", _fmt_int(status.get("batches_in_flight")))
+    figures.add_row("commit latency p50", f"{_fmt_ms(latency.get('p50_ms'))} ms")
+    figures.add_row("commit latency p99", f"{_fmt_ms(latency.get('p99_ms'))} ms")
+    producers = Table(box=None, pad_edge=False)
+    producers.add_column("producer")
+    producers.add_column("priority")
+    producers.add_column("ops ok", justify="right")
+    producers.add_column("failed", justify="right")
+    producers.add_column("rows", justify="right")
+    for p in workload.producers:
+        producers.add_row(p.name, p.priority.name, _fmt_int(p.ops_ok), _fmt_int(p.ops_failed),
+                          _fmt_int(p.rows_ok))
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(queues, figures)
+    title = f"batchdb demo · {status.get('backend', '')} · {elapsed:,.1f}s of {seconds:g}s"
+    return Panel(Group(grid, Text(""), producers), title=title, title_align="left")
+
+
+async def _demo(manager: BatchDBManager, seconds: float) -> DemoReport:
+    from rich.live import Live
+
+    out = _stdout()
+    await manager.start()
+    try:
+        workload = DemoWorkload(manager)
+        live = Live(console=out, auto_refresh=False, transient=False)
+        last_line = 0.0
+
+        def on_status(status: dict[str, Any], elapsed: float) -> None:
+            nonlocal last_line
+            live.update(_queue_panel(status, elapsed, seconds, workload), refresh=True)
+            if not out.is_terminal and elapsed - last_line >= 1.0:
+                last_line = elapsed  # no live display (a pipe or a file): a line a second
+                stats = status.get("stats", {})
+                sizes = status.get("queue_sizes", {})
+                queued = " ".join(f"{p[0]}={sizes.get(p, 0)}"
+                                  for p in ("CRITICAL", "HIGH", "NORMAL", "LOW"))
+                out.print(f"{elapsed:5.1f}s  queued {queued}  committed "
+                          f"{stats.get('rows_committed', 0):,} rows  "
+                          f"{status.get('estimated_memory_mb', 0.0):.1f} MB")
+
+        def on_signal(name: str) -> None:
+            workload.request_stop(name)
+
+        with _on_signals(on_signal), live:
+            report = await workload.run(seconds, on_status)
+    finally:
+        await manager.stop()
+    if not out.is_terminal:
+        out.line()  # the last live frame ends without a newline
+    _demo_report(out, report)
+    return report
+
+
+def _demo_report(out: Console, report: DemoReport) -> None:
+    rows = _table("rows in the database")
+    rows.add_column("table")
+    rows.add_column("rows", justify="right")
+    for table, count in report.table_rows.items():
+        rows.add_row(table, _fmt_int(count))
+    producers = _table("producers (latency: queued to committed)")
+    producers.add_column("producer", no_wrap=True)
+    producers.add_column("priority", no_wrap=True)
+    producers.add_column("table", overflow="fold")
+    for name in ("ops ok", "failed", "rows", "p50 ms", "p99 ms"):
+        producers.add_column(name, justify="right", no_wrap=True)
+    for p in report.producers:
+        producers.add_row(p.name, p.priority.name, p.table, _fmt_int(p.ops_ok),
+                          _fmt_int(p.ops_failed), _fmt_int(p.rows_ok),
+                          _fmt_ms(p.latency_ms(0.5)), _fmt_ms(p.latency_ms(0.99)))
+    out.print(rows)
+    out.print(producers)
+    latency = report.commit_latency
+    summary = Table(box=None, show_header=False, pad_edge=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("operations", f"{report.ops_ok:,} ok, {report.ops_failed:,} failed")
+    summary.add_row("rows committed", f"{report.rows_committed:,} in "
+                                      f"{report.batches_committed:,} batches")
+    summary.add_row("throughput", f"{report.throughput:,.0f} rows/s over "
+                                  f"{report.elapsed:.2f}s")
+    summary.add_row("commit latency", f"p50 {_fmt_ms(latency.get('p50_ms'))} ms, "
+                                      f"p99 {_fmt_ms(latency.get('p99_ms'))} ms, "
+                                      f"max {_fmt_ms(latency.get('max_ms'))} ms")
+    summary.add_row("database", Text(f"{report.database} ({report.backend})"))
+    out.print(summary)
+    for p in report.producers:
+        if p.crashed:
+            out.print(Text(f"{p.name} stopped early: {p.crashed}", style="bold red"))
+        for message in p.errors[:5]:
+            out.print(Text(f"{p.name}: {message}", style="red"))
+    if report.interrupted:
+        out.print(Text(f"Interrupted by {report.interrupted}: producers stopped, everything "
+                       "queued was committed.", style="yellow"))
+
+
+# ---------------------------------------------------------------------- status
+@app.command()
+def status(settings: SettingsOption = None, backend: BackendOption = None) -> None:
+    """Show the database: backend status, tables with row counts, candles per market."""
+    with _expected_errors():
+        manager = _manager(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        asyncio.run(_status(manager))
+
+
+async def _list_tables(manager: BatchDBManager) -> list[str]:
+    if manager.backend_name == "sqlite":
+        sql = ("SELECT name FROM sqlite_master WHERE type = 'table' "
+               "AND name NOT LIKE 'sqlite_%' ORDER BY name")
+    else:  # information_schema: DuckDB, PostgreSQL and most SQL databases
+        sql = ("SELECT table_name FROM information_schema.tables WHERE "
+               "table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1")
+    return [str(r[0]) for r in await manager.fetch(sql)]
+
+
+async def _status(manager: BatchDBManager) -> None:
+    out = _stdout()
+    await manager.start()
+    try:
+        backend_status = await manager.backend.status()
+        tables = await _list_tables(manager)
+        counts = {}
+        for name in tables:
+            rows = await manager.fetch(f"SELECT COUNT(*) FROM {quote_ident(name)}")  # noqa: S608
+            counts[name] = int(rows[0][0])
+        per_market: list[tuple[Any, ...]] = []
+        if candles_table.name in tables:
+            per_market = await manager.fetch(
+                "SELECT symbol, timeframe, COUNT(*), MIN(ts), MAX(ts) FROM candles "
+                "GROUP BY symbol, timeframe ORDER BY symbol, timeframe")
+    finally:
+        await manager.stop()
+    info = _table(f"backend {manager.backend_name}", show_header=False)
+    info.add_column(style="bold")
+    info.add_column(overflow="fold")
+    for key, value in backend_status.items():
+        shown = redact_dsn(value) if isinstance(value, str) else value
+        if isinstance(value, int) and not isinstance(value, bool) and "bytes" in key:
+            shown = f"{value:,}"
+        info.add_row(key, Text(_show_value(shown)))
+    out.print(info)
+    table = _table("tables")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, count in counts.items():
+        table.add_row(Text(name), _fmt_int(count))
+    if not counts:
+        table.add_row(Text("(no tables yet)", style="dim"), "")
+    out.print(table)
+    if per_market:
+        candles = _table("candles per market and timeframe")
+        for name, justify in (("symbol", "left"), ("timeframe", "left"), ("rows", "right"),
+                              ("first (UTC)", "left"), ("last (UTC)", "left")):
+            candles.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for symbol, timeframe, count, first, last in per_market:
+            candles.add_row(Text(str(symbol)), Text(str(timeframe)), _fmt_int(count),
+                            _iso_ms(first), _iso_ms(last))
+        out.print(candles)
+
+
+# ---------------------------------------------------------------------- maintain
+@app.command()
+def maintain(
+    tasks: Annotated[list[str] | None, typer.Argument(
+        show_default=False, help="Tasks to run, e.g. checkpoint analyze vacuum "
+        "integrity_check [default: all the backend's tasks but integrity_check].")] = None,
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Run maintenance tasks now and show what they did."""
+    with _expected_errors():
+        manager = _manager(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        chosen = list(tasks) if tasks else [
+            t for t in manager.backend.maintenance_tasks if t != "integrity_check"]
+        results = asyncio.run(_maintain(manager, chosen))
+    out = _stdout()
+    table = _table(f"maintenance on {manager.backend_name}")
+    table.add_column("task")
+    table.add_column("status")
+    table.add_column("result", overflow="fold")
+    failed = 0
+    for task, ok, result in results:
+        failed += not ok
+        table.add_row(Text(task), Text("ok", style="green") if ok else
+                      Text("failed", style="bold red"), Text(result))
+    out.print(table)
+    if not chosen:
+        out.print(f"backend {manager.backend_name!r} has no maintenance tasks")
+    raise typer.Exit(1 if failed else 0)
+
+
+async def _maintain(manager: BatchDBManager,
+                    tasks: Sequence[str]) -> list[tuple[str, bool, str]]:
+    results = []
+    await manager.start()
+    try:
+        for task in tasks:
+            try:
+                result = await manager.maintain(task)
+            except (BatchDBError, ValueError) as exc:
+                results.append((task, False, str(exc)))
+                continue
+            ok = bool(result.get("ok", True))
+            shown = ", ".join(f"{k}={_show_value(v)}" for k, v in result.items())
+            results.append((task, ok, shown))
+    finally:
+        await manager.stop()
+    return results
+
+
+# ---------------------------------------------------------------------- plugins
+@app.command()
+def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> None:
+    """List the plugins found through the ``batchdb`` entry points, and the backends."""
+    with _expected_errors():
+        loaded = load_settings(settings, **_overrides(backend))
+        _setup_logging(loaded.log_level)
+        pm = create_plugin_manager(loaded.plugins.disabled)
+        registry = BackendRegistry(pm)
+    out = _stdout()
+    table = _table("plugins (entry-point group 'batchdb')")
+    for name in ("name", "module", "distribution", "hooks (batchdb_…)", "status"):
+        table.add_column(name, overflow="fold")
+    for info in sorted(plugin_info(pm), key=lambda i: str(i["name"])):
+        if info.get("error"):
+            state = Text(f"failed: {info['error']}", style="red")
+        elif info.get("disabled"):
+            state = Text("disabled", style="yellow")
+        else:
+            state = Text("loaded", style="green")
+        hooks = ", ".join(h.removeprefix("batchdb_") for h in info["hooks"])
+        table.add_row(Text(str(info["name"])), Text(str(info["module"])),
+                      Text(str(info["distribution"])), Text(hooks), state)
+    out.print(table)
+    backends = _table("backends")
+    backends.add_column("name")
+    backends.add_column("class", overflow="fold")
+    backends.add_column("maintenance tasks", overflow="fold")
+    backends.add_column("")
+    for name in registry.names():
+        cls = registry.get(name)
+        backends.add_row(Text(name), Text(f"{cls.__module__}.{cls.__qualname__}"),
+                         Text(", ".join(cls.maintenance_tasks)),
+                         Text("configured", style="bold") if name == loaded.backend else "")
+    out.print(backends)
+    if loaded.backend not in registry.names():
+        out.print(Text(f"the configured backend {loaded.backend!r} is not available",
+                       style="bold red"))
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------- config
+_SECRET_WORDS = ("password", "secret", "token", "api_key")
+
+
+@app.command()
+def config(settings: SettingsOption = None, backend: BackendOption = None) -> None:
+    """Show the effective settings and where each value comes from."""
+    with _expected_errors():
+        rows = explain_settings(settings, **_overrides(backend))
+        path = resolve_settings_path(settings)
+    out = _stdout()
+    table = _table("effective settings", caption=f"settings file: {path or '(none)'}",
+                   caption_justify="left")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_column("source", overflow="fold")
+    for key, value, source in rows:
+        leaf = key.rsplit(".", 1)[-1].lower()
+        if isinstance(value, str) and "dsn" in leaf:
+            value = redact_dsn(value)
+        elif any(word in leaf for word in _SECRET_WORDS) and value:
+            value = "***"
+        if source.startswith("file "):
+            source = "file"  # the path is in the caption
+        style = "dim" if source == "default" else ""
+        table.add_row(Text(key), Text(_show_value(value)), Text(source, style=style))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point of the ``batchdb`` console script."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

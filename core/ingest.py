@@ -1,0 +1,740 @@
+"""Candle files into a backend: streaming readers for Upbit-format files and the ingest driver.
+
+Three formats are read, each streamed so a large file never has to fit in memory at once:
+
+- **JSON array** (``.json``): the Upbit REST response, ``[{...}, {...}]``. Parsed element by
+  element with :meth:`json.JSONDecoder.raw_decode` over a sliding text buffer, so memory stays
+  at one block plus one chunk of candles; errors name the line and the element index.
+- **NDJSON** (``.ndjson``/``.jsonl``, or a ``.json`` file that starts with ``{``): one candle
+  object per line (a line holding a JSON array of candles is accepted too).
+- **CSV** (``.csv``): a header row with the Upbit field names; numeric fields are converted
+  to numbers, a value that is not a number makes that line bad.
+
+:class:`Ingester` hands the candles to :meth:`BatchDBManager.insert_candles_batch` in chunks
+(10,000 by default), grouped by market and timeframe. A bad line or a candle the normaliser
+rejects fails alone, reported as ``file:line``; the rest of the file is still ingested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import csv
+import json
+import re
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from .manager import BatchDBManager
+from .models import BatchDBError, BatchOperation, Priority, QueueFull
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMATS",
+    "UPBIT_NUMERIC_FIELDS",
+    "UPBIT_REQUIRED_FIELDS",
+    "BadRecord",
+    "Chunk",
+    "FileReport",
+    "Format",
+    "IngestError",
+    "Ingester",
+    "detect_format",
+    "read_chunks",
+    "timeframe_from_unit",
+]
+
+Format = Literal["auto", "json", "ndjson", "csv"]
+FORMATS: tuple[str, ...] = ("json", "ndjson", "csv")
+DEFAULT_CHUNK_SIZE = 10_000
+
+#: fields every Upbit candle carries (the CSV header must have them for ``source=upbit``)
+UPBIT_REQUIRED_FIELDS: tuple[str, ...] = (
+    "candle_date_time_utc",
+    "opening_price",
+    "high_price",
+    "low_price",
+    "trade_price",
+    "candle_acc_trade_volume",
+    "candle_acc_trade_price",
+)
+#: Upbit fields that hold numbers (converted from text when reading CSV)
+UPBIT_NUMERIC_FIELDS: frozenset[str] = frozenset({
+    "opening_price", "high_price", "low_price", "trade_price", "candle_acc_trade_volume",
+    "candle_acc_trade_price", "unit", "timestamp", "prev_closing_price", "change_price",
+    "change_rate", "converted_trade_price",
+})
+
+_BLOCK = 1 << 20  # bytes read from a file at a time
+_MAX_ELEMENT = 16 << 20  # a JSON array element larger than this is reported as broken
+_WS = re.compile(r"[ \t\n\r]*")
+_CANDLE_INDEX = re.compile(r"\bcandle (\d+)\b")
+_CANDLE_PREFIX = re.compile(r"\bcandle \d+: ")
+
+
+class IngestError(BatchDBError):
+    """A file (or the rest of it) cannot be read: missing, unreadable, or broken JSON."""
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.reason = message
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """One line or array element that could not be ingested, and why."""
+
+    path: str
+    line: int | None
+    index: int | None
+    message: str
+
+    @property
+    def location(self) -> str:
+        """``file:line``, with the element index for JSON arrays."""
+        where = self.path if self.line is None else f"{self.path}:{self.line}"
+        return where if self.index is None else f"{where} (element {self.index})"
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+@dataclass
+class Chunk:
+    """Up to ``chunk_size`` candles read from a file, with where each one came from."""
+
+    candles: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    indices: list[int | None] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+    bytes_read: int = 0
+
+    @property
+    def records(self) -> int:
+        """Candles plus bad records in this chunk."""
+        return len(self.candles) + len(self.bad)
+
+
+Record = tuple[int, int | None, Any] | BadRecord
+
+
+class _Counter:
+    """Bytes read so far from the file being streamed."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+def detect_format(path: str | Path, declared: str = "auto") -> str:
+    """The format of ``path``: ``declared`` unless it is ``auto``, else from the extension
+    and the first non-blank byte (``[`` JSON array, ``{`` NDJSON)."""
+    if declared != "auto":
+        if declared not in FORMATS:
+            raise ValueError(f"unknown format {declared!r}; known: auto, {', '.join(FORMATS)}")
+        return declared
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".ndjson", ".jsonl"):
+        return "ndjson"
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise IngestError(p, f"cannot be read: {exc.strerror or exc}") from None
+    head = head.removeprefix(codecs.BOM_UTF8).lstrip(b" \t\r\n")
+    if suffix == ".json":
+        return "ndjson" if head.startswith(b"{") else "json"
+    if head.startswith(b"["):
+        return "json"
+    if head.startswith(b"{"):
+        return "ndjson"
+    return "csv"
+
+
+def timeframe_from_unit(unit: Any) -> str:
+    """The timeframe of an Upbit minute candle: ``unit`` 1 → ``"1m"``, 60 → ``"60m"``."""
+    if isinstance(unit, bool) or not isinstance(unit, int | float):
+        raise ValueError(f"'unit' must be a whole number of minutes, got {unit!r}")
+    if unit != unit or unit < 1 or int(unit) != unit:  # NaN, zero/negative, fraction
+        raise ValueError(f"'unit' must be a whole number of minutes >= 1, got {unit!r}")
+    return f"{int(unit)}m"
+
+
+# ---------------------------------------------------------------------- readers
+class _JsonArrayScanner:
+    """Streams the elements of one top-level JSON array from a binary file."""
+
+    def __init__(self, fh: IO[bytes], path: Path, counter: _Counter, block: int) -> None:
+        self.fh = fh
+        self.path = path
+        self.counter = counter
+        self.block = block
+        self.text = codecs.getincrementaldecoder("utf-8-sig")()
+        self.decoder = json.JSONDecoder()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.line = 1  # the line number of buf[line_pos]
+        self.line_pos = 0
+
+    def more(self) -> bool:
+        """Append the next block to the buffer, dropping what is consumed; False at EOF."""
+        if self.eof:
+            return False
+        data = self.fh.read(self.block)
+        self.counter.bytes += len(data)
+        try:
+            text = self.text.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise IngestError(self.path, f"not UTF-8 text near byte {self.counter.bytes}: "
+                                         f"{exc.reason}") from None
+        if not data:
+            self.eof = True
+        self.line += self.buf.count("\n", self.line_pos, self.pos)
+        self.buf = self.buf[self.pos:] + text
+        self.pos = self.line_pos = 0
+        return True
+
+    def line_at(self, pos: int) -> int:
+        """Line number of buffer position ``pos`` (positions asked for never go back)."""
+        if pos > self.line_pos:
+            self.line += self.buf.count("\n", self.line_pos, pos)
+            self.line_pos = pos
+        return self.line
+
+    def next_char(self) -> str | None:
+        """Skip whitespace; the next character (not consumed), or None at the end."""
+        while True:
+            match = _WS.match(self.buf, self.pos)
+            self.pos = match.end() if match else self.pos
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.more():
+                return None
+
+    def _truncated(self, exc: json.JSONDecodeError) -> bool:
+        """Could more text make this element valid (it ends at the buffer's end)?"""
+        if self.eof or len(self.buf) - self.pos > _MAX_ELEMENT:
+            return False
+        return exc.pos >= len(self.buf) - 16 or exc.msg.startswith("Unterminated string")
+
+    def elements(self) -> Iterator[Record]:
+        """``(line, index, value)`` for each element, in order."""
+        c = self.next_char()
+        if c is None:
+            raise IngestError(self.path, "the file is empty")
+        if c != "[":
+            hint = " (one object per line? use --format ndjson)" if c == "{" else ""
+            raise IngestError(self.path, f"line {self.line_at(self.pos)}: expected a JSON array "
+                                         f"of candles ('['), found {c!r}{hint}")
+        self.pos += 1
+        index = 0
+        c = self.next_char()
+        if c == "]":
+            self.pos += 1
+        else:
+            while True:
+                if c is None:
+                    raise IngestError(self.path, "the JSON array is not closed (truncated file?)")
+                try:
+                    value, end = self.decoder.raw_decode(self.buf, self.pos)
+                except json.JSONDecodeError as exc:
+                    if self._truncated(exc):
+                        self.more()
+                        c = self.next_char()
+                        continue
+                    if self.eof and (exc.pos >= len(self.buf) - 16
+                                     or exc.msg.startswith("Unterminated string")):
+                        raise IngestError(self.path, f"the file ends inside element {index} "
+                                                     f"(line {self.line_at(self.pos)}): "
+                                                     "truncated?") from None
+                    raise IngestError(self.path, f"line {self.line_at(exc.pos)} (element "
+                                                 f"{index}): bad JSON: {exc.msg}") from None
+                if end >= len(self.buf) and not self.eof:
+                    self.more()  # a number or literal may go on in the next block
+                    c = self.next_char()
+                    continue
+                yield self.line_at(self.pos), index, value
+                index += 1
+                self.pos = end
+                c = self.next_char()
+                if c == ",":
+                    self.pos += 1
+                    c = self.next_char()
+                    continue
+                if c == "]":
+                    self.pos += 1
+                    break
+                if c is None:
+                    raise IngestError(self.path, "the JSON array is not closed (truncated file?)")
+                raise IngestError(self.path, f"line {self.line_at(self.pos)}: expected ',' or "
+                                             f"']' after element {index - 1}, found {c!r}")
+        c = self.next_char()
+        if c is not None:
+            raise IngestError(self.path, f"line {self.line_at(self.pos)}: unexpected data after "
+                                         "the JSON array (several arrays? use --format ndjson)")
+
+
+def _not_object(value: Any) -> str:
+    return f"not a JSON object (got {type(value).__name__})"
+
+
+def _ndjson_records(fh: IO[bytes], path: Path, counter: _Counter) -> Iterator[Record]:
+    name = str(path)
+    for line_no, raw in enumerate(fh, 1):
+        counter.bytes += len(raw)
+        if line_no == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            yield BadRecord(name, line_no, None, f"not UTF-8 text: {exc.reason}")
+            continue
+        except json.JSONDecodeError as exc:
+            yield BadRecord(name, line_no, None, f"bad JSON: {exc.msg} (column {exc.colno})")
+            continue
+        if isinstance(value, list):  # a whole API response on one line
+            for i, item in enumerate(value):
+                yield (line_no, i, item) if isinstance(item, dict) else BadRecord(
+                    name, line_no, i, _not_object(item))
+        elif isinstance(value, dict):
+            yield line_no, None, value
+        else:
+            yield BadRecord(name, line_no, None, _not_object(value))
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _csv_records(
+    fh: IO[bytes], path: Path, counter: _Counter, required: Sequence[str]
+) -> Iterator[Record]:
+    name = str(path)
+    undecodable: list[int] = []
+    physical = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal physical
+        for raw in fh:
+            counter.bytes += len(raw)
+            physical += 1
+            if physical == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError:
+                undecodable.append(physical)
+                yield "\n"  # an empty row, reported below
+
+    reader = csv.reader(lines())
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise IngestError(path, "the file is empty (a CSV header is expected)") from None
+    except csv.Error as exc:
+        raise IngestError(path, f"line 1: bad CSV header: {exc}") from None
+    missing = [f for f in required if f not in header]
+    if missing:
+        raise IngestError(path, f"line 1: the CSV header lacks column(s) {', '.join(missing)} "
+                                f"(it has: {', '.join(header)})")
+    numeric = [h in UPBIT_NUMERIC_FIELDS for h in header]
+    width = len(header)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            yield BadRecord(name, reader.line_num, None, f"bad CSV: {exc}")
+            continue
+        line_no = reader.line_num
+        if undecodable and undecodable[-1] == physical:
+            undecodable.pop()
+            yield BadRecord(name, line_no, None, "not UTF-8 text")
+            continue
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != width:
+            yield BadRecord(name, line_no, None,
+                            f"has {len(row)} fields, the header has {width}")
+            continue
+        candle: dict[str, Any] = {}
+        problem = None
+        for key, text, is_number in zip(header, row, numeric, strict=True):
+            text = text.strip()
+            if not text:
+                continue  # an empty cell is an absent field
+            if is_number:
+                try:
+                    candle[key] = _number(text)
+                except ValueError:
+                    problem = f"{key!r} is not a number: {text!r}"
+                    break
+            else:
+                candle[key] = text
+        if problem is not None:
+            yield BadRecord(name, line_no, None, problem)
+        else:
+            yield line_no, None, candle
+
+
+def read_chunks(
+    path: str | Path,
+    fmt: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    required: Sequence[str] = UPBIT_REQUIRED_FIELDS,
+    block: int = _BLOCK,
+) -> Generator[Chunk, None, None]:
+    """Stream ``path`` as chunks of up to ``chunk_size`` candles (plus the bad records met).
+
+    ``required`` are the columns a CSV header must have. A file that cannot be read at all,
+    or a JSON array that breaks off, raises :class:`IngestError` (after the chunks read
+    before the break were yielded).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    p = Path(path)
+    kind = detect_format(p, fmt)
+    counter = _Counter()
+    try:
+        fh = p.open("rb")
+    except OSError as exc:
+        raise IngestError(p, f"cannot be read: {exc.strerror or exc}") from None
+    with fh:
+        records: Iterator[Record]
+        if kind == "json":
+            records = _JsonArrayScanner(fh, p, counter, block).elements()
+        elif kind == "ndjson":
+            records = _ndjson_records(fh, p, counter)
+        else:
+            records = _csv_records(fh, p, counter, required)
+        chunk = Chunk()
+        name = str(p)
+        error: IngestError | None = None
+        try:
+            for record in records:
+                if isinstance(record, BadRecord):
+                    chunk.bad.append(record)
+                else:
+                    line, index, value = record
+                    if isinstance(value, dict):
+                        chunk.candles.append(value)
+                        chunk.lines.append(line)
+                        chunk.indices.append(index)
+                    else:
+                        chunk.bad.append(BadRecord(name, line, index, _not_object(value)))
+                if chunk.records >= chunk_size:
+                    chunk.bytes_read = counter.bytes
+                    yield chunk
+                    chunk = Chunk()
+        except IngestError as exc:
+            error = exc
+        except OSError as exc:
+            error = IngestError(p, f"read failed after {counter.bytes} bytes: "
+                                   f"{exc.strerror or exc}")
+        # what was read before a broken part still goes in, then the error is raised
+        chunk.bytes_read = counter.bytes
+        if chunk.records:
+            yield chunk
+        if error is not None:
+            raise error
+
+
+# ---------------------------------------------------------------------- ingest driver
+@dataclass
+class FileReport:
+    """What happened to one file: counts, timing and the errors met."""
+
+    path: str
+    format: str | None = None
+    size_bytes: int = 0
+    bytes_read: int = 0
+    candles_read: int = 0
+    rows_committed: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    error: str | None = None
+    interrupted: bool = False
+    started: float = 0.0
+    finished: float = 0.0
+    pending: int = 0
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first read to the last commit of this file."""
+        return max(0.0, self.finished - self.started)
+
+    @property
+    def rows_per_second(self) -> float:
+        """Committed rows per second of :attr:`elapsed`."""
+        return self.rows_committed / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the whole file went in without a failed line."""
+        return self.error is None and self.failed == 0
+
+
+ErrorSink = Callable[[str], None]
+ProgressSink = Callable[[FileReport], None]
+
+
+class Ingester:
+    """Reads candle files and writes them through ``manager.insert_candles_batch``.
+
+    The manager must be running. ``symbol``/``timeframe`` override each candle's ``market``
+    and ``unit``. ``on_error`` receives every problem as ``file:line: message``;
+    ``on_progress`` receives the file's report after each chunk.
+    """
+
+    def __init__(
+        self,
+        manager: BatchDBManager,
+        *,
+        symbol: str | None = None,
+        timeframe: str | None = None,
+        priority: Priority | str | int = Priority.NORMAL,
+        source: str = "upbit",
+        fmt: str = "auto",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        on_error: ErrorSink | None = None,
+        on_progress: ProgressSink | None = None,
+        keep_errors: int = 1000,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if fmt != "auto" and fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; known: auto, {', '.join(FORMATS)}")
+        if symbol is not None and not symbol:
+            raise ValueError("symbol must not be empty")
+        if timeframe is not None and not timeframe:
+            raise ValueError("timeframe must not be empty")
+        self.manager = manager
+        self.symbol = symbol
+        self.timeframe = timeframe
+        self.priority = Priority.parse(priority)
+        self.source = source
+        self.fmt = fmt
+        self.chunk_size = chunk_size
+        self.on_error = on_error
+        self.on_progress = on_progress
+        self.keep_errors = keep_errors
+        self._stop = False
+
+    # ------------------------------------------------------------------ control
+    def request_stop(self) -> None:
+        """Stop reading after the current chunk (what is queued still commits)."""
+        self._stop = True
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stop
+
+    def check_source(self) -> None:
+        """Raise ValueError unless a plugin normalises candles from ``source``."""
+        try:
+            result = self.manager.pm.hook.batchdb_normalize_candles(
+                symbol="CHECK", timeframe="1m", candles=[], source=self.source)
+        except ValueError:
+            return  # a normaliser took it and refused the empty list: the source is known
+        if result is None:
+            raise ValueError(f"no plugin normalises candles from source {self.source!r}")
+
+    # ------------------------------------------------------------------ files
+    async def ingest(self, paths: Sequence[str | Path]) -> list[FileReport]:
+        """Ingest ``paths`` in order; return one report per file started.
+
+        Returns once every queued candle has been committed or failed.
+        """
+        reports = []
+        for path in paths:
+            if self._stop:
+                break
+            reports.append(await self.ingest_file(path))
+        await self.manager.flush()
+        return reports
+
+    async def ingest_file(self, path: str | Path) -> FileReport:
+        """Read one file and queue its candles (use :meth:`ingest` to also await commits)."""
+        report = FileReport(path=str(path), started=time.monotonic())
+        try:
+            p = Path(path)
+            report.size_bytes = p.stat().st_size
+            report.format = detect_format(p, self.fmt)
+            required = UPBIT_REQUIRED_FIELDS if self.source == "upbit" else ()
+            chunks = read_chunks(p, report.format, self.chunk_size, required=required)
+            first = True
+            while not self._stop:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    break
+                report.bytes_read = chunk.bytes_read
+                await self._ingest_chunk(report, chunk, first)
+                first = first and not chunk.candles
+                if self.on_progress is not None:
+                    self.on_progress(report)
+            else:
+                report.interrupted = True
+                chunks.close()
+        except IngestError as exc:
+            self._file_error(report, exc.reason)
+        except OSError as exc:
+            self._file_error(report, f"cannot be read: {exc.strerror or exc}")
+        report.finished = max(report.finished, time.monotonic())
+        if self.on_progress is not None:
+            self.on_progress(report)
+        return report
+
+    def _file_error(self, report: FileReport, reason: str) -> None:
+        report.error = reason
+        self._report(report, f"{report.path}: {reason}")
+
+    def _report(self, report: FileReport, message: str) -> None:
+        if len(report.errors) < self.keep_errors:
+            report.errors.append(message)
+        if self.on_error is not None:
+            self.on_error(message)
+
+    def _bad(self, report: FileReport, bad: BadRecord) -> None:
+        report.failed += 1
+        self._report(report, str(bad))
+
+    async def _ingest_chunk(self, report: FileReport, chunk: Chunk, first: bool) -> None:
+        report.candles_read += chunk.records
+        for bad in chunk.bad:
+            self._bad(report, bad)
+        if not chunk.candles:
+            return
+        name = report.path
+        if first and self.symbol is None and not any(
+                isinstance(c.get("market"), str) and c["market"] for c in chunk.candles):
+            report.failed += len(chunk.candles)
+            raise IngestError(name, "the candles carry no 'market' field: give --symbol")
+        if first and self.timeframe is None and not any("unit" in c for c in chunk.candles):
+            report.failed += len(chunk.candles)
+            raise IngestError(name, "the candles carry no 'unit' field (not minute candles?): "
+                                    "give --timeframe")
+        groups: dict[tuple[str, str], tuple[list[dict[str, Any]], list[BadRecord]]] = {}
+        for candle, line, index in zip(chunk.candles, chunk.lines, chunk.indices, strict=True):
+            where = BadRecord(name, line, index, "")
+            symbol = self.symbol or candle.get("market")
+            if not isinstance(symbol, str) or not symbol:
+                self._bad(report, _with(where, "no 'market' field (give --symbol)"))
+                continue
+            timeframe = self.timeframe
+            if timeframe is None:
+                if "unit" not in candle:
+                    self._bad(report, _with(where, "no 'unit' field (give --timeframe)"))
+                    continue
+                try:
+                    timeframe = timeframe_from_unit(candle["unit"])
+                except ValueError as exc:
+                    self._bad(report, _with(where, str(exc)))
+                    continue
+            group = groups.get((symbol, timeframe))
+            if group is None:
+                group = groups[(symbol, timeframe)] = ([], [])
+            group[0].append(candle)
+            group[1].append(where)
+        for (symbol, timeframe), (candles, places) in groups.items():
+            await self._submit(report, symbol, timeframe, candles, places)
+
+    async def _submit(self, report: FileReport, symbol: str, timeframe: str,
+                      candles: list[dict[str, Any]], places: list[BadRecord]) -> None:
+        """Queue one group; on a ValueError find the bad candles, report them, queue the rest."""
+        try:
+            await self._queue(report, symbol, timeframe, candles, places)
+            return
+        except ValueError as exc:
+            if _CANDLE_INDEX.search(str(exc)) is None:
+                self._fail_group(report, places, str(exc))
+                return
+        # the normaliser names only the first bad candle: test each one alone
+        good: list[dict[str, Any]] = []
+        good_places: list[BadRecord] = []
+        hook = self.manager.pm.hook.batchdb_normalize_candles
+        for candle, place in zip(candles, places, strict=True):
+            try:
+                hook(symbol=symbol, timeframe=timeframe, candles=[candle], source=self.source)
+            except ValueError as exc:
+                self._bad(report, _with(place, _candle_message(exc)))
+                continue
+            good.append(candle)
+            good_places.append(place)
+        while good:
+            try:
+                await self._queue(report, symbol, timeframe, good, good_places)
+                return
+            except ValueError as exc:
+                match = _CANDLE_INDEX.search(str(exc))
+                if match is None or int(match.group(1)) >= len(good):
+                    self._fail_group(report, good_places, str(exc))
+                    return
+                i = int(match.group(1))
+                self._bad(report, _with(good_places[i], _candle_message(exc)))
+                del good[i], good_places[i]
+
+    def _fail_group(self, report: FileReport, places: list[BadRecord], message: str) -> None:
+        report.failed += len(places)
+        self._report(report, f"{_span(places)}: {message}")
+
+    async def _queue(self, report: FileReport, symbol: str, timeframe: str,
+                     candles: list[dict[str, Any]], places: list[BadRecord]) -> None:
+        span = _span(places)
+
+        def done(op: BatchOperation) -> None:
+            report.pending -= 1
+            report.rows_committed += op.rows_affected
+            report.finished = time.monotonic()
+            if op.error is not None:
+                report.failed += op.n_rows - op.rows_affected
+                self._report(report, f"{span}: not committed: {op.error}")
+
+        for attempt in range(3):
+            try:
+                await self.manager.insert_candles_batch(
+                    symbol, timeframe, candles, self.priority, done, self.source)
+                report.pending += 1
+                return
+            except QueueFull:
+                if attempt == 2:
+                    raise
+                await self.manager.flush()  # backpressure "raise": make room, then retry
+
+
+def _candle_message(exc: ValueError) -> str:
+    """The normaliser's message about one candle, without its index in the batch."""
+    return _CANDLE_INDEX.sub("candle", _CANDLE_PREFIX.sub("", str(exc)))
+
+
+def _with(place: BadRecord, message: str) -> BadRecord:
+    return BadRecord(place.path, place.line, place.index, message)
+
+
+def _span(places: Sequence[BadRecord]) -> str:
+    """``file:first-last`` for a group of candles (line numbers, or element indices)."""
+    first, last = places[0], places[-1]
+    if first.index is not None and first.line == last.line:
+        lo, hi = first.index, last.index
+        where = f"{first.path}:{first.line} (elements {lo}-{hi})"
+        return where if lo != hi else first.location
+    if first.line == last.line:
+        return first.location
+    return f"{first.path}:{first.line}-{last.line}"
+
