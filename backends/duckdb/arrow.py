@@ -100,7 +100,7 @@ class ArrowConverter:
         try:
             arr = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-            arr = self._stringified(values, exc, index)
+            arr = self._exact(values, target) or self._stringified(values, exc, index)
         if target is None or arr.type == target:
             return arr
         if pa.types.is_null(arr.type):
@@ -115,6 +115,18 @@ class ArrowConverter:
             return arr.cast(target)  # safe cast: overflow raises instead of wrapping
         except (pa.ArrowException, NotImplementedError):
             return arr  # DuckDB casts it while inserting (and names the value if it cannot)
+
+    def _exact(self, values: Sequence[Any], target: Any) -> Any:
+        """Integers past int64 (UBIGINT, HUGEINT) convert only with their exact type."""
+        pa = self.pa
+        if target is None or not (pa.types.is_integer(target) or pa.types.is_decimal(target)):
+            return None
+        if any(isinstance(v, float) for v in values):
+            return None  # never let Arrow truncate a fraction
+        try:
+            return pa.array(values, type=target)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            return None
 
     def _stringified(self, values: Sequence[Any], exc: BaseException, index: int) -> Any:
         if all(v is None or isinstance(v, str | uuid.UUID) for v in values):
@@ -138,11 +150,16 @@ class ArrowConverter:
         width = len(self.columns)
         if op.values is None:
             rows = op.data_rows
+            keys = len(op.row_columns) or len(op.columns)
             try:
-                return [list(map(itemgetter(c), rows)) for c in op.columns]
+                columns_: list[Sequence[Any]] = [list(map(itemgetter(c), rows))
+                                                 for c in op.columns]
+                if all(map(keys.__eq__, map(len, rows))):
+                    return columns_
             except (KeyError, TypeError, IndexError):
-                op.tuples()  # raises the SchemaError naming the row and the column
-                raise
+                pass
+            op.tuples()  # raises the SchemaError naming the malformed row
+            raise ConversionError(f"rows for table {self.table.name!r} are malformed")
         try:
             columns: list[Sequence[Any]] = list(zip(*op.values, strict=True))
         except ValueError:

@@ -358,7 +358,8 @@ class DuckDBBackend(Backend):
             after = self._blocks()
             return {"method": "checkpoint", "bytes_before": before + wal,
                     "bytes_after": sum(self._sizes()),
-                    "free_blocks_before": blocks.get("free_blocks"),
+                    "used_blocks_before": blocks.get("used_blocks"),
+                    "used_blocks_after": after.get("used_blocks"),
                     "free_blocks_after": after.get("free_blocks")}
         raise ValueError(f"unknown DuckDB maintenance task {task!r}; "
                          f"known: {', '.join(self.maintenance_tasks)}")

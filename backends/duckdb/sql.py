@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql.base import PGDDLCompiler, PGDialect
+from sqlalchemy.dialects.postgresql.base import PGDDLCompiler, PGDialect, PGIdentifierPreparer
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.models import OperationType, SchemaError
@@ -69,10 +69,18 @@ class _DuckDBDDLCompiler(PGDDLCompiler):
         return spec
 
 
+class _QuoteEverything(PGIdentifierPreparer):
+    """Quote every identifier: DuckDB's reserved words are not PostgreSQL's (``AT`` is one)."""
+
+    def _requires_quotes(self, value: str) -> bool:
+        return True
+
+
 class _DuckDBDialect(PGDialect):
-    """PostgreSQL's type names and quoting, which DuckDB accepts, with DuckDB's DDL rules."""
+    """PostgreSQL's type names, which DuckDB accepts, with DuckDB's DDL rules."""
 
     ddl_compiler = _DuckDBDDLCompiler
+    preparer = _QuoteEverything
 
 
 def create_statements(table: sa.Table) -> list[str]:
