@@ -1,0 +1,253 @@
+"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from batchdb.bench.
+
+Run them explicitly (``pytest`` alone collects only ``tests/``)::
+
+    pytest benchmarks/ --bench-rows 20000             # a quick check
+    pytest benchmarks/ --benchmark-json bench.json    # the real run: 1M rows, 3 rounds
+    pytest benchmarks/ -k "sqlite"                    # one backend
+
+Options (or environment variables): ``--bench-rows`` / ``BATCHDB_BENCH_ROWS`` (default
+1,000,000), ``--bench-rounds`` / ``BATCHDB_BENCH_ROUNDS`` (default 3), ``--bench-isolate``
+(every round in a fresh spawned process; ``memory_flood`` always runs that way, so that its
+peak memory is its own). PostgreSQL runs against ``BATCHDB_BENCH_PG_DSN`` or, when the server
+binaries are installed, a throwaway server started for the session (tests/pgserver.py).
+
+Each benchmark records ``rows_per_s``, ``ratio_to_raw``, ``peak_rss_delta_mb`` and its target
+in ``extra_info``; a summary table is printed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from batchdb import bench
+
+_HERE = Path(__file__).resolve().parent
+
+
+class ChildClock:
+    """A pytest-benchmark timer for runs executed in a child process.
+
+    The child measures its own timed part; the target adds that to this clock, so the
+    duration pytest-benchmark records (timer after minus timer before) is exactly the child's
+    measurement — without process start-up, imports, data generation or checking.
+    """
+
+    __name__ = "batchdb_child_clock"
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Add a child's measured seconds."""
+        self.now += seconds
+
+
+CHILD_CLOCK = ChildClock()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("batchdb-bench", "batchdb benchmarks")
+    group.addoption("--bench-rows", "--rows", type=int, default=None, dest="bench_rows",
+                    help="rows per run (default $BATCHDB_BENCH_ROWS or 1000000)")
+    group.addoption("--bench-rounds", type=int, default=None, dest="bench_rounds",
+                    help="rounds per benchmark (default $BATCHDB_BENCH_ROUNDS or 3)")
+    group.addoption("--bench-isolate", action="store_true", default=False,
+                    dest="bench_isolate",
+                    help="run every round in a fresh spawned process (own peak memory)")
+
+
+def _isolated(config: pytest.Config, workload: str) -> bool:
+    return bool(config.getoption("bench_isolate")) or workload == "memory_flood"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE not in Path(str(item.path)).resolve().parents:
+            continue
+        # a 1M-row benchmark with three rounds takes minutes: no per-test timeout here
+        item.add_marker(pytest.mark.timeout(0))
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        if isinstance(case, bench.Case) and _isolated(config, case.workload):
+            item.add_marker(pytest.mark.benchmark(timer=CHILD_CLOCK), append=False)
+
+
+@pytest.fixture(scope="session")
+def bench_rows(pytestconfig: pytest.Config) -> int:
+    """Rows per run."""
+    value = pytestconfig.getoption("bench_rows") or int(
+        os.environ.get("BATCHDB_BENCH_ROWS", "1000000"))
+    if value < 1:
+        raise pytest.UsageError("--bench-rows must be at least 1")
+    return int(value)
+
+
+@pytest.fixture(scope="session")
+def bench_rounds(pytestconfig: pytest.Config) -> int:
+    """Rounds per benchmark."""
+    value = pytestconfig.getoption("bench_rounds") or int(
+        os.environ.get("BATCHDB_BENCH_ROUNDS", "3"))
+    if value < 1:
+        raise pytest.UsageError("--bench-rounds must be at least 1")
+    return int(value)
+
+
+def _load_pgserver() -> Any:
+    path = _HERE.parent / "tests" / "pgserver.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("batchdb_bench_pgserver", path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PostgresServer
+
+
+@dataclass
+class _PgState:
+    dsn: str | None = None
+    reason: str | None = None
+    server: Any = None
+
+
+@pytest.fixture(scope="session")
+def pg_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_PgState]:
+    """The PostgreSQL database to use: $BATCHDB_BENCH_PG_DSN, else a throwaway server."""
+    state = _PgState()
+    dsn = os.environ.get(bench.PG_DSN_ENV)
+    if dsn:
+        state.dsn = dsn
+        yield state
+        return
+    server_cls = _load_pgserver()
+    if server_cls is None:
+        state.reason = (f"no PostgreSQL: set {bench.PG_DSN_ENV}, or provide tests/pgserver.py "
+                        "and the server binaries")
+    elif not server_cls.available():
+        reason = getattr(server_cls, "unavailable_reason", lambda: "server not available")()
+        state.reason = f"no PostgreSQL: {bench.PG_DSN_ENV} is not set and {reason}"
+    else:
+        try:
+            state.server = server_cls.start(tmp_path_factory.mktemp("pg"))
+            state.dsn = state.server.dsn
+        except Exception as exc:
+            state.reason = f"no PostgreSQL: the throwaway server did not start: {exc}"
+    try:
+        yield state
+    finally:
+        if state.server is not None:
+            state.server.stop()
+
+
+@dataclass
+class _Session:
+    """Results of this session, for ratios to raw and the summary table."""
+
+    rows: int = 0
+    rounds: int = 0
+    results: dict[bench.Case, bench.BenchResult] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    availability: dict[str, str | None] = field(default_factory=dict)
+
+
+_SESSION = _Session()
+
+
+@pytest.fixture(scope="session")
+def data_cache() -> bench.DataCache:
+    """Data sets shared by consecutive benchmarks (raw, batchdb, … write the same rows)."""
+    return bench.DataCache(2)
+
+
+@pytest.fixture(scope="session")
+def bench_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the databases of the runs live (each removed after its round)."""
+    return tmp_path_factory.mktemp("bench")
+
+
+RunCase = Callable[[Any, bench.Case], bench.BenchResult]
+
+
+@pytest.fixture
+def run_case(request: pytest.FixtureRequest, bench_rows: int, bench_rounds: int,
+             bench_workdir: Path, data_cache: bench.DataCache, pg_state: _PgState) -> RunCase:
+    """Benchmark one case in pedantic mode: a fresh database per round (setup), the timed
+    write (target), the read-back check and removal (teardown); fills ``extra_info``."""
+
+    def run(benchmark: Any, case: bench.Case) -> bench.BenchResult:
+        if case.backend not in _SESSION.availability:
+            reason = (pg_state.reason if case.backend == "postgres" and pg_state.dsn is None
+                      else bench.backend_unavailable(case.backend, pg_state.dsn))
+            _SESSION.availability[case.backend] = reason
+        reason = _SESSION.availability[case.backend]
+        if reason is not None:
+            _SESSION.skipped[case.backend] = reason
+            pytest.skip(reason)
+        _SESSION.rows, _SESSION.rounds = bench_rows, bench_rounds
+        benchmark.group = case.workload
+        runs: list[bench.RunResult] = []
+        if _isolated(request.config, case.workload):
+            def target() -> None:
+                result = bench.run_isolated(case, bench_rows, bench_workdir, pg_state.dsn)
+                runs.append(result)
+                CHILD_CLOCK.advance(result.seconds)
+
+            benchmark.pedantic(target, rounds=bench_rounds)
+        else:
+            pending: list[bench.PreparedRun] = []
+
+            def setup() -> tuple[tuple[bench.PreparedRun], dict[str, Any]]:
+                prepared = bench.prepare_run(case, bench_rows, bench_workdir,
+                                             pg_dsn=pg_state.dsn, cache=data_cache)
+                pending.append(prepared)
+                return (prepared,), {}
+
+            def teardown(prepared: bench.PreparedRun) -> None:
+                pending.remove(prepared)
+                runs.append(prepared.finish())
+
+            try:
+                benchmark.pedantic(bench.PreparedRun.run, setup=setup, teardown=teardown,
+                                   rounds=bench_rounds)
+            finally:
+                for prepared in pending:  # --benchmark-disable runs once, without teardown
+                    if prepared.seconds is not None:
+                        runs.append(prepared.finish())
+                    else:
+                        prepared.store.remove()
+        raw = _SESSION.results.get(bench.Case(case.workload, case.backend, "raw"))
+        result = bench.aggregate(case, runs, raw)
+        _SESSION.results[case] = result
+        benchmark.extra_info.update(result.extra_info())
+        return result
+
+    return run
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _SESSION.results:
+        return
+    order = {c: i for i, c in enumerate(bench.cases())}
+    results = sorted(_SESSION.results.values(), key=lambda r: order.get(r.case, 0))
+    report = bench.BenchReport(rows=_SESSION.rows, rounds=_SESSION.rounds, results=results,
+                               skipped=dict(_SESSION.skipped))
+    out = io.StringIO()
+    Console(file=out, width=160, force_terminal=False, color_system=None).print(
+        bench.render_table(report))
+    terminalreporter.write_sep("=", "batchdb: raw vs batchdb")
+    terminalreporter.write(out.getvalue())
