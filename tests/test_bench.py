@@ -1,0 +1,145 @@
+"""batchdb.bench with tiny sizes: it runs, writes the JSON and the PNG, the table is complete.
+
+No assertion here is about speed: the numbers come from benchmarks/ and ``batchdb bench``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from batchdb import bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STATS_KEYS = {"min", "max", "mean", "median", "stddev", "rounds", "iqr", "q1", "q3", "ops",
+              "total", "data", "iterations"}
+
+
+@pytest.fixture(autouse=True)
+def _no_pg_dsn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(bench.PG_DSN_ENV, raising=False)
+
+
+def _text(report: bench.BenchReport) -> str:
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(bench.render_table(report))
+    return out.getvalue()
+
+
+def test_comparison_on_sqlite_in_spawned_processes(tmp_path: Path) -> None:
+    calls: list[tuple[int, int, str]] = []
+    report = bench.run_comparison(["sqlite", "postgres"], 2000, tmp_path,
+                                  lambda done, total, what: calls.append((done, total, what)),
+                                  rounds=1)
+
+    expected = bench.cases(["sqlite"], bench.COMPARISON_WORKLOADS)
+    assert [r.case for r in report.results] == expected
+    assert len(expected) == 9  # raw + batchdb for 4 workloads, plus sqlite-utils
+    for r in report.results:
+        assert r.error is None, f"{r.case.name}: {r.error}"
+        assert r.rows == bench.workload_rows(r.case.workload, 2000)
+        assert len(r.seconds) == 1 and r.rows_per_s > 0
+        assert r.peak_rss_mb >= 0
+        if r.case.implementation == "raw":
+            assert r.ratio_to_raw is None
+        else:
+            assert r.ratio_to_raw is not None and r.ratio_to_raw > 0
+    assert report.result("one_row", "sqlite", "batchdb") is not None
+    assert report.result("one_row", "sqlite", "batchdb").rows == 200  # type: ignore[union-attr]
+    assert "postgres" in report.skipped and bench.PG_DSN_ENV in report.skipped["postgres"]
+
+    # progress: one call per run, then the final one
+    assert [c[0] for c in calls] == list(range(len(expected) + 1))
+    assert all(c[1] == len(expected) for c in calls) and calls[-1][2] == "done"
+
+    # the JSON has pytest-benchmark's layout
+    assert report.json_path == tmp_path / "batchdb-bench.json"
+    doc = json.loads(report.json_path.read_text())
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(doc)
+    assert doc["machine_info"]["python_version"]
+    assert len(doc["benchmarks"]) == len(expected)
+    for entry, case in zip(doc["benchmarks"], expected, strict=True):
+        assert entry["name"] == case.name and entry["group"] == case.workload
+        assert set(entry["stats"]) >= STATS_KEYS and entry["stats"]["rounds"] == 1
+        assert entry["stats"]["min"] == entry["stats"]["max"] == entry["stats"]["median"] > 0
+        info = entry["extra_info"]
+        assert info["rows_per_s"] > 0 and info["backend"] == "sqlite"
+        assert "peak_rss_delta_mb" in info
+    upsert = next(e for e in doc["benchmarks"] if e["name"] == "upsert_new[sqlite-batchdb]")
+    assert upsert["extra_info"]["target"].startswith("≥ 0.90x")
+    assert isinstance(upsert["extra_info"]["target_met"], bool)
+
+    # the chart
+    assert report.png_path == tmp_path / "batchdb-bench.png"
+    assert report.png_path.read_bytes()[:8] == PNG_MAGIC
+
+    # the table: one row per case, and the skipped backend named
+    table = bench.render_table(report)
+    assert table.row_count == len(expected)
+    text = _text(report)
+    for case in expected:
+        assert case.label in text
+    assert "skipped: postgres" in text
+
+    # the temporary databases are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batchdb-bench.json",
+                                                         "batchdb-bench.png"]
+
+
+def test_latency_and_memory_workloads_in_process(tmp_path: Path) -> None:
+    report = bench.run_comparison(["sqlite"], 3000, tmp_path, None, rounds=2,
+                                  workloads=["critical_latency", "memory_flood"],
+                                  isolate=False)
+    latency = report.result("critical_latency", "sqlite", "batchdb")
+    flood = report.result("memory_flood", "sqlite", "batchdb")
+    assert latency is not None and latency.error is None
+    assert flood is not None and flood.error is None
+    lat = latency.extra["critical_latency"]
+    assert lat["count"] == latency.extra["critical_writes"] > 0
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    assert len(latency.extra["critical_latency_per_round"]) == 2
+    assert flood.extra["budget_mb"] == bench.FLOOD_BUDGET_MB
+    assert flood.extra["producer_rows_per_s"] > 0
+    assert not math.isnan(flood.rows_per_s)
+    assert "p99" in _text(report)
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.run_comparison(["mysql"], 10, tmp_path)
+    with pytest.raises(ValueError, match="rows"):
+        bench.run_comparison(["sqlite"], 0, tmp_path)
+    with pytest.raises(ValueError, match="unknown workload"):
+        bench.run_comparison(["sqlite"], 10, tmp_path, workloads=["nope"])
+
+
+def test_a_failing_run_is_reported_not_raised(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: bench.SQLiteStore, conn: object, rows: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(bench.SQLiteStore, "write_dicts", broken)
+    report = bench.run_comparison(["sqlite"], 1000, tmp_path, rounds=1,
+                                  workloads=["upsert_new"], isolate=False)
+    raw = report.result("upsert_new", "sqlite", "raw")
+    batchdb = report.result("upsert_new", "sqlite", "batchdb")
+    assert raw is not None and raw.error == "RuntimeError: disk on fire"
+    assert batchdb is not None and batchdb.error is None and batchdb.ratio_to_raw is None
+    doc = json.loads(report.json_path.read_text())  # type: ignore[union-attr]
+    assert "upsert_new[sqlite-raw]" in doc["errors"]
+    assert "error: RuntimeError: disk on fire" in _text(report)
+
+
+def test_raw_normaliser_matches_the_upbit_plugin() -> None:
+    from batchdb.plugins.upbit import normalize_upbit_candles
+
+    market, candles = bench.upbit_calls(50)[0]
+    columns, rows = normalize_upbit_candles(market, "1m", candles)
+    raw = bench.normalize_upbit_raw(market, "1m", candles, rows[0][-1])
+    assert columns == bench.CANDLE_COLUMNS
+    assert raw == [(*r[:9], "upbit", r[10]) for r in rows]
