@@ -1,0 +1,564 @@
+"""PostgreSQL: binary COPY into a temporary staging table, then one set-based statement.
+
+Per batch, on one pooled connection::
+
+    BEGIN
+    SELECT txid_current()                         -- remembered until COMMIT answers
+    COPY pg_temp._batchdb_<table>_<n> (…) FROM STDIN (FORMAT BINARY)
+    INSERT INTO t … SELECT … FROM staging [ON CONFLICT (pk) DO UPDATE … WHERE changed]
+      | UPDATE t … FROM staging WHERE key = key | DELETE FROM t USING staging WHERE key = key
+    COMMIT
+
+The staging table (``ON COMMIT DELETE ROWS``, the batch's columns with the table's exact
+types) is created once per connection and column set. Several batches (of different
+tables) run at once, one per pooled connection.
+
+Failures are reported to the scheduler: connection loss, restart, deadlock and serialization
+failures are TRANSIENT (the broken connection is discarded and the batch retried on a fresh
+one); bad values and constraint violations are DATA (the scheduler splits the batch to
+isolate the bad operation); missing privileges, disk full and the like are RESOURCE.
+
+A COMMIT whose answer never arrived (the connection dropped during it) leaves the outcome
+unknown. Retrying such a batch blindly would duplicate a plain INSERT into a table without
+a primary key, or fail it on its own primary key. Instead the batch's transaction id,
+read before COMMIT, is looked up with ``txid_status()`` on a fresh connection before the
+retry: ``committed`` means the batch is done (it is acknowledged without writing it
+again), ``aborted`` means it is written again, ``in progress`` means ask again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import math
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import sqlalchemy as sa
+
+from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
+from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
+from batchdb.schema import TableInfo
+from batchdb.settings import PostgresSettings, redact_dsn
+
+if TYPE_CHECKING:
+    from psycopg import AsyncConnection, sql
+
+    from .pool import Pool, PooledConnection
+    from .statements import Target
+
+__all__ = ["CommitOutcomePending", "PostgresBackend", "PostgresConnectError"]
+
+log = logging.getLogger("batchdb.postgres")
+
+INSTALL_HINT = "pip install 'batchdb[postgres]'"
+
+#: SQLSTATE classes and codes, see https://www.postgresql.org/docs/current/errcodes-appendix.html
+_TRANSIENT_STATES = {
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available
+    "57014",  # query_canceled (statement_timeout, usually waiting for a lock)
+    "57P01",  # admin_shutdown
+    "57P02",  # crash_shutdown
+    "57P03",  # cannot_connect_now (starting up, shutting down)
+    "53300",  # too_many_connections
+    "58000",  # system_error: raised while the server goes down
+}
+_TRANSIENT_CLASSES = ("08",)  # connection exceptions
+_DATA_CLASSES = ("21", "22", "23", "27", "44")  # cardinality, data, integrity, triggered change
+_RESOURCE_CLASSES = ("42", "53", "58", "XX", "0A", "25", "28", "3D", "3F", "P0", "F0", "54",
+                     "55", "57", "HV", "2B", "2D", "38", "39", "0L", "0P")
+
+
+def _require_driver() -> Any:
+    """The psycopg module, or one clear error saying how to install it."""
+    try:
+        return importlib.import_module("psycopg")
+    except ImportError as exc:
+        raise BatchDBError(
+            "the postgres backend needs the psycopg driver, which is not installed: "
+            f"{INSTALL_HINT} ({exc})"
+        ) from None
+
+
+class PostgresConnectError(BatchDBError):
+    """The server cannot be reached or refused the login; the message carries no password."""
+
+
+class CommitOutcomePending(BatchDBError):
+    """A batch's earlier COMMIT is still in progress on the server: retry later."""
+
+
+def _secrets_of(dsn: str) -> list[str]:
+    """Password strings in a DSN (URL and key=value forms), raw and URL-decoded."""
+    found: list[str] = []
+    try:
+        parts = urlsplit(dsn)
+        if parts.password:
+            found += [parts.password, unquote(parts.password)]
+    except ValueError:
+        pass
+    for token in dsn.replace(" =", "=").replace("= ", "=").split():
+        key, sep, value = token.partition("=")
+        if sep and key.strip().lower() == "password" and value:
+            found += [value, value.strip("'")]
+    for part in dsn.split("?", 1)[1:]:
+        for item in part.split("&"):
+            key, _, value = item.partition("=")
+            if key.lower() == "password" and value:
+                found += [value, unquote(value)]
+    return [s for s in sorted(set(found), key=len, reverse=True) if len(s) >= 1]
+
+
+def _dedupe(rows: list[tuple[Any, ...]], key_positions: Sequence[int]) -> list[tuple[Any, ...]]:
+    """The rows with one row per key: the last occurrence wins, as if applied in order."""
+    key = itemgetter(*key_positions)
+    unique = dict(zip(map(key, rows), rows, strict=True))
+    return rows if len(unique) == len(rows) else list(unique.values())
+
+
+class PostgresBackend(Backend):
+    """A PostgreSQL server through psycopg 3: pooled connections, COPY + set-based writes."""
+
+    name = "postgres"
+    settings_model = PostgresSettings
+    maintenance_tasks = ("analyze", "vacuum")
+
+    def __init__(self, settings: PostgresSettings, *, connection_factory: Any = None) -> None:
+        if connection_factory is not None:
+            raise BatchDBError("the postgres backend takes no connection factory: set "
+                               "postgres.dsn instead")
+        super().__init__(settings)
+        self.settings: PostgresSettings = settings
+        self._pg = _require_driver()
+        self._secrets = _secrets_of(settings.dsn)
+        self._pool: Pool | None = None
+        self._targets: dict[str, Target] = {}
+        self._sql: dict[tuple[Any, ...], bytes] = {}
+        self._text_copy: set[tuple[str, tuple[str, ...]]] = set()
+        self._written: dict[str, Target] = {}
+        # operations whose COMMIT got no answer -> the transaction id to look up
+        self._uncertain: weakref.WeakKeyDictionary[BatchOperation, int] = (
+            weakref.WeakKeyDictionary())
+        self.server_version: str | None = None
+        self.outcomes_resolved = {"committed": 0, "aborted": 0}
+
+    @property
+    def capabilities(self) -> Capabilities:
+        size = self.settings.batch_size
+        return Capabilities(max_writers=self.settings.pool_size, ordered=False,
+                            supports_upsert=True, insert_batch_size=size,
+                            update_batch_size=size, dialect="postgresql")
+
+    # ------------------------------------------------------------------ messages
+    def _scrub(self, text: str) -> str:
+        """``text`` without the password (in any form) and with DSNs redacted."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return redact_dsn(text)
+
+    @property
+    def where(self) -> str:
+        """The server, for messages: the DSN without its password."""
+        return redact_dsn(self.settings.dsn)
+
+    # ------------------------------------------------------------------ connections
+    async def _connect(self) -> AsyncConnection[Any]:
+        pg = self._pg
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.connect_timeout_seconds + 1.0):
+                conn: AsyncConnection[Any] = await pg.AsyncConnection.connect(
+                    s.dsn, autocommit=True,
+                    connect_timeout=max(2, math.ceil(s.connect_timeout_seconds)),
+                    fallback_application_name="batchdb")
+        except TimeoutError:
+            raise PostgresConnectError(
+                f"cannot connect to PostgreSQL at {self.where}: no answer within "
+                f"{s.connect_timeout_seconds}s (postgres.connect_timeout_seconds)") from None
+        except pg.Error as exc:
+            raise PostgresConnectError(
+                f"cannot connect to PostgreSQL at {self.where}: {self._scrub(str(exc))}"
+            ) from None
+        try:
+            await conn.execute("SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                               (str(s.statement_timeout_ms),))
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _require_pool(self) -> Pool:
+        if self._pool is None or self._pool.closed:
+            raise BatchDBError("the postgres backend is not open")
+        return self._pool
+
+    async def open(self) -> None:
+        if self._pool is not None and not self._pool.closed:
+            return
+        from .pool import Pool
+
+        pool = Pool(self._connect, self.settings.pool_size)
+        # one connection now: a wrong DSN, password or database fails start(), not a batch
+        async with pool.connection() as conn:
+            cur = await conn.raw.execute("SHOW server_version")
+            row = await cur.fetchone()
+            self.server_version = None if row is None else str(row[0])
+        self._pool = pool
+        log.info("postgres backend open: %s (server %s, pool of %d)", self.where,
+                 self.server_version, self.settings.pool_size)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    # ------------------------------------------------------------------ reading
+    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query on a pooled connection. Placeholders are psycopg's ``%s``; a
+        query without any ``%s`` may use ``?`` (the SQLite/DuckDB form) instead."""
+        query = _portable_placeholders(sql, len(params)) if params else sql
+        async with self._require_pool().connection() as conn:
+            try:
+                cur = await conn.raw.execute(query, params or None)
+                rows = await cur.fetchall() if cur.description is not None else []
+            except BaseException:
+                await _rollback(conn)
+                raise
+        return [tuple(r) for r in rows]
+
+    # ------------------------------------------------------------------ schema
+    async def _describe(self, name: str) -> Target | None:
+        from .statements import describe
+
+        async with self._require_pool().connection() as conn:
+            target = await describe(conn.raw, name)
+        if target is not None:
+            self._targets[name] = target
+        return target
+
+    async def describe_table(self, name: str) -> TableInfo | None:
+        target = await self._describe(name)
+        return None if target is None else target.info
+
+    async def create_table(self, table: sa.Table) -> TableInfo:
+        from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
+
+        dialect = sa.engine.make_url("postgresql+psycopg://").get_dialect()()
+        statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
+        statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
+                       for ix in table.indexes]
+        statements += [str(SetColumnComment(c).compile(dialect=dialect))
+                       for c in table.columns if c.comment]
+        async with self._require_pool().connection() as conn:
+            try:
+                await conn.raw.execute("BEGIN")
+                # two processes creating the same table at once would race in the catalog
+                await conn.raw.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s)",
+                                       (0x6261746368,))
+                from .statements import describe
+
+                if await describe(conn.raw, table.name) is None:
+                    for stmt in statements:
+                        await conn.raw.execute(stmt)
+                await conn.raw.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        target = await self._describe(table.name)
+        if target is None:
+            raise BatchDBError(f"table {table.name!r} was created but is not visible in the "
+                               "search_path of the connection")
+        return target.info
+
+    async def _target(self, table: TableInfo) -> Target:
+        target = self._targets.get(table.name)
+        if target is None:
+            target = await self._describe(table.name)
+            if target is None:
+                raise SchemaError(f"table {table.name!r} no longer exists in {self.where}")
+        return target
+
+    # ------------------------------------------------------------------ writing
+    def _statement(self, conn: PooledConnection, key: tuple[Any, ...],
+                   build: Callable[[], sql.Composable]) -> bytes:
+        text = self._sql.get(key)
+        if text is None:
+            text = self._sql[key] = build().as_bytes(conn.raw)
+        return text
+
+    async def _staging(self, conn: PooledConnection, target: Target,
+                       columns: tuple[str, ...]) -> tuple[str, bool]:
+        """The staging table for (table, columns) on this connection, created on first use;
+        and whether psycopg can COPY every column in binary."""
+        key = (target.qualified, columns)
+        found = conn.staging.get(key)
+        if found is not None:
+            return found
+        from .statements import binary_ready, staging_name, staging_statement
+
+        name = staging_name(target, len(conn.staging) + 1)
+        await conn.raw.execute(staging_statement(target, name, columns))
+        binary = binary_ready(conn.raw, [target.oids[c] for c in columns])
+        conn.staging[key] = (name, binary)
+        return name, binary
+
+    async def _commit_rows(self, conn: PooledConnection, batch: Batch, target: Target,
+                           rows: list[tuple[Any, ...]], text_copy: bool) -> None:
+        """One transaction: COPY ``rows`` into staging, apply them, COMMIT."""
+        from .statements import copy_statement, write_statement
+
+        columns = batch.columns
+        staging, binary = await self._staging(conn, target, columns)
+        binary = binary and not text_copy
+        raw = conn.raw
+        copy_sql = self._statement(conn, ("copy", staging, columns, binary),
+                                   lambda: copy_statement(staging, columns, binary))
+        write_sql = self._statement(
+            conn, ("write", target.qualified, batch.operation_type, staging, columns),
+            lambda: write_statement(target, batch.operation_type, staging, columns))
+        await raw.execute("BEGIN", prepare=False)
+        try:
+            cur = await raw.execute("SELECT txid_current()")
+            xid_row = await cur.fetchone()
+            assert xid_row is not None
+            xid = int(xid_row[0])
+            async with raw.cursor().copy(copy_sql) as copy:
+                if binary:
+                    copy.set_types([target.oids[c] for c in columns])
+                write_row = copy.write_row
+                for row in rows:
+                    await write_row(row)
+            await raw.execute(write_sql)
+        except BaseException:
+            await _rollback(conn)
+            raise
+        try:
+            await raw.execute("COMMIT", prepare=False)
+        except BaseException as exc:
+            answered = (isinstance(exc, self._pg.Error) and exc.sqlstate is not None
+                        and not raw.broken and not raw.closed)
+            if not answered:  # the server may have committed: remember how to find out
+                for op in batch.operations:
+                    self._uncertain[op] = xid
+                log.warning("batch on %r: connection lost during COMMIT of transaction %d; "
+                            "its outcome is checked before the batch is retried",
+                            batch.table.name, xid)
+            raise
+
+    async def _resolve_uncertain(self, ops: Sequence[BatchOperation]) -> set[int]:
+        """Ids of ``ops`` whose earlier, unanswered COMMIT did commit. Operations whose
+        transaction aborted are forgotten (they are written again)."""
+        xids = {self._uncertain[op] for op in ops if op in self._uncertain}
+        status: dict[int, str | None] = {}
+        async with self._require_pool().connection() as conn:
+            for xid in xids:
+                cur = await conn.raw.execute("SELECT txid_status(%s)", (xid,))
+                row = await cur.fetchone()
+                status[xid] = None if row is None else row[0]
+        committed: set[int] = set()
+        for op in ops:
+            op_xid = self._uncertain.get(op)
+            if op_xid is None:
+                continue
+            xid = op_xid
+            state = status.get(xid)
+            if state == "committed":
+                committed.add(id(op))
+            elif state == "aborted":
+                del self._uncertain[op]
+            elif state == "in progress":
+                raise CommitOutcomePending(
+                    f"transaction {xid} of an earlier attempt at this batch is still "
+                    "committing on the server")
+            else:
+                raise BatchDBError(
+                    f"the outcome of transaction {xid} (a COMMIT whose answer was lost) "
+                    f"cannot be determined any more: txid_status returned {state!r}; the "
+                    "operation is not retried so that it is never applied twice")
+        for xid, state in status.items():
+            if state in self.outcomes_resolved:
+                self.outcomes_resolved[state] += 1
+                log.info("transaction %d of a retried batch: %s", xid, state)
+        return committed
+
+    async def write_batch(self, batch: Batch) -> BatchResult:
+        pool = self._require_pool()
+        ops = batch.operations
+        if self._uncertain and any(op in self._uncertain for op in ops):
+            committed = await self._resolve_uncertain(ops)
+            if committed:
+                rest = [op for op in ops if id(op) not in committed]
+                done_rows = sum(op.n_rows for op in ops if id(op) in committed)
+                if rest:
+                    result = await self.write_batch(
+                        Batch(batch.table, batch.operation_type, batch.columns, rest))
+                    result.rows += done_rows
+                else:
+                    result = BatchResult(done_rows)
+                for op in ops:
+                    self._uncertain.pop(op, None)
+                return result
+        target = await self._target(batch.table)
+        rows = batch.rows  # a row lacking a column raises here: a DATA error of its operation
+        op_type = batch.operation_type
+        key_pos = [batch.columns.index(k) for k in target.info.primary_key
+                   if k in batch.columns]
+        deduped = op_type is not OperationType.UPSERT or not key_pos
+        if op_type is OperationType.UPDATE and key_pos:
+            rows = _dedupe(rows, key_pos)  # UPDATE … FROM would pick an arbitrary duplicate
+        copy_key = (batch.table.name, batch.columns)
+        text_copy = copy_key in self._text_copy
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    await self._commit_rows(conn, batch, target, rows, text_copy)
+                break
+            except self._pg.errors.CardinalityViolation:
+                # ON CONFLICT cannot touch a row twice: keep each key's last row, once
+                if deduped:
+                    raise
+                rows, deduped = _dedupe(rows, key_pos), True
+            except (TypeError, ValueError, OverflowError) as exc:
+                if text_copy or isinstance(exc, BatchDBError):
+                    raise
+                # a value psycopg cannot send in the column's binary form (a str for a
+                # timestamp, an int for a text column…): let the server parse it as text
+                log.info("table %r: binary COPY refused a value (%s); sending as text",
+                         batch.table.name, exc)
+                self._text_copy.add(copy_key)
+                text_copy = True
+            except self._pg.Error as exc:
+                if self.classify_error(exc) is ErrorKind.TRANSIENT:
+                    await pool.drop_idle()
+                raise
+        self._written.setdefault(target.qualified, target)
+        return BatchResult(batch.row_count)
+
+    def classify_error(self, exc: BaseException) -> ErrorKind:
+        pg = self._pg
+        if isinstance(exc, PostgresConnectError | CommitOutcomePending):
+            return ErrorKind.TRANSIENT
+        if isinstance(exc, SchemaError):
+            return ErrorKind.DATA
+        if isinstance(exc, BatchDBError):
+            return ErrorKind.RESOURCE
+        if isinstance(exc, pg.Error):
+            state = exc.sqlstate
+            if state is None:
+                # no answer from the server: the connection is gone (or was never there)
+                if isinstance(exc, pg.OperationalError | pg.InterfaceError):
+                    return ErrorKind.TRANSIENT
+                return ErrorKind.DATA if isinstance(exc, pg.DataError) else ErrorKind.RESOURCE
+            if state in _TRANSIENT_STATES or state.startswith(_TRANSIENT_CLASSES):
+                return ErrorKind.TRANSIENT
+            if state.startswith(_DATA_CLASSES):
+                return ErrorKind.DATA
+            return ErrorKind.RESOURCE
+        if isinstance(exc, OSError | ConnectionError | TimeoutError):
+            return ErrorKind.TRANSIENT
+        return ErrorKind.DATA  # a value the driver could not convert, a malformed row
+
+    # ------------------------------------------------------------------ maintenance
+    async def maintenance(self, task: str) -> dict[str, Any]:
+        if task not in self.maintenance_tasks:
+            raise ValueError(f"unknown PostgreSQL maintenance task {task!r}; "
+                             f"known: {', '.join(self.maintenance_tasks)}")
+        from psycopg import sql
+
+        targets = list(self._written.values())
+        result: dict[str, Any] = {"tables": [t.qualified for t in targets]}
+        if not targets:
+            result["seconds"] = 0.0
+            return result
+        start = time.perf_counter()
+        names = sql.SQL(", ").join(t.ident for t in targets)
+        size_sql = sql.SQL("SELECT COALESCE(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)"
+                           " FROM pg_catalog.pg_class c WHERE c.oid = ANY(%s::regclass[])")
+        regclasses = [t.ident.as_string() for t in targets]
+        async with self._require_pool().connection() as conn:
+            raw = conn.raw
+            # VACUUM cannot run in a transaction block (the connection is in autocommit) and
+            # may take longer than the per-statement limit meant for batches
+            await raw.execute("SELECT pg_catalog.set_config('statement_timeout', '0', false)")
+            try:
+                if task == "vacuum":
+                    cur = await raw.execute(size_sql, (regclasses,))
+                    before = (await cur.fetchone() or (0,))[0]
+                    await raw.execute(sql.SQL("VACUUM (ANALYZE) {}").format(names))
+                    cur = await raw.execute(size_sql, (regclasses,))
+                    after = (await cur.fetchone() or (0,))[0]
+                    result.update(bytes_before=int(before), bytes_after=int(after))
+                else:
+                    await raw.execute(sql.SQL("ANALYZE {}").format(names))
+                    result["analyzed"] = True
+            finally:
+                if raw.info.transaction_status == self._pg.pq.TransactionStatus.IDLE:
+                    await raw.execute(
+                        "SELECT pg_catalog.set_config('statement_timeout', %s, false)",
+                        (str(self.settings.statement_timeout_ms),))
+        result["seconds"] = round(time.perf_counter() - start, 4)
+        return result
+
+    async def status(self) -> dict[str, Any]:
+        pool = self._require_pool()
+        async with pool.connection() as conn:
+            cur = await conn.raw.execute(
+                "SELECT current_setting('server_version'), current_database(), current_user, "
+                "pg_catalog.pg_database_size(current_database())")
+            row = await cur.fetchone()
+        assert row is not None
+        return {
+            "backend": self.name,
+            "dsn": self.where,
+            "server_version": row[0],
+            "database": row[1],
+            "user": row[2],
+            "database_bytes": int(row[3]),
+            "pool": pool.stats(),
+            "tables_written": sorted(self._written),
+            "commit_outcomes_resolved": dict(self.outcomes_resolved),
+        }
+
+
+async def _rollback(conn: PooledConnection) -> None:
+    """End a failed transaction; a connection that cannot even do that is left broken (the
+    pool then discards it)."""
+    raw = conn.raw
+    if raw.closed or raw.broken or raw.info.transaction_status == raw.info.transaction_status.IDLE:
+        return
+    try:
+        await raw.execute("ROLLBACK", prepare=False)
+    except Exception:
+        with contextlib.suppress(Exception):
+            await raw.close()
+
+
+def _portable_placeholders(query: str, n_params: int) -> str:
+    """``?`` placeholders (outside quotes) turned into ``%s`` when the query has no ``%s``
+    and as many ``?`` as parameters; anything else is returned as it is."""
+    if "%s" in query or "%(" in query or "?" not in query:
+        return query
+    out: list[str] = []
+    quote: str | None = None
+    count = 0
+    for ch in query:
+        if quote is not None:
+            if ch == quote:
+                quote = None
+            out.append("%%" if ch == "%" else ch)
+        elif ch in ("'", '"'):
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            count += 1
+            out.append("%s")
+        else:
+            out.append("%%" if ch == "%" else ch)
+    return "".join(out) if count == n_params else query
