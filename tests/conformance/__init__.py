@@ -1,0 +1,1 @@
+"""Backend conformance: the same tests on every backend."""
