@@ -126,6 +126,39 @@ async def test_values_survive_update_and_read_back_by_parameter(env: BackendEnv)
     assert env.query(ALL_KV) == sorted(tuple(r.values()) for r in EDGE_ROWS)
 
 
+async def test_nan_round_trips(env: BackendEnv, request: pytest.FixtureRequest) -> None:
+    if env.name == "sqlite":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="sqlite3 binds NaN as NULL: the SQLite backend stores NULL "
+                                "instead of NaN, and no error says so"))
+    env.execute(KV)
+    m = await started(env)
+    await commit(m, "kv", "INSERT", [{"k": 1, "v": math.nan, "s": "nan"}])
+    await m.stop()
+    rows = env.query("SELECT k, v, s FROM kv")
+    assert len(rows) == 1 and rows[0][1] is not None and math.isnan(rows[0][1])
+
+
+async def test_nul_characters_in_text(env: BackendEnv) -> None:
+    env.execute(KV)
+    m = await started(env)
+    op_id = await m.queue_operation("kv", "INSERT", [{"k": 1, "s": "nul\x00inside"}])
+    ok = await m.queue_operation("kv", "INSERT", [{"k": 2, "s": "plain"}])
+    if env.name == "postgres":  # PostgreSQL text cannot hold NUL: that operation fails alone
+        import psycopg
+
+        with pytest.raises(OperationFailed) as info:
+            await m.wait(op_id)
+        assert isinstance(info.value.__cause__, psycopg.errors.CharacterNotInRepertoire)
+        expected = [(2, "plain")]
+    else:
+        await m.wait(op_id)
+        expected = [(1, "nul\x00inside"), (2, "plain")]
+    await m.wait(ok)
+    await m.stop()
+    assert env.query("SELECT k, s FROM kv ORDER BY k") == expected
+
+
 # ---------------------------------------------------------------------- ordering
 async def test_operations_on_one_key_apply_in_submission_order(env: BackendEnv) -> None:
     env.execute(KV)
