@@ -59,6 +59,9 @@ log = logging.getLogger("batchdb.postgres")
 
 INSTALL_HINT = "pip install 'batchdb[postgres]'"
 
+#: batches in a row that binary COPY refused before a (table, columns) is sent as text
+TEXT_COPY_AFTER = 3
+
 #: SQLSTATE classes and codes, see https://www.postgresql.org/docs/current/errcodes-appendix.html
 _TRANSIENT_STATES = {
     "40001",  # serialization_failure
@@ -142,7 +145,8 @@ class PostgresBackend(Backend):
         self._pool: Pool | None = None
         self._targets: dict[str, Target] = {}
         self._sql: dict[tuple[Any, ...], bytes] = {}
-        self._text_copy: set[tuple[str, tuple[str, ...]]] = set()
+        # (table, columns) -> batches in a row whose values binary COPY refused
+        self._text_fallbacks: dict[tuple[str, tuple[str, ...]], int] = {}
         self._written: dict[str, Target] = {}
         # operations whose COMMIT got no answer -> the transaction id to look up
         self._uncertain: weakref.WeakKeyDictionary[BatchOperation, int] = (
@@ -414,7 +418,7 @@ class PostgresBackend(Backend):
         if op_type is OperationType.UPDATE and key_pos:
             rows = _dedupe(rows, key_pos)  # UPDATE … FROM would pick an arbitrary duplicate
         copy_key = (batch.table.name, batch.columns)
-        text_copy = copy_key in self._text_copy
+        text_copy = self._text_fallbacks.get(copy_key, 0) >= TEXT_COPY_AFTER
         while True:
             try:
                 async with pool.connection() as conn:
@@ -429,15 +433,22 @@ class PostgresBackend(Backend):
                 if text_copy or isinstance(exc, BatchDBError):
                     raise
                 # a value psycopg cannot send in the column's binary form (a str for a
-                # timestamp, an int for a text column…): let the server parse it as text
-                log.info("table %r: binary COPY refused a value (%s); sending as text",
-                         batch.table.name, exc)
-                self._text_copy.add(copy_key)
+                # timestamp, an int for a text column…): let the server parse it as text.
+                # Text COPY costs more, so only a table whose batches keep needing it is
+                # switched to text for good.
+                count = self._text_fallbacks[copy_key] = self._text_fallbacks.get(
+                    copy_key, 0) + 1
+                log.log(logging.WARNING if count == TEXT_COPY_AFTER else logging.DEBUG,
+                        "table %r: binary COPY refused a value (%s); sending this batch as "
+                        "text%s", batch.table.name, exc,
+                        " and the following ones too" if count == TEXT_COPY_AFTER else "")
                 text_copy = True
             except self._pg.Error as exc:
                 if self.classify_error(exc) is ErrorKind.TRANSIENT:
                     await pool.drop_idle()
                 raise
+        if not text_copy:
+            self._text_fallbacks.pop(copy_key, None)  # binary worked: count again from 0
         self._written.setdefault(target.qualified, target)
         return BatchResult(batch.row_count)
 
