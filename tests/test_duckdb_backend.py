@@ -80,6 +80,8 @@ async def make_manager(duck_path: Path) -> AsyncIterator[ManagerFactory]:
 
 
 KV_DDL = "CREATE TABLE kv (k BIGINT PRIMARY KEY, v DOUBLE, s VARCHAR NOT NULL)"
+# LOW operations wait 10 s for company: everything queued before flush() shares one window
+ONE_WINDOW = {"linger_seconds": {"LOW": 10.0}, "flush_interval_seconds": 10.0}
 
 
 # ---------------------------------------------------------------------- plugin & settings
@@ -184,11 +186,9 @@ async def test_last_row_of_a_key_wins_within_one_operation(
 async def test_last_operation_wins_across_a_coalesced_batch(
         make_manager: ManagerFactory, duck_path: Path) -> None:
     run_sql(duck_path, KV_DDL)
-    async with make_manager() as m:
-        m.scheduler._paused += 1  # hold dispatch so that all of them coalesce
-        ids = [await m.queue_operation("kv", "UPSERT", [{"k": 7, "v": float(i), "s": f"v{i}"}])
-               for i in range(50)]
-        m.scheduler._paused -= 1
+    async with make_manager(batch=ONE_WINDOW) as m:
+        ids = [await m.queue_operation("kv", "UPSERT", [{"k": 7, "v": float(i), "s": f"v{i}"}],
+                                       "LOW") for i in range(50)]
         await m.flush()
         status = await m.get_queue_status()
         for op_id in ids:
@@ -200,12 +200,10 @@ async def test_last_operation_wins_across_a_coalesced_batch(
 async def test_operations_coalesce_up_to_the_batch_size(
         make_manager: ManagerFactory, duck_path: Path) -> None:
     run_sql(duck_path, KV_DDL)
-    async with make_manager(duckdb={"batch_size": 1000}) as m:
-        m.scheduler._paused += 1
+    async with make_manager(duckdb={"batch_size": 1000}, batch=ONE_WINDOW) as m:
         ids = [await m.queue_operation("kv", "UPSERT", [
-            {"k": j * 400 + i, "v": i * 0.5, "s": str(i)} for i in range(400)])
+            {"k": j * 400 + i, "v": i * 0.5, "s": str(i)} for i in range(400)], "LOW")
             for j in range(3)]
-        m.scheduler._paused -= 1
         await m.flush()
         for op_id in ids:
             assert (await m.wait(op_id)).rows_affected == 400
@@ -217,15 +215,13 @@ async def test_operations_coalesce_up_to_the_batch_size(
 async def test_bad_operation_fails_alone_and_names_the_problem(
         make_manager: ManagerFactory, duck_path: Path) -> None:
     run_sql(duck_path, KV_DDL, "INSERT INTO kv VALUES (1, 1, 'one')")
-    async with make_manager() as m:
-        m.scheduler._paused += 1
-        good1 = await m.queue_operation("kv", "INSERT", [{"k": 10, "v": 1.0, "s": "a"}])
-        dup = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": 1.0, "s": "again"}])
-        null = await m.queue_operation("kv", "INSERT", [{"k": 11, "v": 1.0, "s": None}])
-        frac = await m.queue_operation("kv", "INSERT", [{"k": 1.5, "v": 1.0, "s": "x"}])
-        text = await m.queue_operation("kv", "INSERT", [{"k": "abc", "v": 1.0, "s": "x"}])
-        good2 = await m.queue_operation("kv", "INSERT", [{"k": 12, "v": 2.0, "s": "b"}])
-        m.scheduler._paused -= 1
+    async with make_manager(batch=ONE_WINDOW) as m:
+        good1 = await m.queue_operation("kv", "INSERT", [{"k": 10, "v": 1.0, "s": "a"}], "LOW")
+        dup = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": 1.0, "s": "again"}], "LOW")
+        null = await m.queue_operation("kv", "INSERT", [{"k": 11, "v": 1.0, "s": None}], "LOW")
+        frac = await m.queue_operation("kv", "INSERT", [{"k": 1.5, "v": 1.0, "s": "x"}], "LOW")
+        text = await m.queue_operation("kv", "INSERT", [{"k": "abc", "v": 1.0, "s": "x"}], "LOW")
+        good2 = await m.queue_operation("kv", "INSERT", [{"k": 12, "v": 2.0, "s": "b"}], "LOW")
         await m.flush()
         await m.wait(good1)
         await m.wait(good2)

@@ -111,7 +111,7 @@ class DuckDBBackend(Backend):
             factory_conn: duckdb.DuckDBPyConnection = made
             return factory_conn
         path = self.settings.path
-        if path != ":memory:" and not path.startswith(":memory:"):
+        if not path.startswith(":memory:"):
             parent = Path(path).parent
             if not parent.exists():
                 raise BatchDBError(f"DuckDB database {path}: directory {parent} does not exist")
