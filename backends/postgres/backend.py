@@ -75,9 +75,9 @@ _TRANSIENT_STATES = {
     "58000",  # system_error: raised while the server goes down
 }
 _TRANSIENT_CLASSES = ("08",)  # connection exceptions
-_DATA_CLASSES = ("21", "22", "23", "27", "44")  # cardinality, data, integrity, triggered change
-_RESOURCE_CLASSES = ("42", "53", "58", "XX", "0A", "25", "28", "3D", "3F", "P0", "F0", "54",
-                     "55", "57", "HV", "2B", "2D", "38", "39", "0L", "0P")
+#: cardinality, data exception, integrity, triggered data change, WITH CHECK OPTION, and an
+#: exception raised by a user's trigger (PL/pgSQL RAISE): a fault of the rows, not the server
+_DATA_CLASSES = ("21", "22", "23", "27", "44", "P0")
 
 
 def _require_driver() -> Any:

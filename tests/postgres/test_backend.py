@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,7 +80,13 @@ async def test_upsert_skips_rows_that_did_not_change(make_pg_manager: ManagerFac
 async def test_failing_operation_fails_alone(make_pg_manager: ManagerFactory,
                                              pg_dsn: str) -> None:
     sql_exec(pg_dsn, "CREATE TABLE t (id bigint PRIMARY KEY, label text NOT NULL, n integer)",
-             "INSERT INTO t VALUES (1, 'exists', 0)")
+             "INSERT INTO t VALUES (1, 'exists', 0)",
+             # a user's trigger that rejects some rows
+             "CREATE FUNCTION no_negative() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+             "IF NEW.n < 0 THEN RAISE EXCEPTION 'n must not be negative (id %)', NEW.id; "
+             "END IF; RETURN NEW; END $$",
+             "CREATE TRIGGER t_no_negative BEFORE INSERT ON t FOR EACH ROW "
+             "EXECUTE FUNCTION no_negative()")
     async with make_pg_manager(batch={"linger_seconds": {"NORMAL": 5.0}}) as m:
         good = [await m.queue_operation("t", "INSERT", [{"id": 100 + i, "label": "ok", "n": i}])
                 for i in range(6)]
@@ -87,9 +95,13 @@ async def test_failing_operation_fails_alone(make_pg_manager: ManagerFactory,
                 for i in range(6)]
         null = await m.queue_operation("t", "INSERT", [{"id": 300, "label": None, "n": 0}])
         bad = await m.queue_operation("t", "INSERT", [{"id": 301, "label": "x", "n": "many"}])
+        neg = await m.queue_operation("t", "INSERT", [{"id": 302, "label": "x", "n": -1}])
+        last = await m.queue_operation("t", "INSERT", [{"id": 400, "label": "ok", "n": 1}])
         await m.flush()
-        for op_id in good + more:
+        for op_id in [*good, *more, last]:
             assert (await m.wait(op_id)).succeeded
+        with pytest.raises(OperationFailed, match=r"n must not be negative \(id 302\)"):
+            await m.wait(neg)
         with pytest.raises(OperationFailed, match=r"(?s)UniqueViolation.*\(id\)=\(1\)"):
             await m.wait(dup)
         with pytest.raises(OperationFailed, match=r'null value in column "label"'):
@@ -100,7 +112,7 @@ async def test_failing_operation_fails_alone(make_pg_manager: ManagerFactory,
         status = await m.get_queue_status()
         assert status["stats"]["splits"] >= 1  # they were one batch, split to isolate
     ids = [r[0] for r in sql_rows(pg_dsn, "SELECT id FROM t ORDER BY id")]
-    assert ids == [1, *range(100, 106), *range(200, 206)]
+    assert ids == [1, *range(100, 106), *range(200, 206), 400]
     assert sql_rows(pg_dsn, "SELECT label FROM t WHERE id = 1") == [("exists",)]
 
 
@@ -258,14 +270,23 @@ async def test_the_password_never_shows(pg_server: PostgresServer, make_pg_manag
         status = await m.backend.status()
         assert status["user"] == user and status["dsn"].startswith(f"postgresql://{user}:***@")
         shown += [repr(status), repr(await m.get_queue_status())]
+    # the key=value form of a DSN works the same and is redacted the same
+    kv_dsn = (f"host=127.0.0.1 port={pg_server.port} dbname={pg_server.dbname} user={user} "
+              f"password={password} options='-c search_path={pg_schema}'")
+    async with make_pg_manager(postgres={"dsn": kv_dsn}) as m:
+        await m.wait(await m.queue_operation("s", "UPSERT", [{"id": 3, "v": 3}]))
+        status = await m.backend.status()
+        assert "password=***" in status["dsn"] and status["user"] == user
+        shown.append(repr(status))
+    assert sql_rows(dsn, "SELECT id FROM s ORDER BY id") == [(1,), (3,)]
     # a wrong password and an unreachable port: clear errors, without the password
     for wrong in (dsn.replace(password, "Wr0ng-pass.word"),
-                  dsn.replace(f":{pg_server.port}/", ":1/")):
+                  kv_dsn.replace(f"port={pg_server.port}", "port=1")):
         manager = make_pg_manager(postgres={"dsn": wrong, "connect_timeout_seconds": 2})
         with pytest.raises(PostgresConnectError) as err:
             await manager.start()
         text = str(err.value)
-        assert "cannot connect to PostgreSQL at postgresql://" in text
+        assert "cannot connect to PostgreSQL at " in text
         shown.append(text)
         shown.append(repr(err.value.__cause__))
     assert "password authentication failed" in shown[-4]
@@ -324,3 +345,26 @@ async def test_fetch_and_portable_placeholders(make_pg_manager: ManagerFactory,
         with pytest.raises(Exception, match="does not exist"):
             await m.fetch("SELECT nope FROM f")
         assert await m.fetch("SELECT 1") == [(1,)]  # the pool survived the failed query
+
+
+def test_cli_status_and_config_hide_the_password(pg_server: PostgresServer, pg_schema: str,
+                                                 tmp_path: Path) -> None:
+    password = "Cl1-secret.pw"
+    user = f"cli_{pg_schema}"
+    dsn = with_search_path(pg_server.add_user(user, password), pg_schema)
+    pg_server.psql(f"GRANT ALL ON SCHEMA {pg_schema} TO {user}")
+    sql_exec(dsn, "CREATE TABLE visible_to_cli (id int PRIMARY KEY)",
+             "INSERT INTO visible_to_cli VALUES (1), (2)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHDB_")}
+    env.update(BATCHDB_POSTGRES__DSN=dsn, BATCHDB_LOG_LEVEL="DEBUG", COLUMNS="300")
+    for command in ("status", "config"):
+        out = subprocess.run(
+            [sys.executable, "-c", "from batchdb.cli import main; main()", command,
+             "--backend", "postgres"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=False)
+        text = out.stdout + out.stderr
+        assert out.returncode == 0, text
+        assert password not in text, text
+        assert user in text
+        if command == "status":
+            assert "visible_to_cli" in text and "server_version" in text
