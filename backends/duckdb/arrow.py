@@ -100,7 +100,8 @@ class ArrowConverter:
         try:
             arr = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-            arr = self._exact(values, target) or self._stringified(values, exc, index)
+            exact = self._exact(values, target)
+            arr = exact if exact is not None else self._stringified(values, exc, index)
         if target is None or arr.type == target:
             return arr
         if pa.types.is_null(arr.type):

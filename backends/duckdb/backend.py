@@ -93,6 +93,7 @@ class DuckDBBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        """One writer, batches of ``batch_size`` rows, failures handed to the scheduler."""
         # one writer; a failed batch raises and the scheduler retries or splits it
         # (pipelining a second batch was measured: no gain, the conversion and the
         # statement compete for the same two cores)

@@ -46,7 +46,9 @@ def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...], sou
     if not values:
         return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
     sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
-    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets}"
+    # rows that would not change are left alone (re-sent candles are the common case)
+    changed = " OR ".join(f"{name}.{q(c)} IS DISTINCT FROM excluded.{q(c)}" for c in values)
+    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets} WHERE {changed}"
 
 
 class _DuckDBDDLCompiler(PGDDLCompiler):

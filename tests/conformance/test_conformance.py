@@ -279,6 +279,28 @@ async def test_unknown_columns_and_tables_are_refused_at_once(env: BackendEnv) -
     assert env.query("SELECT count(*) FROM kv") == [(0,)]
 
 
+async def test_tables_without_a_key_and_with_only_key_columns(env: BackendEnv) -> None:
+    env.execute('CREATE TABLE events ("at" BIGINT NOT NULL, what TEXT)',  # AT: reserved in DuckDB
+                "CREATE TABLE tags (name TEXT NOT NULL, owner TEXT NOT NULL, "
+                "PRIMARY KEY (name, owner))")
+    m = await started(env)
+    await commit(m, "events", "INSERT", [{"at": 1, "what": "a"}, {"at": 1, "what": "a"}])
+    for op in ("UPSERT", "UPDATE", "DELETE"):
+        with pytest.raises(SchemaError, match="no primary key"):
+            await m.queue_operation("events", op, [{"at": 1, "what": "b"}])
+    # every column is a key column: an upsert of an existing row leaves it as it is
+    await commit(m, "tags", "UPSERT", [{"name": "btc", "owner": "me"},
+                                       {"name": "btc", "owner": "me"},
+                                       {"name": "eth", "owner": "me"}])
+    await commit(m, "tags", "UPSERT", [{"name": "btc", "owner": "me"}])
+    with pytest.raises(SchemaError, match="only key columns"):
+        await m.queue_operation("tags", "UPDATE", [{"name": "btc", "owner": "me"}])
+    await m.stop()
+    assert env.query('SELECT "at", what FROM events') == [(1, "a"), (1, "a")]
+    assert env.query("SELECT name, owner FROM tags ORDER BY name") == [("btc", "me"),
+                                                                       ("eth", "me")]
+
+
 # ---------------------------------------------------------------------- life cycle
 async def test_stop_commits_everything_queued(env: BackendEnv) -> None:
     env.execute(KV)
