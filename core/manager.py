@@ -99,6 +99,7 @@ class BatchDBManager:
         self.last_maintenance: dict[str, float | None] = {t: None for t, _ in _MAINTENANCE_SCHEDULE}
         self._started_at: float | None = None
         self._id_prefix = secrets.token_hex(3)
+        self._op_counter = 0
         self._state_lock = asyncio.Lock()
         self._hook_tasks: set[asyncio.Future[Any]] = set()
 
@@ -262,12 +263,12 @@ class BatchDBManager:
         row_columns: tuple[str, ...] = (),
     ) -> str:
         scheduler = self.scheduler
-        seq = scheduler.next_seq()
+        self._op_counter += 1
         n_rows = len(data_rows) if values is None else len(values)
         per_row = _row_bytes(data_rows[0] if isinstance(data_rows[0], Mapping) else None,
                              values[0] if values else tuple(data_rows[0].values()))
         op = BatchOperation(
-            operation_id=f"{self._id_prefix}-{seq:08d}",
+            operation_id=f"{self._id_prefix}-{self._op_counter:08d}",
             table_name=table.name,
             operation_type=op_type,
             data_rows=data_rows,
@@ -278,7 +279,6 @@ class BatchDBManager:
             values=values,
             row_columns=row_columns,
             n_rows=n_rows,
-            seq=seq,
         )
         await scheduler.submit(op)
         if self._queued_hook:

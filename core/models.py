@@ -132,6 +132,7 @@ class BatchOperation:
     values: list[tuple[Any, ...]] | None = field(default=None, repr=False)
     row_columns: tuple[str, ...] = field(default=(), repr=False)
     n_rows: int = field(default=0, repr=False)
+    keys: frozenset[Any] | None = field(default=None, repr=False)
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)

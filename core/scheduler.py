@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from .backend import Backend, Batch, BatchResult, ErrorKind, RetryPolicy
@@ -51,6 +53,7 @@ class SchedulerStats:
     batches_failed: int = 0
     retries: int = 0
     splits: int = 0
+    promotions: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
 
     def latency_quantiles(self) -> dict[str, float | None]:
@@ -64,6 +67,33 @@ class SchedulerStats:
             return round(data[min(n - 1, int(p * n))] * 1000, 3)
 
         return {"p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
+
+
+_MALFORMED: frozenset[Any] = frozenset({object()})
+
+
+def _keys_of(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset[Any] | None:
+    """The primary-key values an operation writes (cached), or None if its rows are bad.
+
+    Rows that do not carry the key (an INSERT relying on AUTOINCREMENT) have no identity
+    and conflict with nothing.
+    """
+    if op.keys is None:
+        op.keys = _compute_keys(op, primary_key)
+    return None if op.keys is _MALFORMED else op.keys
+
+
+def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset[Any]:
+    if not set(primary_key) <= set(op.columns):
+        return frozenset()
+    try:
+        if op.values is not None:
+            where = [op.columns.index(k) for k in primary_key]
+            getter = itemgetter(*where)
+            return frozenset(map(getter, op.values))
+        return frozenset(map(itemgetter(*primary_key), op.data_rows))
+    except (KeyError, TypeError, ValueError):
+        return _MALFORMED  # the operation will fail: keep it in order with everything
 
 
 class _Lane:
@@ -161,11 +191,6 @@ class Scheduler:
         return self._running
 
     # ------------------------------------------------------------------ submission
-    def next_seq(self) -> int:
-        """A new sequence number (submission order across all priorities)."""
-        self._seq += 1
-        return self._seq
-
     def _over_budget(self, op: BatchOperation) -> bool:
         if self.queued_ops >= self.config.max_queue_size:
             return True
@@ -190,6 +215,10 @@ class Scheduler:
                     f"operation on {op.table_name!r} refused"
                 )
             await self._wait_for_room(op)
+        self._seq += 1
+        op.seq = self._seq  # submission order, across all priorities
+        if op.priority is not Priority.LOW:
+            self._promote_conflicts(op)
         self._pending[op.operation_id] = op
         self._enqueue(op)
         if self._dispatch_needed(op):
@@ -214,6 +243,67 @@ class Scheduler:
                                 f"{op.table_name!r} refused")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout)
+
+    def _promote_conflicts(self, op: BatchOperation) -> None:
+        """Keep "the later submission wins" across priorities.
+
+        Operations queued earlier at a lower priority that write one of the same keys must
+        commit before ``op``: each lower lane of the table is promoted to ``op``'s priority
+        up to its last such operation (a prefix, so the lane's own order holds), repeated
+        until no queued lower-priority operation touches a promoted key. Key sets are built
+        only when a table has operations queued at two priorities, once per operation.
+        """
+        table = op.table_name
+        lower = [p for p in Priority if p < op.priority and table in self._lanes[p]]
+        if not lower:
+            return
+        info = self._table_of(table)
+        if not info.primary_key:
+            return  # rows without identity: nothing can be overwritten
+        pk = info.primary_key
+        own = _keys_of(op, pk)
+        every = own is None  # keys unknown (malformed rows): keep everything in order
+        keys = set(own or ())
+        changed = True
+        while changed:
+            changed = False
+            for prio in lower:
+                lane = self._lanes[prio].get(table)
+                if lane is None:
+                    continue
+                last = len(lane.ops) - 1 if every else -1
+                if not every:
+                    for i, queued in enumerate(lane.ops):
+                        theirs = _keys_of(queued, pk)
+                        if theirs is None or not keys.isdisjoint(theirs):
+                            last = i
+                if last < 0:
+                    continue
+                moved = [lane.ops.popleft() for _ in range(last + 1)]
+                for queued in moved:
+                    theirs = _keys_of(queued, pk)
+                    if theirs is None:
+                        every = True
+                    else:
+                        keys.update(theirs)
+                self._move(prio, op.priority, table, moved)
+                changed = True
+
+    def _move(self, src: Priority, dst: Priority, table: str,
+              ops: list[BatchOperation]) -> None:
+        src_lane = self._lanes[src][table]
+        rows = sum(o.n_rows for o in ops)
+        src_lane.rows -= rows
+        if not src_lane.ops:
+            del self._lanes[src][table]
+        dst_lane = self._lanes[dst].get(table)
+        if dst_lane is None:
+            dst_lane = self._lanes[dst][table] = _Lane()
+        dst_lane.ops = deque(heapq.merge(dst_lane.ops, ops, key=lambda o: o.seq))
+        dst_lane.rows += rows
+        self._queued_by_prio[src] -= len(ops)
+        self._queued_by_prio[dst] += len(ops)
+        self.stats.promotions += len(ops)
 
     def _enqueue(self, op: BatchOperation) -> None:
         lanes = self._lanes[op.priority]
@@ -606,6 +696,7 @@ class Scheduler:
                 "batches_failed": s.batches_failed,
                 "retries": s.retries,
                 "splits": s.splits,
+                "promotions": s.promotions,
             },
             "commit_latency": s.latency_quantiles(),
         }

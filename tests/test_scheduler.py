@@ -15,7 +15,7 @@ import pytest
 
 from batchdb import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
 
-from .conftest import ManagerFactory, make_table, rows_of
+from .conftest import ManagerFactory, make_table, rows_of, upbit_candles
 
 LOG_DDL = """
 CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL);
@@ -422,3 +422,42 @@ async def test_delete_accepts_whole_rows_and_reads_only_the_key(
     assert (await m.wait(gone)).rows_affected == 4
     assert (await m.wait(missing)).succeeded  # deleting a missing key is not an error
     assert rows_of(db_path, "SELECT k FROM kv ORDER BY k") == [(k,) for k in range(4, 10)]
+
+
+async def test_later_submission_wins_across_priorities(db_path: Path,
+                                                       make_manager: ManagerFactory) -> None:
+    """A LOW backfill and a HIGH live update of the same candle: the HIGH (later) one wins,
+    and LOW writes of other keys keep lingering at LOW."""
+    m = make_manager(**batch_cfg(linger_seconds={**SLOW_LINGER, "HIGH": 0},
+                                 flush_interval_seconds=100))
+    await m.start()
+    backfill = upbit_candles(5, price=100.0)  # minutes 0..4, old values
+    other = upbit_candles(5, start_minute=600, price=100.0)
+    low = await m.insert_candles_batch("KRW-BTC", "1m", backfill, Priority.LOW)
+    low_other = await m.insert_candles_batch("KRW-BTC", "1m", other, Priority.LOW)
+    live = upbit_candles(1, start_minute=2, price=999.0)  # minute 2, the live value
+    high = await m.insert_candles_batch("KRW-BTC", "1m", live, Priority.HIGH)
+    await m.wait(high)
+    assert m.scheduler.get(low).is_processed  # type: ignore[union-attr]
+    assert not m.scheduler.get(low_other).is_processed  # type: ignore[union-attr]
+    await m.flush()
+    got = dict(rows_of(db_path, "SELECT ts, open_price FROM candles ORDER BY ts"))
+    assert got[1704067200000 + 2 * 60000] == 999.0 + 2
+    assert got[1704067200000] == 100.0
+    assert (await m.get_queue_status())["stats"]["promotions"] == 1
+
+
+async def test_cross_priority_delete_then_insert(db_path: Path,
+                                                 make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager(**batch_cfg(linger_seconds=SLOW_LINGER, flush_interval_seconds=100))
+    await m.start()
+    await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "old", "n": 1}], Priority.CRITICAL)
+    await m.flush()
+    await m.queue_operation("kv", "DELETE", [{"k": 1}], Priority.LOW)
+    await m.queue_operation("kv", "UPDATE", [{"k": 2, "n": 5}], Priority.NORMAL)  # unrelated
+    ins = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "new", "n": 2}],
+                                  Priority.CRITICAL)
+    assert (await m.wait(ins)).succeeded  # the earlier LOW delete went first, so no conflict
+    await m.flush()
+    assert rows_of(db_path, "SELECT k, v FROM kv") == [(1, "new")]
