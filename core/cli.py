@@ -100,18 +100,25 @@ def _expected_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+_LOGGING = {"configure": False}  # set by main(): an app embedding the CLI keeps its logging
+
+
 def _setup_logging(level_name: str) -> None:
-    """Log to stderr through rich. INFO records are left out unless the settings ask for
-    DEBUG: the commands report what they did themselves."""
+    """Log batchdb's records to stderr through rich, when run as the ``batchdb`` program.
+
+    INFO records are left out unless the settings ask for DEBUG: the commands report what
+    they did themselves.
+    """
+    if not _LOGGING["configure"]:
+        return
     level = logging.getLevelName(level_name.upper())
     if not isinstance(level, int):
         level = logging.INFO
-    root = logging.getLogger("batchdb")
-    root.setLevel(level if level < logging.INFO else max(level, logging.WARNING))
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        handler = RichHandler(console=_stderr(), show_path=False, markup=False)
-        root.addHandler(handler)
-        root.propagate = False
+    logger = logging.getLogger("batchdb")
+    logger.setLevel(level if level < logging.INFO else max(level, logging.WARNING))
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=_stderr(), show_path=False, markup=False))
+        logger.propagate = False
 
 
 def _overrides(backend: str | None) -> dict[str, Any]:
@@ -701,6 +708,7 @@ def config(settings: SettingsOption = None, backend: BackendOption = None) -> No
 
 def main() -> None:
     """Entry point of the ``batchdb`` console script."""
+    _LOGGING["configure"] = True
     app()
 
 
