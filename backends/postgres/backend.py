@@ -135,6 +135,7 @@ class PostgresBackend(Backend):
     maintenance_tasks = ("analyze", "vacuum")
 
     def __init__(self, settings: PostgresSettings, *, connection_factory: Any = None) -> None:
+        """Check that the driver is installed; connections are made by ``open()``."""
         if connection_factory is not None:
             raise BatchDBError("the postgres backend takes no connection factory: set "
                                "postgres.dsn instead")
@@ -156,6 +157,7 @@ class PostgresBackend(Backend):
 
     @property
     def capabilities(self) -> Capabilities:
+        """One batch per pooled connection in flight; batch sizes from ``batch_size``."""
         size = self.settings.batch_size
         return Capabilities(max_writers=self.settings.pool_size, ordered=False,
                             supports_upsert=True, insert_batch_size=size,
@@ -205,6 +207,8 @@ class PostgresBackend(Backend):
         return self._pool
 
     async def open(self) -> None:
+        """Create the pool and open one connection now, so a wrong DSN, password or
+        database fails ``start()`` with a clear error instead of the first batch."""
         if self._pool is not None and not self._pool.closed:
             return
         from .pool import Pool
@@ -220,6 +224,7 @@ class PostgresBackend(Backend):
                  self.server_version, self.settings.pool_size)
 
     async def close(self) -> None:
+        """Close the pool's connections; idempotent."""
         if self._pool is not None:
             await self._pool.close()
 
@@ -248,10 +253,14 @@ class PostgresBackend(Backend):
         return target
 
     async def describe_table(self, name: str) -> TableInfo | None:
+        """Columns, key and types of ``name`` as the connection's search_path resolves it
+        (or ``schema.table``), read from pg_catalog with bound parameters."""
         target = await self._describe(name)
         return None if target is None else target.info
 
     async def create_table(self, table: sa.Table) -> TableInfo:
+        """Create a declared table (PostgreSQL dialect DDL, indexes, column comments) if
+        it does not exist, under an advisory lock so concurrent writers do not race."""
         from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
 
         dialect = sa.engine.make_url("postgresql+psycopg://").get_dialect()()
@@ -393,6 +402,11 @@ class PostgresBackend(Backend):
         return committed
 
     async def write_batch(self, batch: Batch) -> BatchResult:
+        """Commit ``batch`` in one transaction on a pooled connection, or raise.
+
+        Operations whose earlier COMMIT got no answer are looked up first (see the module
+        docstring) so that none is applied twice.
+        """
         pool = self._require_pool()
         ops = batch.operations
         if self._uncertain and any(op in self._uncertain for op in ops):
@@ -453,6 +467,9 @@ class PostgresBackend(Backend):
         return BatchResult(batch.row_count)
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
+        """By SQLSTATE: connection loss, shutdown, deadlock, serialization failure and
+        statement timeout are TRANSIENT; data, integrity and trigger errors are DATA;
+        the rest (privileges, missing objects, disk full, …) is RESOURCE."""
         pg = self._pg
         if isinstance(exc, PostgresConnectError | CommitOutcomePending):
             return ErrorKind.TRANSIENT
@@ -478,6 +495,8 @@ class PostgresBackend(Backend):
 
     # ------------------------------------------------------------------ maintenance
     async def maintenance(self, task: str) -> dict[str, Any]:
+        """``vacuum``: VACUUM (ANALYZE) of the tables this backend wrote to, with their
+        size before and after; ``analyze``: ANALYZE of them. Without statement timeout."""
         if task not in self.maintenance_tasks:
             raise ValueError(f"unknown PostgreSQL maintenance task {task!r}; "
                              f"known: {', '.join(self.maintenance_tasks)}")
@@ -518,6 +537,7 @@ class PostgresBackend(Backend):
         return result
 
     async def status(self) -> dict[str, Any]:
+        """Server version, database size, the redacted DSN and the pool's figures."""
         pool = self._require_pool()
         async with pool.connection() as conn:
             cur = await conn.raw.execute(

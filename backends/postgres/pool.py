@@ -45,6 +45,7 @@ class Pool:
 
     def __init__(self, connect: Callable[[], Awaitable[AsyncConnection[Any]]],
                  size: int) -> None:
+        """A pool of at most ``size`` connections, each made by ``connect``."""
         self._connect = connect
         self.size = size
         self._idle: deque[PooledConnection] = deque()
