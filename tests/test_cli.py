@@ -1,0 +1,351 @@
+"""The ``batchdb`` command line, run through typer's CliRunner and as a real process,
+against real SQLite files in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from batchdb import __version__
+from batchdb.cli import app
+
+DATA = Path(__file__).parent / "data"
+BATCHDB = Path(sys.executable).with_name("batchdb")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """No BATCHDB_* variable of the caller leaks in; the working directory is tmp_path."""
+    for name in list(os.environ):
+        if name.startswith("BATCHDB_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path) -> Path:
+    path = tmp_path / "conf" / "settings.toml"
+    path.parent.mkdir()
+    path.write_text(f'backend = "sqlite"\n[sqlite]\npath = "{tmp_path / "market.sqlite3"}"\n'
+                    '[batch]\ninsert_batch_size = 500\n')
+    return path
+
+
+def db_of(tmp_path: Path) -> Path:
+    return tmp_path / "market.sqlite3"
+
+
+def run(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """Invoke the CLI in-process with a wide terminal (no folded lines to match across)."""
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def query(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+# ---------------------------------------------------------------------- ingest
+@pytest.mark.parametrize(("name", "fmt", "expected"), [
+    ("upbit_krw-btc_1m.json", "json", [("KRW-BTC", "1m", 30)]),
+    ("upbit_mixed.ndjson", "ndjson", [("KRW-ETH", "60m", 20), ("KRW-XRP", "1m", 15)]),
+    ("upbit_krw-sol_5m.csv", "csv", [("KRW-SOL", "5m", 25)]),
+])
+def test_ingest_each_format(settings_file: Path, tmp_path: Path, name: str, fmt: str,
+                            expected: list[tuple[str, str, int]]) -> None:
+    result = run("ingest", str(DATA / name), "--settings", str(settings_file))
+    assert result.exit_code == 0, result.output
+    total = sum(n for *_, n in expected)
+    assert f"All {total} candles committed." in result.stdout
+    assert f"{name}" in result.stdout and fmt in result.stdout
+    assert query(db_of(tmp_path), "SELECT symbol, timeframe, COUNT(*) FROM candles "
+                                  "GROUP BY 1, 2 ORDER BY 1, 2") == expected
+
+
+def test_ingest_options_symbol_timeframe_priority(settings_file: Path, tmp_path: Path) -> None:
+    result = run("ingest", str(DATA / "upbit_days_no_unit.json"), "--timeframe", "1d",
+                 "--priority", "high", "--format", "json", "--chunk-size", "2",
+                 "-s", str(settings_file))
+    assert result.exit_code == 0, result.output
+    assert query(db_of(tmp_path), "SELECT symbol, timeframe, COUNT(*) FROM candles "
+                                  "GROUP BY 1, 2") == [("KRW-BTC", "1d", 5)]
+
+
+def test_ingest_bad_lines_reports_file_and_line(settings_file: Path, tmp_path: Path) -> None:
+    result = run("ingest", str(DATA / "bad_lines.ndjson"), str(DATA / "bad_lines.csv"),
+                 str(DATA / "upbit_krw-btc_1m.json"), "--settings", str(settings_file))
+    assert result.exit_code == 1, result.output
+    for where in ("bad_lines.ndjson:4: bad JSON", "bad_lines.ndjson:7: 'trade_price' must be",
+                  "bad_lines.ndjson:9: candle has no 'high_price'",
+                  "bad_lines.csv:3: 'candle_acc_trade_volume' is not a number: 'lots'",
+                  "bad_lines.csv:6: has 5 fields", "bad_lines.csv:8: 'candle_date_time_utc'"):
+        assert where in result.stderr
+    assert "6 line(s)/candle(s) failed" in result.stdout
+    assert "Traceback" not in result.output
+    assert query(db_of(tmp_path), "SELECT symbol, COUNT(*) FROM candles GROUP BY 1") == [
+        ("KRW-ADA", 5), ("KRW-BTC", 30), ("KRW-DOGE", 10)]
+
+
+def test_ingest_max_errors_limits_the_listing(settings_file: Path) -> None:
+    result = run("ingest", str(DATA / "bad_lines.ndjson"), "--max-errors", "1",
+                 "-s", str(settings_file))
+    assert result.exit_code == 1
+    assert "bad_lines.ndjson:4:" in result.stderr
+    assert "bad_lines.ndjson:7:" not in result.stderr
+    assert "2 more problem(s) not shown" in result.stderr
+
+
+def test_ingest_missing_unreadable_and_truncated_files(settings_file: Path,
+                                                       tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    result = run("ingest", str(missing), str(tmp_path), str(DATA / "truncated.json"),
+                 str(DATA / "upbit_krw-sol_5m.csv"), "-s", str(settings_file))
+    assert result.exit_code == 1, result.output
+    assert f"{missing}: cannot be read: No such file or directory" in result.stderr
+    assert f"{tmp_path}: cannot be read" in result.stderr
+    assert "truncated.json: the file ends inside element 4" in result.stderr
+    assert "3 file(s) could not be read completely" in result.stdout
+    assert query(db_of(tmp_path), "SELECT symbol, COUNT(*) FROM candles GROUP BY 1") == [
+        ("KRW-LINK", 4), ("KRW-SOL", 25)]
+
+
+def test_ingest_bad_arguments_exit_2(settings_file: Path) -> None:
+    bad_priority = run("ingest", str(DATA / "upbit_mixed.ndjson"), "--priority", "urgent",
+                       "-s", str(settings_file))
+    assert bad_priority.exit_code == 2 and "urgent" in bad_priority.output
+    bad_source = run("ingest", str(DATA / "upbit_mixed.ndjson"), "--source", "binance",
+                     "-s", str(settings_file))
+    assert bad_source.exit_code == 2
+    assert "no plugin normalises candles from source 'binance'" in bad_source.output
+
+
+# ---------------------------------------------------------------------- settings errors
+@pytest.mark.parametrize("command", [
+    ["ingest", str(DATA / "upbit_mixed.ndjson")], ["demo", "--seconds", "1"], ["status"],
+    ["maintain"], ["plugins"], ["config"]])
+def test_broken_settings_file_exits_2_naming_the_file(tmp_path: Path,
+                                                      command: list[str]) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[batch\ninsert_batch_size = 10\n")
+    result = run(*command, "--settings", str(broken))
+    assert result.exit_code == 2, result.output
+    assert f"settings file {broken}: not valid TOML" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_settings_value_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "settings.toml"  # found as ./settings.toml (the working directory)
+    bad.write_text("[batch]\ninsert_batch_size = -5\n")
+    result = run("status")
+    assert result.exit_code == 2
+    assert "settings file settings.toml: batch.insert_batch_size:" in result.stderr
+    assert "(got -5)" in result.stderr
+
+
+def test_settings_env_variable_and_unknown_backend(tmp_path: Path, settings_file: Path) -> None:
+    gone = run("config", env={"BATCHDB_SETTINGS": str(tmp_path / "gone.toml")})
+    assert gone.exit_code == 2
+    assert "gone.toml (from $BATCHDB_SETTINGS): not found" in gone.stderr
+    nope = run("ingest", str(DATA / "upbit_mixed.ndjson"), "--backend", "nope",
+               env={"BATCHDB_SETTINGS": str(settings_file)})
+    assert nope.exit_code == 1
+    assert "no backend named 'nope' is installed" in nope.stderr
+    assert "Traceback" not in nope.output
+
+
+# ---------------------------------------------------------------------- demo
+def test_demo_from_a_bare_directory(tmp_path: Path) -> None:
+    """No settings file: the default market_data.sqlite3 in the working directory."""
+    start = time.monotonic()
+    result = run("demo", "--seconds", "2")
+    elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result.output
+    assert elapsed < 2 + 6
+    db = tmp_path / "market_data.sqlite3"
+    counts = dict(query(db, "SELECT 'orders', COUNT(*) FROM orders UNION ALL "
+                            "SELECT 'candles', COUNT(*) FROM candles UNION ALL "
+                            "SELECT 'backtest_results', COUNT(*) FROM backtest_results"))
+    assert counts["orders"] > 10 and counts["candles"] > 1000
+    assert counts["backtest_results"] >= 1000
+    out = result.stdout
+    for text in ("rows in the database", "trading bot", "CRITICAL", "backtester", "LOW",
+                 "operations", "0 failed", "throughput", "rows/s", "commit latency",
+                 f"{db} (sqlite)"):
+        assert text in out
+    for table, count in counts.items():
+        assert f"{table}" in out and f"{count:,}" in out
+    statuses = query(db, "SELECT DISTINCT status FROM orders ORDER BY 1")
+    assert statuses == [("filled",), ("open",)]
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_demo_db_option(tmp_path: Path, settings_file: Path) -> None:
+    target = tmp_path / "elsewhere.sqlite3"
+    result = run("demo", "--seconds", "1", "--db", str(target), "-s", str(settings_file))
+    assert result.exit_code == 0, result.output
+    assert query(target, "SELECT COUNT(*) FROM orders")[0][0] > 0
+    assert not db_of(tmp_path).exists()
+
+
+# ---------------------------------------------------------------------- status & maintain
+def test_status_shows_tables_counts_and_markets(settings_file: Path, tmp_path: Path) -> None:
+    assert run("ingest", str(DATA / "upbit_mixed.ndjson"), "-s", str(settings_file)
+               ).exit_code == 0
+    with sqlite3.connect(db_of(tmp_path)) as conn:
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        conn.executemany("INSERT INTO notes (body) VALUES (?)", [("a",), ("b",), ("c",)])
+    result = run("status", "-s", str(settings_file))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "journal_mode" in out and "wal" in out and str(db_of(tmp_path)) in out
+    lines = [" ".join(line.split()) for line in out.splitlines()]
+    assert "candles 35" in lines and "notes 3" in lines
+    assert "KRW-ETH 60m 20 2024-01-02 00:00:00 2024-01-02 19:00:00" in lines
+    assert "KRW-XRP 1m 15 2024-01-02 00:00:00 2024-01-02 00:14:00" in lines
+
+
+def test_status_of_a_missing_database_creates_nothing(settings_file: Path,
+                                                      tmp_path: Path) -> None:
+    result = run("status", "-s", str(settings_file))
+    assert result.exit_code == 1
+    assert f"database {db_of(tmp_path)} does not exist yet" in result.stderr
+    assert not db_of(tmp_path).exists()
+
+
+def test_maintain_tasks(settings_file: Path, tmp_path: Path) -> None:
+    assert run("ingest", str(DATA / "upbit_krw-btc_1m.json"), "-s", str(settings_file)
+               ).exit_code == 0
+    default = run("maintain", "-s", str(settings_file))
+    assert default.exit_code == 0, default.output
+    lines = [" ".join(line.split()) for line in default.stdout.splitlines()]
+    assert any(line.startswith("checkpoint ok busy=false") for line in lines)
+    assert any(line.startswith("analyze ok analyzed=true") for line in lines)
+    assert any(line.startswith("vacuum ok bytes_before=") for line in lines)
+    assert not any(line.startswith("integrity_check") for line in lines)
+    chosen = run("maintain", "integrity_check", "bogus", "analyze", "-s", str(settings_file))
+    assert chosen.exit_code == 1
+    lines = [" ".join(line.split()) for line in chosen.stdout.splitlines()]
+    assert any(line.startswith('integrity_check ok ok=true, messages=["ok"]') for line in lines)
+    assert any(line.startswith("bogus failed backend 'sqlite' has no maintenance task 'bogus'")
+               for line in lines)
+    assert any(line.startswith("analyze ok") for line in lines)
+    assert query(db_of(tmp_path), "SELECT COUNT(*) FROM candles") == [(30,)]
+
+
+# ---------------------------------------------------------------------- plugins & config
+def test_plugins_lists_entry_points_and_backends(tmp_path: Path) -> None:
+    result = run("plugins")
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert any(line.startswith("sqlite batchdb.backends.sqlite batchdb") and "loaded" in line
+               for line in lines)
+    assert any(line.startswith("upbit batchdb.plugins.upbit") and "normalize_candles" in line
+               for line in lines)
+    assert any(line.startswith("sqlite batchdb.backends.sqlite.backend.SQLiteBackend")
+               and line.endswith("configured") for line in lines)
+    conf = tmp_path / "s.toml"
+    conf.write_text('[plugins]\ndisabled = ["upbit"]\n')
+    disabled = run("plugins", "-s", str(conf))
+    assert disabled.exit_code == 0
+    assert any(" ".join(line.split()) == "upbit disabled"
+               for line in disabled.stdout.splitlines())
+
+
+def test_config_shows_sources_and_hides_passwords(tmp_path: Path) -> None:
+    conf = tmp_path / "settings.toml"
+    conf.write_text('[batch]\ninsert_batch_size = 2500\n'
+                    '[postgres]\ndsn = "postgresql://trader:hunter2@db.example:5432/market"\n')
+    result = run("config", "--backend", "sqlite",
+                 env={"BATCHDB_BATCH__MAX_MEMORY_MB": "64"})
+    assert result.exit_code == 0, result.output
+    rows = {t[0]: t[1:] for t in map(str.split, result.stdout.splitlines()) if t}
+    assert rows["backend"] == ["sqlite", "argument"]
+    assert rows["batch.insert_batch_size"] == ["2500", "file"]
+    assert rows["batch.max_memory_mb"] == ["64.0", "env", "BATCHDB_BATCH__MAX_MEMORY_MB"]
+    assert rows["batch.update_batch_size"] == ["500", "default"]
+    assert rows["postgres.dsn"] == ["postgresql://trader:***@db.example:5432/market", "file"]
+    assert "hunter2" not in result.output
+    assert "settings file: settings.toml" in result.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"batchdb {__version__}"
+
+
+# ---------------------------------------------------------------------- signals (real processes)
+def _wait_for_rows(db: Path, proc: subprocess.Popen[str], timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            with sqlite3.connect(db, timeout=5) as conn:
+                n = conn.execute("SELECT COUNT(*) FROM candles").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            n = 0
+        if n:
+            return int(n)
+        time.sleep(0.02)
+    raise AssertionError("the ingest never committed a row")
+
+
+@pytest.mark.skipif(not BATCHDB.exists(), reason="the batchdb console script is not installed")
+def test_sigterm_during_ingest_drains_and_reports(settings_file: Path, tmp_path: Path) -> None:
+    big = tmp_path / "big.ndjson"
+    total = 150_000
+    with big.open("w") as fh:
+        for i in range(total):
+            fh.write(json.dumps({
+                "market": "KRW-BTC", "candle_date_time_utc":
+                f"2020-01-{1 + i // 1440:02d}T{i // 60 % 24:02d}:{i % 60:02d}:00",
+                "opening_price": 100.0 + i, "high_price": 101.0 + i, "low_price": 99.0 + i,
+                "trade_price": 100.5 + i, "candle_acc_trade_volume": 1.0,
+                "candle_acc_trade_price": 100.0, "unit": 1}) + "\n")
+    proc = subprocess.Popen([str(BATCHDB), "ingest", str(big), "--chunk-size", "2000",
+                             "-s", str(settings_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                    "COLUMNS": "200"})
+    db = db_of(tmp_path)
+    _wait_for_rows(db, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Interrupted by SIGTERM" in out
+    assert "SIGTERM: stopping" in err
+    summary = next(" ".join(line.split()) for line in out.splitlines()
+                   if line.strip().startswith("big.ndjson"))
+    _, fmt, read, committed, failed, *_ = summary.split()
+    assert (fmt, failed) == ("ndjson", "0")
+    rows = query(db, "SELECT COUNT(*) FROM candles")[0][0]
+    assert int(read.replace(",", "")) == int(committed.replace(",", "")) == rows
+    assert 0 < rows < total
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+@pytest.mark.skipif(not BATCHDB.exists(), reason="the batchdb console script is not installed")
+def test_sigint_ends_a_long_demo_early(tmp_path: Path) -> None:
+    proc = subprocess.Popen([str(BATCHDB), "demo", "--seconds", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    db = tmp_path / "market_data.sqlite3"
+    _wait_for_rows(db, proc)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - start < 15
+    assert "Interrupted by SIGINT" in out and "rows in the database" in out
+    assert "Traceback" not in out + err
+    assert query(db, "PRAGMA integrity_check") == [("ok",)]
