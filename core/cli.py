@@ -331,7 +331,7 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
     for name in ("read", "committed", "failed", "rows/s", "elapsed"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    names = [Path(r.path).name for r in reports]
+    names = [Path(f).name for f in files]
     short = len(set(names)) == len(names)  # file names alone when they tell files apart
     for r in reports:
         if r.error is not None:
@@ -346,13 +346,14 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
                       _fmt_int(r.candles_read), _fmt_int(r.rows_committed), _fmt_int(r.failed),
                       _fmt_int(r.rows_per_second), _fmt_seconds(r.elapsed), status)
     for path in files[len(reports):]:
-        table.add_row(Text(str(path)), "-", "0", "0", "0", "-", "-",
+        table.add_row(Text(path.name if short else str(path)), "-", "0", "0", "0", "-", "-",
                       Text("not read (interrupted)", style="yellow"))
     read = sum(r.candles_read for r in reports)
     committed = sum(r.rows_committed for r in reports)
     failed = sum(r.failed for r in reports)
     table.add_section()
-    table.add_row(Text(f"{len(files)} files", style="bold"), "", _fmt_int(read),
+    plural = "" if len(files) == 1 else "s"
+    table.add_row(Text(f"{len(files)} file{plural}", style="bold"), "", _fmt_int(read),
                   _fmt_int(committed), _fmt_int(failed),
                   _fmt_int(committed / elapsed if elapsed > 0 else 0), _fmt_seconds(elapsed), "")
     out.print(table)
@@ -392,14 +393,14 @@ def demo(
     viewer backfills history (NORMAL) and a backtester writes results (LOW), all at once.
     """
     with _expected_errors():
-        overrides: dict[str, Any] = _overrides(backend)
+        overrides: dict[str, Any] = {}
         if db is not None:
-            name = load_settings(settings, **overrides).backend
+            name = load_settings(settings, **_overrides(backend)).backend
             if name not in ("sqlite", "duckdb"):
                 raise typer.BadParameter(f"--db sets the file of the sqlite or duckdb backend; "
                                          f"the backend is {name!r}")
             overrides[name] = {"path": str(db)}
-        manager = _manager(settings, None, **overrides)
+        manager = _manager(settings, backend, **overrides)
         for table in DEMO_TABLES:
             manager.declare_table(table)
         report = asyncio.run(_demo(manager, seconds))

@@ -193,7 +193,8 @@ def test_demo_from_a_bare_directory(tmp_path: Path) -> None:
 
 def test_demo_db_option(tmp_path: Path, settings_file: Path) -> None:
     target = tmp_path / "elsewhere.sqlite3"
-    result = run("demo", "--seconds", "1", "--db", str(target), "-s", str(settings_file))
+    result = run("demo", "--seconds", "1", "--db", str(target), "-s", str(settings_file),
+                 "--backend", "sqlite")
     assert result.exit_code == 0, result.output
     assert query(target, "SELECT COUNT(*) FROM orders")[0][0] > 0
     assert not db_of(tmp_path).exists()
@@ -313,10 +314,10 @@ def test_sigterm_during_ingest_drains_and_reports(settings_file: Path, tmp_path:
                 "opening_price": 100.0 + i, "high_price": 101.0 + i, "low_price": 99.0 + i,
                 "trade_price": 100.5 + i, "candle_acc_trade_volume": 1.0,
                 "candle_acc_trade_price": 100.0, "unit": 1}) + "\n")
-    proc = subprocess.Popen([str(BATCHDB), "ingest", str(big), "--chunk-size", "2000",
-                             "-s", str(settings_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ,
-                                                                    "COLUMNS": "200"})
+    command = [str(BATCHDB), "ingest", str(big), str(DATA / "upbit_mixed.ndjson"),
+               "--chunk-size", "2000", "-s", str(settings_file)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
     db = db_of(tmp_path)
     _wait_for_rows(db, proc)
     proc.send_signal(signal.SIGTERM)
@@ -331,6 +332,7 @@ def test_sigterm_during_ingest_drains_and_reports(settings_file: Path, tmp_path:
     rows = query(db, "SELECT COUNT(*) FROM candles")[0][0]
     assert int(read.replace(",", "")) == int(committed.replace(",", "")) == rows
     assert 0 < rows < total
+    assert "upbit_mixed.ndjson" in out and "not read (interrupted)" in out
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
 
 
