@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -83,6 +84,8 @@ from rich.table import Table
 from sqlalchemy.schema import CreateTable
 
 from . import __version__
+from .backend import Backend, Batch
+from .hookspecs import hookimpl
 from .manager import BatchDBManager
 from .models import BatchOperation, OperationType, Priority
 from .schema import CANDLE_COLUMNS, candles_table
@@ -900,8 +903,24 @@ def _latency_summary(latencies: Sequence[float]) -> dict[str, Any]:
     return {"count": n, "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
 
 
+class _BatchTimes:
+    """A plugin recording how long each committed batch took, by priority (from handing it
+    to the backend to its commit), to explain the CRITICAL latencies."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[Priority, list[float]] = {p: [] for p in Priority}
+
+    @hookimpl
+    def batchdb_batch_committed(self, batch: Batch, seconds: float, backend: Backend) -> None:
+        self.seconds[batch.operations[0].priority].append(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        return {p.name: _latency_summary(v) for p, v in self.seconds.items() if v}
+
+
 def _critical_body(manager: BatchDBManager, backlog: Sequence[Mapping[str, Any]],
-                   interval: float) -> Callable[[], dict[str, Any] | None]:
+                   interval: float, batch_times: _BatchTimes
+                   ) -> Callable[[], dict[str, Any] | None]:
     async def main() -> dict[str, Any]:
         latencies: list[float] = []
         failures: list[str] = []
@@ -935,7 +954,7 @@ def _critical_body(manager: BatchDBManager, backlog: Sequence[Mapping[str, Any]]
             raise AssertionError(f"{len(failures)} CRITICAL writes failed: {failures[0]}")
         lat = _latency_summary(latencies)
         return {"critical_writes": written, "critical_latency": lat,
-                "critical_interval_ms": interval * 1000,
+                "critical_interval_ms": interval * 1000, "batch_ms": batch_times.summary(),
                 "_latencies": latencies}
 
     return _run_async(main)
@@ -1011,10 +1030,14 @@ def prepare_run(case: Case, rows: int, workdir: Path, *, pg_dsn: str | None = No
     store = make_store(case.backend, workdir, pg_dsn)
     store.reset()
     try:
-        return _prepare(case, n, store, cache)
+        prepared = _prepare(case, n, store, cache)
     except BaseException:
         store.remove()
         raise
+    # every run starts from the same collector state: building the data leaves young
+    # objects that would otherwise make the first collections of the timed part expensive
+    gc.collect()
+    return prepared
 
 
 def _prepare(case: Case, n: int, store: Store, cache: DataCache) -> PreparedRun:
@@ -1134,14 +1157,16 @@ def _prepare_one_row(case: Case, n: int, store: Store, cache: DataCache) -> Prep
 
 def _prepare_critical(case: Case, n: int, store: Store, cache: DataCache) -> PreparedRun:
     backlog: list[dict[str, Any]] = cache.get(("candle_rows", n, 0), lambda: candle_rows(n))
-    manager = BatchDBManager(settings=store.settings())
+    batch_times = _BatchTimes()
+    manager = BatchDBManager(settings=store.settings(), plugins=[batch_times])
 
     def verify(extra: dict[str, Any]) -> None:
         _check(store, "candles", n)
         _check(store, "orders", int(extra["critical_writes"]))
 
-    return PreparedRun(case, n, store,
-                       _critical_body(manager, backlog, CRITICAL_INTERVAL_SECONDS), verify)
+    return PreparedRun(case, n, store, _critical_body(manager, backlog,
+                                                      CRITICAL_INTERVAL_SECONDS, batch_times),
+                       verify)
 
 
 def _prepare_flood(case: Case, n: int, store: Store, cache: DataCache) -> PreparedRun:
@@ -1154,8 +1179,20 @@ def _prepare_flood(case: Case, n: int, store: Store, cache: DataCache) -> Prepar
                        sample_interval=0.005)
 
 
-def execute_case(case: Case, rows: int, workdir: str, pg_dsn: str | None = None) -> RunResult:
-    """Prepare, run (timed) and check one run; the entry point of each child process."""
+WARMUP_ROWS = 2000
+
+
+def execute_case(case: Case, rows: int, workdir: str, pg_dsn: str | None = None,
+                 warmup: bool = False) -> RunResult:
+    """Prepare, run (timed) and check one run; the entry point of each child process.
+
+    ``warmup`` first runs the case once with a few rows (untimed), so that a fresh process
+    does not count its first-use costs (lazy imports, caches, thread start-up) in the run.
+    """
+    if warmup:
+        first = prepare_run(case, min(rows, WARMUP_ROWS), Path(workdir), pg_dsn=pg_dsn)
+        first.run()
+        first.finish()
     prepared = prepare_run(case, rows, Path(workdir), pg_dsn=pg_dsn)
     prepared.run()
     return prepared.finish()
@@ -1484,7 +1521,8 @@ def run_comparison(
     peak memory is its own; its database lives in a temporary folder under ``out_dir``,
     removed at the end. Writes ``out_dir/batchdb-bench.json`` (pytest-benchmark layout) and
     ``out_dir/batchdb-bench.png``. A run that fails is reported as an error for its case;
-    the others go on.
+    the others go on. With ``isolate``, call it from a script only under
+    ``if __name__ == "__main__":`` (multiprocessing's spawn imports the main module).
     """
     if rows < 1:
         raise ValueError(f"rows must be at least 1, got {rows}")
@@ -1550,12 +1588,14 @@ def run_comparison(
 
 
 def run_isolated(case: Case, rows: int, workdir: Path, pg_dsn: str | None = None) -> RunResult:
-    """:func:`execute_case` in a fresh spawned process, so the run's peak memory is its own."""
+    """:func:`execute_case` in a fresh spawned process (after a small untimed warm-up run
+    there), so the run's peak memory is its own. From a script, call it under
+    ``if __name__ == "__main__":`` (multiprocessing's spawn imports the main module)."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(execute_case, case, rows, str(workdir), pg_dsn).result()
+        return pool.submit(execute_case, case, rows, str(workdir), pg_dsn, True).result()
 
 
 # ====================================================================== presentation
