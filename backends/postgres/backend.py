@@ -244,10 +244,24 @@ class PostgresBackend(Backend):
 
     # ------------------------------------------------------------------ schema
     async def _describe(self, name: str) -> Target | None:
+        """Read ``name`` from the catalog; retried like a batch while the server is
+        unreachable (a producer's first write to a table during a restart still works)."""
         from .statements import describe
 
-        async with self._require_pool().connection() as conn:
-            target = await describe(conn.raw, name)
+        attempt = 0
+        while True:
+            try:
+                async with self._require_pool().connection() as conn:
+                    target = await describe(conn.raw, name)
+                break
+            except Exception as exc:
+                policy = self.retry_policy
+                if (self.classify_error(exc) is not ErrorKind.TRANSIENT
+                        or attempt >= policy.max_retries):
+                    raise
+                attempt += 1
+                await self._require_pool().drop_idle()
+                await asyncio.sleep(policy.delay(attempt))
         if target is not None:
             self._targets[name] = target
         return target

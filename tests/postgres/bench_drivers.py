@@ -6,7 +6,8 @@ ROWS); INSERT … SELECT … ON CONFLICT (pk) DO UPDATE … WHERE changed; COMMI
     cd /work/main && /work/venv/bin/python tests/postgres/bench_drivers.py [rows] [batch]
 
 Starts its own throwaway server (tests/pgserver.py). Prints rows/s for new rows (empty table)
-and for existing rows (the same rows upserted again), best of ``--repeat`` runs.
+and for existing rows (the same rows with a changed price upserted again), and the client's
+CPU time for both, median of ``--repeat`` runs taken in turns.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -127,29 +129,30 @@ Runner = Callable[[str, str, list[tuple[Any, ...]], int], Awaitable[None]]
 
 
 async def measure(server: PostgresServer, name: str, runner: Runner,
-                  rows: list[tuple[Any, ...]], batch: int, repeat: int) -> tuple[float, float]:
-    new, existing = [], []
-    for r in range(repeat):
-        table = f"bench_{name}_{r}"
-        server.psql(DDL.format(name=table))
-        start = time.perf_counter()
-        await runner(server.dsn, table, rows, batch)
-        new.append(len(rows) / (time.perf_counter() - start))
-        changed = [(*row[:3], row[3] + 1.0, *row[4:]) for row in rows]
-        start = time.perf_counter()
-        await runner(server.dsn, table, changed, batch)
-        existing.append(len(rows) / (time.perf_counter() - start))
-        count = int(server.psql(f"SELECT count(*) FROM {table}"))
-        assert count == len(rows), (name, count)
-        server.psql(f"DROP TABLE {table}")
-    return max(new), max(existing)
+                  rows: list[tuple[Any, ...]], batch: int, run: int) -> tuple[float, float, float]:
+    """One run of one driver on a fresh table: new rows/s, changed rows/s, client CPU s."""
+    table = f"bench_{name}_{run}"
+    server.psql(DDL.format(name=table))
+    cpu = time.process_time()
+    start = time.perf_counter()
+    await runner(server.dsn, table, rows, batch)
+    new = len(rows) / (time.perf_counter() - start)
+    changed_rows = [(*row[:3], row[3] + 1.0, *row[4:]) for row in rows]
+    start = time.perf_counter()
+    await runner(server.dsn, table, changed_rows, batch)
+    changed = len(rows) / (time.perf_counter() - start)
+    cpu = time.process_time() - cpu
+    count = int(server.psql(f"SELECT count(*) FROM {table}"))
+    assert count == len(rows), (name, count)
+    server.psql(f"DROP TABLE {table}")
+    return new, changed, cpu
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("rows", type=int, nargs="?", default=200_000)
     parser.add_argument("batch", type=int, nargs="?", default=20_000)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     rows = make_rows(args.rows)
     runners: dict[str, Runner] = {
@@ -157,13 +160,17 @@ async def main() -> None:
         "psycopg_async": run_psycopg,
         "psycopg_thread": run_psycopg_thread,
     }
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runners}
     with tempfile.TemporaryDirectory() as tmp, PostgresServer.start(Path(tmp)) as server:
-        print(f"{args.rows} candle rows, {args.batch} per transaction, best of {args.repeat}")
-        print(f"{'driver':<16}{'new rows/s':>14}{'changed rows/s':>16}")
-        for name, runner in runners.items():
-            new, existing = await measure(server, name, runner, rows, args.batch, args.repeat)
-            print(f"{name:<16}{new:>14,.0f}{existing:>16,.0f}")
-
+        for run in range(args.repeat):  # drivers take turns, so load changes hit all alike
+            for name, runner in runners.items():
+                results[name].append(await measure(server, name, runner, rows, args.batch,
+                                                   run))
+    print(f"{args.rows} candle rows, {args.batch} per transaction, median of {args.repeat}")
+    print(f"{'driver':<16}{'new rows/s':>12}{'changed rows/s':>16}{'client CPU s':>14}")
+    for name, values in results.items():
+        new, changed, cpu = (statistics.median(v[i] for v in values) for i in range(3))
+        print(f"{name:<16}{new:>12,.0f}{changed:>16,.0f}{cpu:>14.2f}")
 
 if __name__ == "__main__":
     asyncio.run(main())

@@ -35,12 +35,12 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._fault: _Fault | None = None
         self.cuts = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[object]] = set()
+        self._cuts: set[asyncio.Event] = set()
 
-    async def start(self) -> FaultProxy:
-        """Start listening on a free port of 127.0.0.1."""
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> FaultProxy:
+        """Start listening on ``port`` (default: a free one) of 127.0.0.1."""
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -57,11 +57,9 @@ class FaultProxy:
         """Stop listening and close every relayed connection."""
         if self._server is not None:
             self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for cut in list(self._cuts):
+            cut.set()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -72,9 +70,12 @@ class FaultProxy:
         except OSError:
             client_w.close()
             return
-        self._writers.update((client_w, server_w))
         cut = asyncio.Event()
         answer_pending = asyncio.Event()
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
+        self._cuts.add(cut)
 
         async def upstream() -> None:  # client -> server, watching for the marker
             while not cut.is_set():
@@ -108,16 +109,16 @@ class FaultProxy:
             cut.set()
 
         tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-        self._tasks.update(tasks)
         try:
             await cut.wait()
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._tasks.difference_update(tasks)
             for writer in (client_w, server_w):
-                self._writers.discard(writer)
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
+            self._cuts.discard(cut)
+            if me is not None:
+                self._handlers.discard(me)

@@ -103,6 +103,25 @@ async def test_connection_cut_during_a_batch(pg_server: PostgresServer,
         assert resolved[outcome] == 1 and sum(resolved.values()) == 1
 
 
+
+async def test_first_write_to_a_table_while_the_server_is_away(
+        pg_server: PostgresServer, make_pg_manager: ManagerFactory, pg_dsn: str) -> None:
+    """Describing a table is retried like a batch while the server cannot be reached."""
+    sql_exec(pg_dsn, "CREATE TABLE late (id int PRIMARY KEY)")
+    proxy = await FaultProxy(pg_server.port).start()
+    try:
+        async with make_pg_manager(postgres={"dsn": proxy.dsn(pg_dsn)}) as m:
+            port = proxy.port
+            await proxy.close()  # connection refused, the pooled connection cut
+            queued = asyncio.ensure_future(m.queue_operation("late", "INSERT", [{"id": 1}]))
+            await asyncio.sleep(0.3)
+            assert not queued.done()
+            proxy = await FaultProxy(pg_server.port).start(port)  # back, same address
+            await m.wait(await queued)
+    finally:
+        await proxy.close()
+    assert sql_rows(pg_dsn, "SELECT id FROM late") == [(1,)]
+
 def test_several_writer_processes_into_one_table(pg_dsn: str, tmp_path: Path) -> None:
     sql_exec(pg_dsn, "CREATE TABLE shared (id bigint NOT NULL, writer int NOT NULL, "
                      "payload text NOT NULL)")
