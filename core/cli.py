@@ -23,6 +23,7 @@ import typer
 from rich import box
 from rich.console import Console, Group
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import (
     BarColumn,
@@ -307,7 +308,7 @@ async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[P
     for path in files:
         key = str(path)
         if key not in tasks:
-            tasks[key] = progress.add_task(Text(path.name).plain, total=None, candles=0)
+            tasks[key] = progress.add_task(escape(path.name), total=None, candles=0)
     start = time.monotonic()
     await manager.start()
     try:
@@ -325,7 +326,7 @@ async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[P
 
 def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Path],
                     elapsed: float, interrupted: str | None) -> None:
-    table = _table("ingest summary")
+    table = _table("ingest summary: candles read, rows committed, lines or candles failed")
     table.add_column("file", overflow="fold", min_width=12)
     table.add_column("format", no_wrap=True)
     for name in ("read", "committed", "failed", "rows/s", "elapsed"):
@@ -547,9 +548,15 @@ async def _status(manager: BatchDBManager) -> None:
     try:
         backend_status = await manager.backend.status()
         tables = await _list_tables(manager)
-        counts = {}
+        counts: dict[str, int | str] = {}
         for name in tables:
-            rows = await manager.fetch(f"SELECT COUNT(*) FROM {quote_ident(name)}")  # noqa: S608
+            try:
+                rows = await manager.fetch(f"SELECT COUNT(*) FROM {quote_ident(name)}")  # noqa: S608
+            except Exception as exc:
+                # one unreadable table (say, a virtual table whose module is not loaded) is
+                # shown as such; the others are still counted
+                counts[name] = f"cannot count: {exc}"
+                continue
             counts[name] = int(rows[0][0])
         per_market: list[tuple[Any, ...]] = []
         if candles_table.name in tables:
@@ -571,7 +578,8 @@ async def _status(manager: BatchDBManager) -> None:
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, count in counts.items():
-        table.add_row(Text(name), _fmt_int(count))
+        table.add_row(Text(name), Text(count, style="red") if isinstance(count, str)
+                      else _fmt_int(count))
     if not counts:
         table.add_row(Text("(no tables yet)", style="dim"), "")
     out.print(table)

@@ -207,12 +207,17 @@ def test_status_shows_tables_counts_and_markets(settings_file: Path, tmp_path: P
     with sqlite3.connect(db_of(tmp_path)) as conn:
         conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
         conn.executemany("INSERT INTO notes (body) VALUES (?)", [("a",), ("b",), ("c",)])
+        # a virtual table whose module this Python lacks: it cannot be counted, the rest can
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("INSERT INTO sqlite_master (type, name, tbl_name, rootpage, sql) VALUES "
+                     "('table', 'vt', 'vt', 0, 'CREATE VIRTUAL TABLE vt USING nosuchmodule(a)')")
     result = run("status", "-s", str(settings_file))
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "journal_mode" in out and "wal" in out and str(db_of(tmp_path)) in out
     lines = [" ".join(line.split()) for line in out.splitlines()]
     assert "candles 35" in lines and "notes 3" in lines
+    assert "vt cannot count: no such module: nosuchmodule" in lines
     assert "KRW-ETH 60m 20 2024-01-02 00:00:00 2024-01-02 19:00:00" in lines
     assert "KRW-XRP 1m 15 2024-01-02 00:00:00 2024-01-02 00:14:00" in lines
 
@@ -262,6 +267,22 @@ def test_plugins_lists_entry_points_and_backends(tmp_path: Path) -> None:
     assert disabled.exit_code == 0
     assert any(" ".join(line.split()) == "upbit disabled"
                for line in disabled.stdout.splitlines())
+
+
+def test_plugins_reports_a_plugin_that_fails_to_load(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third-party distribution whose batchdb entry point cannot be imported."""
+    dist = tmp_path / "site" / "brokenplugin-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[batchdb]\nbroken = batchdb_no_such_module_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    result = run("plugins")
+    assert result.exit_code == 0, result.output
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert ("broken failed: ModuleNotFoundError: No module named "
+            "'batchdb_no_such_module_xyz'") in lines
+    assert any(line.startswith("sqlite batchdb.backends.sqlite") for line in lines)
 
 
 def test_config_shows_sources_and_hides_passwords(tmp_path: Path) -> None:
