@@ -34,8 +34,11 @@ connect + tune + write + close; for batchdb, ``start()`` + queueing + ``flush()`
 ``stop()`` (building the manager and loading its plugins happens before). Both sides use
 the same table and the same tuning: the PRAGMAs of :class:`~batchdb.settings.SQLiteSettings`
 (and ``temp_store = MEMORY``, which the backend also sets) and the batch sizes of the
-settings defaults. After each run the rows are read back and checked, untimed, so a fast
-but wrong run is an error, not a number.
+settings defaults. batchdb runs with the default settings (no settings file, no
+``BATCHDB_*`` variable), maintenance off (its first task would come after an hour). After
+each run the rows are read back and checked, untimed, so a fast but wrong run is an error,
+not a number. Garbage is collected before each timed part, so every run starts from the
+same collector state.
 
 Peak memory is the growth of the process's resident set during the timed part: the kernel's
 high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` when the run starts)
