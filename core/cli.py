@@ -256,7 +256,8 @@ def ingest(
 
     Files are streamed in chunks. A bad file, line or candle is reported with the file name
     and line number and the rest is still ingested. Exit code 0 when everything went in,
-    1 when something failed. SIGINT/SIGTERM stops reading, commits what was read, exits 0.
+    1 when something failed. SIGINT/SIGTERM stops reading and commits what was read (exit
+    code 0 unless something failed before).
     """
     with _expected_errors():
         manager = _manager(settings, backend)
