@@ -90,9 +90,9 @@ class BatchDBManager:
             section = backend_cls.settings_model.model_validate(section)
         self.backend: Backend = backend_cls(section, connection_factory=db_connection_factory)
         self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
+        self._tables: dict[str, TableInfo] = {}
         for table in tables:
             self.declare_table(table)
-        self._tables: dict[str, TableInfo] = {}
         self._table_locks: dict[str, asyncio.Lock] = {}
         self._scheduler: Scheduler | None = None
         self._maintenance_task: asyncio.Task[None] | None = None
