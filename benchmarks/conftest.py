@@ -117,40 +117,54 @@ def _load_pgserver() -> Any:
     return module.PostgresServer
 
 
-@dataclass
 class _PgState:
-    dsn: str | None = None
-    reason: str | None = None
-    server: Any = None
+    """The PostgreSQL database to use, found or started on first use: $BATCHDB_BENCH_PG_DSN,
+    else a throwaway server (stopped at the end of the session)."""
+
+    def __init__(self, base_dir: Callable[[], Path]) -> None:
+        self._base_dir = base_dir
+        self._ready = False
+        self.dsn: str | None = None
+        self.reason: str | None = None
+        self.server: Any = None
+
+    def ensure(self) -> None:
+        """Find the DSN or start the server, once; on failure ``reason`` says why."""
+        if self._ready:
+            return
+        self._ready = True
+        self.dsn = os.environ.get(bench.PG_DSN_ENV) or None
+        if self.dsn:
+            return
+        server_cls = _load_pgserver()
+        if server_cls is None:
+            self.reason = (f"no PostgreSQL: set {bench.PG_DSN_ENV}, or provide tests/pgserver.py "
+                           "and the server binaries")
+        elif not server_cls.available():
+            reason = getattr(server_cls, "unavailable_reason", lambda: "server not available")()
+            self.reason = f"no PostgreSQL: {bench.PG_DSN_ENV} is not set and {reason}"
+        else:
+            try:
+                self.server = server_cls.start(self._base_dir())
+                self.dsn = self.server.dsn
+            except Exception as exc:
+                self.reason = f"no PostgreSQL: the throwaway server did not start: {exc}"
+
+    def stop(self) -> None:
+        """Stop the throwaway server, if one was started."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
 
 @pytest.fixture(scope="session")
 def pg_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_PgState]:
-    """The PostgreSQL database to use: $BATCHDB_BENCH_PG_DSN, else a throwaway server."""
-    state = _PgState()
-    dsn = os.environ.get(bench.PG_DSN_ENV)
-    if dsn:
-        state.dsn = dsn
-        yield state
-        return
-    server_cls = _load_pgserver()
-    if server_cls is None:
-        state.reason = (f"no PostgreSQL: set {bench.PG_DSN_ENV}, or provide tests/pgserver.py "
-                        "and the server binaries")
-    elif not server_cls.available():
-        reason = getattr(server_cls, "unavailable_reason", lambda: "server not available")()
-        state.reason = f"no PostgreSQL: {bench.PG_DSN_ENV} is not set and {reason}"
-    else:
-        try:
-            state.server = server_cls.start(tmp_path_factory.mktemp("pg"))
-            state.dsn = state.server.dsn
-        except Exception as exc:
-            state.reason = f"no PostgreSQL: the throwaway server did not start: {exc}"
+    """PostgreSQL for the session, started only if a postgres benchmark runs."""
+    state = _PgState(lambda: tmp_path_factory.mktemp("pg"))
     try:
         yield state
     finally:
-        if state.server is not None:
-            state.server.stop()
+        state.stop()
 
 
 @dataclass
@@ -190,8 +204,10 @@ def run_case(request: pytest.FixtureRequest, bench_rows: int, bench_rounds: int,
 
     def run(benchmark: Any, case: bench.Case) -> bench.BenchResult:
         if case.backend not in _SESSION.availability:
-            reason = (pg_state.reason if case.backend == "postgres" and pg_state.dsn is None
-                      else bench.backend_unavailable(case.backend, pg_state.dsn))
+            reason = bench.backend_unavailable(case.backend, check_dsn=False)
+            if reason is None and case.backend == "postgres":
+                pg_state.ensure()
+                reason = pg_state.reason
             _SESSION.availability[case.backend] = reason
         reason = _SESSION.availability[case.backend]
         if reason is not None:

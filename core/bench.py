@@ -734,8 +734,12 @@ def make_store(backend: str, workdir: Path, pg_dsn: str | None = None) -> Store:
     raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
 
-def backend_unavailable(backend: str, pg_dsn: str | None = None) -> str | None:
-    """Why ``backend`` cannot be benchmarked here, or None when it can."""
+def backend_unavailable(backend: str, pg_dsn: str | None = None, *,
+                        check_dsn: bool = True) -> str | None:
+    """Why ``backend`` cannot be benchmarked here, or None when it can.
+
+    ``check_dsn=False`` leaves out the PostgreSQL DSN (for a caller that brings a server).
+    """
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}"
     drivers = {"duckdb": ("duckdb", "pyarrow"), "postgres": ("psycopg",)}.get(backend, ())
@@ -751,7 +755,7 @@ def backend_unavailable(backend: str, pg_dsn: str | None = None) -> str | None:
         BackendRegistry(create_plugin_manager()).get(backend)
     except Exception as exc:
         return f"{backend}: the batchdb backend is not available: {exc}"
-    if backend == "postgres" and not (pg_dsn or os.environ.get(PG_DSN_ENV)):
+    if check_dsn and backend == "postgres" and not (pg_dsn or os.environ.get(PG_DSN_ENV)):
         return (f"postgres: no server to write to; set {PG_DSN_ENV} to a database where the "
                 f"benchmark may create (and drop) the schema {PG_SCHEMA!r}")
     return None
