@@ -6,8 +6,9 @@ raw: psycopg 3, per 20k rows BEGIN; binary COPY into a temporary staging table;
 INSERT … SELECT … ON CONFLICT DO UPDATE; COMMIT — rows already as tuples.
 batchdb: ``queue_operation(UPSERT)`` of the same rows as dicts (1000 per operation), then
 ``flush()``; and the same candles as Upbit JSON through ``insert_candles_batch`` (200 per
-call, the API's page size). Each run writes into a fresh, empty table; the ratio uses the
-median of the runs. Starts its own throwaway server (tests/pgserver.py).
+call, the API's page size). Each run writes into a fresh, empty table; ratios are given
+from the medians and as the median of each run against the raw run just before it.
+Starts its own throwaway server (tests/pgserver.py).
 """
 
 from __future__ import annotations
@@ -100,8 +101,11 @@ async def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     for name, values in results.items():
         shown = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"{name:<8} {shown:<40} median {med[name]:>10,.0f}  "
-              f"{med[name] / med['raw']:.2f}x raw")
+        # each run's batchdb figure against the raw figure taken just before it: the
+        # machine's load changes between runs, much less within one
+        pairs = statistics.median(v / r for v, r in zip(values, results["raw"], strict=True))
+        print(f"{name:<8} {shown:<48} median {med[name]:>10,.0f}  "
+              f"{med[name] / med['raw']:.2f}x raw (paired runs: {pairs:.2f}x)")
 
 
 if __name__ == "__main__":
