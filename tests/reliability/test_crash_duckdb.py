@@ -1,0 +1,36 @@
+"""Promise 1 on the DuckDB backend: SIGKILL at random moments loses no acknowledged
+operation and leaves no half operation (same child, harness and checks as ``test_crash``).
+
+The child runs ``checkpoint`` and ``analyze`` between writes but not ``vacuum``: on DuckDB
+that task leaves an unfinished result on the writer connection and every later write fails
+(``test_faults.py::test_duckdb_writes_after_vacuum``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from .crashkit import CrashRun, load_logs
+from .reporting import record
+
+pytest.importorskip("duckdb")
+pytest.importorskip("pyarrow")
+
+SEED = int(os.environ.get("BATCHDB_CRASH_SEED", "20240601"))
+KILLS = int(os.environ.get("BATCHDB_CRASH_KILLS_DUCKDB", "25"))
+
+
+def test_sigkill_duckdb_at_random_moments(tmp_path: Path) -> None:
+    run = CrashRun(tmp_path, "duckdb", SEED, KILLS, maintenance="checkpoint,analyze",
+                   finish_ops=150)
+    figures = run.run()
+    record("crash_duckdb", figures)
+    assert run.failure is None, run.failure
+    assert figures["kills"] >= 25
+    logs = load_logs(run.logs)
+    kinds = {logs.specs[n]["kind"] for n in logs.acked}
+    assert kinds >= {"insert", "update", "upsert", "delete", "candles"}, kinds
+    assert figures["operations_acknowledged"] >= 150
