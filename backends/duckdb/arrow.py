@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from itertools import chain
 from operator import itemgetter
 from typing import Any
+
+import numpy as np
 
 from batchdb.models import BatchOperation
 from batchdb.schema import TableInfo
@@ -141,49 +142,48 @@ class ArrowConverter:
         return ConversionError(
             f"table {self.table.name!r} column {column!r} ({kind}): {detail}")
 
-    def op_columns(self, op: BatchOperation) -> list[Sequence[Any]]:
-        """The values of one operation, one sequence per column.
+    def columns_of(self, operations: Sequence[BatchOperation]) -> list[list[Any]]:
+        """The values of all rows of ``operations``, one list per column, in order.
 
-        Producers' dict rows are read column by column, never as one tuple per row: the
-        per-row tuples would cost as much again in allocation and in the garbage
-        collector's passes over them as building the Arrow arrays does.
+        Producers' dict rows are read column by column straight into these lists, never
+        as one tuple per row: per-row tuples would cost as much again in allocation and in
+        the garbage collector's passes over them as building the Arrow arrays does.
         """
         width = len(self.columns)
-        if op.values is None:
+        columns: list[list[Any]] = [[] for _ in range(width)]
+        for op in operations:
+            if op.values is not None:
+                values = op.values
+                if values and len(values[0]) != width:
+                    raise self._width_error()
+                try:
+                    for column, part in zip(columns, zip(*values, strict=True), strict=False):
+                        column.extend(part)
+                except ValueError:
+                    raise self._width_error() from None
+                continue
             rows = op.data_rows
             keys = len(op.row_columns) or len(op.columns)
             try:
-                columns_: list[Sequence[Any]] = [list(map(itemgetter(c), rows))
-                                                 for c in op.columns]
                 if all(map(keys.__eq__, map(len, rows))):
-                    return columns_
+                    for column, name in zip(columns, op.columns, strict=True):
+                        column.extend(map(itemgetter(name), rows))
+                    continue
             except (KeyError, TypeError, IndexError):
                 pass
             op.tuples()  # raises the SchemaError naming the malformed row
             raise ConversionError(f"rows for table {self.table.name!r} are malformed")
-        try:
-            columns: list[Sequence[Any]] = list(zip(*op.values, strict=True))
-        except ValueError:
-            columns = []
-        if len(columns) != width:
-            raise ConversionError(f"rows for table {self.table.name!r} must have "
-                                  f"{width} values each ({', '.join(self.columns)})")
         return columns
+
+    def _width_error(self) -> ConversionError:
+        return ConversionError(f"rows for table {self.table.name!r} must have "
+                               f"{len(self.columns)} values each ({', '.join(self.columns)})")
 
     def table_of(self, operations: Sequence[BatchOperation]) -> Any:
         """The Arrow table of all rows of ``operations``, in submission order."""
-        pa = self.pa
-        parts = [self.op_columns(op) for op in operations if op.n_rows]
-        if not parts:
-            return pa.Table.from_arrays(
-                [pa.array([], type=t or pa.null()) for t in self.types], names=self.names)
-        if len(parts) == 1:
-            columns = parts[0]
-        else:
-            columns = [list(chain.from_iterable(p[i] for p in parts))
-                       for i in range(len(self.columns))]
+        columns = self.columns_of(operations)
         arrays = [self.column(values, i) for i, values in enumerate(columns)]
-        return pa.Table.from_arrays(arrays, names=self.names)
+        return self.pa.Table.from_arrays(arrays, names=self.names)
 
     def keep_last(self, data: Any) -> Any:
         """``data`` with one row per key: the last one in submission order."""
@@ -196,7 +196,7 @@ class ArrowConverter:
         for name in self.key_names:  # one unique key column makes the whole key unique
             if pc.count_distinct(data.column(name), mode="all").as_py() == n:
                 return data
-        index = pa.array(range(n), type=pa.int64())
+        index = pa.array(np.arange(n, dtype=np.int64))
         keys = pa.Table.from_arrays([data.column(k) for k in self.key_names] + [index],
                                     names=[*self.key_names, "__row"])
         last = keys.group_by(self.key_names, use_threads=False).aggregate([("__row", "max")])
