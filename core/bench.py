@@ -1360,6 +1360,7 @@ class BenchReport:
     rows: int
     rounds: int
     results: list[BenchResult]
+    #: what did not run, by backend (or ``sqlite-utils``, ``chart``), with the reason
     skipped: dict[str, str]
     json_path: Path | None = None
     png_path: Path | None = None
@@ -1548,6 +1549,10 @@ def run_comparison(
         else:
             skipped[backend] = reason
     todo = cases(usable, workloads)
+    if any(c.implementation == "sqlite-utils" for c in todo) and not _importable("sqlite_utils"):
+        todo = [c for c in todo if c.implementation != "sqlite-utils"]
+        skipped["sqlite-utils"] = ("sqlite-utils: not installed (pip install 'batchdb[bench]'), "
+                                   "its upsert_all peer is left out")
     total = len(todo) * rounds
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1590,8 +1595,20 @@ def run_comparison(
                          machine_info=machine_info(), commit_info=commit_info(),
                          started_at=started)
     report.json_path = write_json(report, out_dir / "batchdb-bench.json")
-    report.png_path = write_plot(report, out_dir / "batchdb-bench.png")
+    if _importable("matplotlib"):
+        report.png_path = write_plot(report, out_dir / "batchdb-bench.png")
+    else:
+        report.skipped["chart"] = ("chart: matplotlib is not installed (pip install "
+                                   "'batchdb[bench]'), no PNG written")
     return report
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def run_isolated(case: Case, rows: int, workdir: Path, pg_dsn: str | None = None) -> RunResult:

@@ -143,3 +143,16 @@ def test_raw_normaliser_matches_the_upbit_plugin() -> None:
     raw = bench.normalize_upbit_raw(market, "1m", candles, rows[0][-1])
     assert columns == bench.CANDLE_COLUMNS
     assert raw == [(*r[:9], "upbit", r[10]) for r in rows]
+
+
+def test_missing_optional_packages_are_reported(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bench._importable
+    monkeypatch.setattr(bench, "_importable",
+                        lambda m: m not in ("sqlite_utils", "matplotlib") and real(m))
+    report = bench.run_comparison(["sqlite"], 1000, tmp_path, rounds=1,
+                                  workloads=["upsert_new"], isolate=False)
+    assert [r.case.implementation for r in report.results] == ["raw", "batchdb"]
+    assert "sqlite-utils" in report.skipped and "chart" in report.skipped
+    assert report.png_path is None and report.json_path is not None
+    assert not (tmp_path / "batchdb-bench.png").exists()
