@@ -7,6 +7,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -85,13 +86,11 @@ class Batch:
     def rows(self) -> list[tuple[Any, ...]]:
         """All rows of all operations, in submission order (built once)."""
         if self._rows is None:
-            if len(self.operations) == 1:
-                self._rows = self.operations[0].tuples()
+            ops = self.operations
+            if len(ops) == 1:
+                self._rows = ops[0].tuples()
             else:
-                rows: list[tuple[Any, ...]] = []
-                for op in self.operations:
-                    rows.extend(op.tuples())
-                self._rows = rows
+                self._rows = _coalesced_rows(ops)
         return self._rows
 
     @property
@@ -106,6 +105,28 @@ class Batch:
             Batch(self.table, self.operation_type, self.columns, self.operations[:mid]),
             Batch(self.table, self.operation_type, self.columns, self.operations[mid:]),
         )
+
+
+def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
+    """Rows of many operations; one conversion pass when they all came as mappings with
+    the same keys (many one-row writes coalesced), else operation by operation."""
+    first = ops[0]
+    width = len(first.row_columns)
+    if width and all(op.values is None and op.row_columns == first.row_columns for op in ops):
+        data = [row for op in ops for row in op.data_rows]
+        columns = first.columns
+        getter = itemgetter(*columns) if len(columns) > 1 else None
+        try:
+            values = (list(map(getter, data)) if getter is not None
+                      else [(row[columns[0]],) for row in data])
+            if all(map(width.__eq__, map(len, data))):
+                return values
+        except (KeyError, TypeError):
+            pass
+    rows: list[tuple[Any, ...]] = []
+    for op in ops:
+        rows.extend(op.tuples())  # names the operation and row that is malformed
+    return rows
 
 
 class Backend(ABC):

@@ -58,15 +58,20 @@ class OperationType(enum.StrEnum):
     @classmethod
     def parse(cls, value: OperationType | str) -> OperationType:
         """Accept an ``OperationType`` or its name in any case; anything else is a ValueError."""
-        if isinstance(value, cls):
+        if type(value) is cls:
             return value
         if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                pass
+            found = _OPERATION_TYPES.get(value) or _OPERATION_TYPES.get(value.strip().upper())
+            if found is not None:
+                return found
         names = ", ".join(m.name for m in cls)
         raise ValueError(f"operation_type must be one of {names}, got {value!r}")
+
+    def __hash__(self) -> int:  # the str hash, in C (Enum's own is a Python function)
+        return str.__hash__(self)
+
+
+_OPERATION_TYPES: dict[str, OperationType] = {m.value: m for m in OperationType}
 
 
 class Priority(enum.IntEnum):
@@ -80,7 +85,7 @@ class Priority(enum.IntEnum):
     @classmethod
     def parse(cls, value: Priority | str | int) -> Priority:
         """Accept a ``Priority``, its name in any case or its number; else a ValueError."""
-        if isinstance(value, cls):
+        if type(value) is cls:
             return value
         if isinstance(value, str):
             try:
@@ -106,7 +111,7 @@ def _single(column: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
 OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class BatchOperation:
     """One producer's request, kept whole: it commits or fails as a unit.
 
@@ -132,6 +137,7 @@ class BatchOperation:
     values: list[tuple[Any, ...]] | None = field(default=None, repr=False)
     row_columns: tuple[str, ...] = field(default=(), repr=False)
     n_rows: int = field(default=0, repr=False)
+    nbytes: int = field(default=0, repr=False)
     keys: frozenset[Any] | None = field(default=None, repr=False)
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)

@@ -36,6 +36,7 @@ __all__ = ["Scheduler", "SchedulerStats"]
 log = logging.getLogger("batchdb.scheduler")
 
 _PRIORITIES = sorted(Priority, reverse=True)  # CRITICAL first
+_LOWER = {p: tuple(q for q in _PRIORITIES if q < p) for p in Priority}
 _MB = 1024 * 1024
 _KEYED = (OperationType.UPDATE, OperationType.DELETE)
 
@@ -194,19 +195,15 @@ class Scheduler:
     def _over_budget(self, op: BatchOperation) -> bool:
         if self.queued_ops >= self.config.max_queue_size:
             return True
-        size = op.estimated_size_mb * _MB
         # an operation larger than the whole budget gets in once the queue is empty
-        return self.queued_bytes > 0 and self.queued_bytes + size > self._budget
+        return self.queued_bytes > 0 and self.queued_bytes + op.nbytes > self._budget
 
     async def submit(self, op: BatchOperation) -> None:
         """Queue ``op``, after waiting for room (or raising QueueFull) when over budget.
 
         An operation is never split: larger than a batch, it is a batch of its own.
         """
-        if self._stopping or not self._running:
-            raise NotRunningError("the manager is not running: call start() or use "
-                                  "'async with'")
-        if op.priority is not Priority.CRITICAL and self._over_budget(op):
+        if not self.try_submit(op):
             self._dispatch()  # pressure: dispatch without lingering
             if self.config.backpressure == "raise":
                 raise QueueFull(
@@ -215,20 +212,43 @@ class Scheduler:
                     f"operation on {op.table_name!r} refused"
                 )
             await self._wait_for_room(op)
+            self._enqueue_new(op)
+        elif self.yield_due():
+            await asyncio.sleep(0)
+
+    def yield_due(self) -> bool:
+        """True once a millisecond: a producer that never awaits anything would starve the
+        event loop, and with it the completions that feed the writer."""
+        now = time.monotonic()
+        if now - self._last_yield > 0.001:
+            self._last_yield = now
+            return True
+        return False
+
+    def try_submit(self, op: BatchOperation) -> bool:
+        """Queue ``op`` if there is room (CRITICAL always has room); False if there is not."""
+        if self._stopping or not self._running:
+            raise NotRunningError("the manager is not running: call start() or use "
+                                  "'async with'")
+        if op.priority is not Priority.CRITICAL and (
+                self.queued_ops >= self.config.max_queue_size
+                or (self.queued_bytes and self.queued_bytes + op.nbytes > self._budget)):
+            return False
+        self._enqueue_new(op)
+        return True
+
+    def _enqueue_new(self, op: BatchOperation) -> None:
         self._seq += 1
         op.seq = self._seq  # submission order, across all priorities
-        if op.priority is not Priority.LOW:
-            self._promote_conflicts(op)
+        table = op.table_name
+        for lower in _LOWER[op.priority]:
+            if table in self._lanes[lower]:  # the table has writes queued at a lower priority
+                self._promote_conflicts(op)
+                break
         self._pending[op.operation_id] = op
         self._enqueue(op)
         if self._dispatch_needed(op):
             self._dispatch()
-        # a producer that never awaits anything would starve the event loop, and with it
-        # the completions that feed the writer: yield once a millisecond
-        now = time.monotonic()
-        if now - self._last_yield > 0.001:
-            self._last_yield = now
-            await asyncio.sleep(0)
 
     async def _wait_for_room(self, op: BatchOperation) -> None:
         deadline = self.config.backpressure_timeout_seconds
@@ -254,7 +274,7 @@ class Scheduler:
         only when a table has operations queued at two priorities, once per operation.
         """
         table = op.table_name
-        lower = [p for p in Priority if p < op.priority and table in self._lanes[p]]
+        lower = [p for p in _LOWER[op.priority] if table in self._lanes[p]]
         if not lower:
             return
         info = self._table_of(table)
@@ -314,7 +334,7 @@ class Scheduler:
         lane.rows += op.n_rows
         self.queued_ops += 1
         self._queued_by_prio[op.priority] += 1
-        self.queued_bytes += int(op.estimated_size_mb * _MB)
+        self.queued_bytes += op.nbytes
 
     def _dispatch_needed(self, op: BatchOperation) -> bool:
         if self._inflight >= self.max_inflight or self._paused:
@@ -448,7 +468,7 @@ class Scheduler:
         lane.rows -= rows
         if not q:
             del self._lanes[prio][table]
-        nbytes = sum(int(op.estimated_size_mb * _MB) for op in ops)
+        nbytes = sum(op.nbytes for op in ops)
         self.queued_ops -= len(ops)
         self._queued_by_prio[prio] -= len(ops)
         self.queued_bytes -= nbytes
