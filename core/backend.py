@@ -147,6 +147,9 @@ class Backend(ABC):
         self.settings = settings
         self.connection_factory = connection_factory
         self.retry_policy = RetryPolicy()
+        #: set by the scheduler: True while a CRITICAL operation waits (housekeeping such
+        #: as a checkpoint should wait then); may be called from the backend's threads
+        self.urgent: Callable[[], bool] = lambda: False
 
     @property
     @abstractmethod

@@ -127,6 +127,7 @@ class Scheduler:
         self.backend = backend
         backend.retry_policy = RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
                                            config.retry_max_delay_seconds)
+        backend.urgent = self.critical_waiting
         self._table_of = table_of
         self._on_committed = on_committed
         self._on_failed = on_failed

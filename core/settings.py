@@ -116,6 +116,12 @@ class SQLiteSettings(_Section):
     busy_timeout_ms: int = Field(30000, ge=0)
     foreign_keys: bool = True
     readers: int = Field(4, ge=1, le=64, description="reader connections in the pool")
+    background_checkpoint_seconds: float = Field(
+        0.2, ge=0,
+        description="WAL mode: checkpoint from a separate connection at most this often while "
+        "writes go on, instead of inside a writer's COMMIT; 0 leaves it to SQLite's "
+        "auto-checkpoint in the writer",
+    )
 
 
 class DuckDBSettings(_Section):

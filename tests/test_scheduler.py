@@ -461,3 +461,27 @@ async def test_cross_priority_delete_then_insert(db_path: Path,
     assert (await m.wait(ins)).succeeded  # the earlier LOW delete went first, so no conflict
     await m.flush()
     assert rows_of(db_path, "SELECT k, v FROM kv") == [(1, "new")]
+
+
+async def test_wal_is_checkpointed_beside_the_writer(db_path: Path,
+                                                     make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager(sqlite={"background_checkpoint_seconds": 0.02},
+                     **batch_cfg(insert_batch_size=500))
+    await m.start()
+    # the writer never checkpoints inside a COMMIT: a separate connection does
+    assert m.backend._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)  # type: ignore[attr-defined]
+    for chunk in range(300):
+        await m.queue_operation("kv", "INSERT", [{"k": chunk * 500 + i, "v": "x" * 200, "n": i}
+                                                 for i in range(500)])
+        if chunk % 10 == 0:
+            await m.flush()
+    await m.flush()
+    await asyncio.sleep(0.1)
+    status = await m.backend.status()
+    assert status["background_checkpoints"] > 0 and status["background_checkpoint_error"] is None
+    # the WAL was reset and reused instead of growing with every row written
+    assert status["wal_bytes"] < status["file_bytes"] / 2
+    await m.stop()
+    assert rows_of(db_path, "PRAGMA integrity_check") == [("ok",)]
+    assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(150000,)]

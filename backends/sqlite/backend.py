@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ class SQLiteBackend(Backend):
         self._reader_count = 0
         self._all_readers: list[aiosqlite.Connection] = []
         self._sql_cache: dict[tuple[str, OperationType, tuple[str, ...]], str] = {}
+        self._checkpointer: _Checkpointer | None = None
         self.path: str | None = None
 
     @property
@@ -113,11 +115,21 @@ class SQLiteBackend(Backend):
         try:
             self._conn = await self._call(self._connect)
             self.path = await self._call(self._main_file)
+            if self._checkpoint_in_background():
+                await self._call(self._conn.execute, "PRAGMA wal_autocheckpoint = 0")
+                self._checkpointer = _Checkpointer(
+                    self.path or "", self.settings.background_checkpoint_seconds,
+                    self.settings.busy_timeout_ms)
         except BaseException:
             self._executor.shutdown(wait=True)
             self._executor = None
             raise
         self._readers = asyncio.Queue()
+
+    def _checkpoint_in_background(self) -> bool:
+        return bool(self.settings.background_checkpoint_seconds > 0
+                    and self.settings.journal_mode == "WAL"
+                    and self.path and os.path.exists(self.path))
 
     def _main_file(self) -> str:
         assert self._conn is not None
@@ -127,6 +139,9 @@ class SQLiteBackend(Backend):
         return ""
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.stop)
+            self._checkpointer = None
         for reader in self._all_readers:
             with contextlib.suppress(Exception):
                 await reader.close()
@@ -258,6 +273,8 @@ class SQLiteBackend(Backend):
                         conn.executemany(sql, batch.rows)
                     result = BatchResult(len(batch.rows))
                 result.retries = attempt
+                if self._checkpointer is not None:
+                    self._after_commit(self._checkpointer)
                 return result
             except Exception as exc:
                 kind = self.classify_error(exc)
@@ -271,6 +288,19 @@ class SQLiteBackend(Backend):
                 if kind is ErrorKind.DATA:
                     raise _name_parameter(exc, batch.columns) from exc
                 raise
+
+    def _after_commit(self, checkpointer: _Checkpointer) -> None:
+        """The background checkpointer copies the WAL beside the writer; once it reports a
+        long WAL, the writer finishes the job between two batches (only the last frames are
+        left, so it is quick) so that its next transaction restarts the WAL from the top.
+        Never while a CRITICAL operation waits, unless the WAL has grown far too long."""
+        checkpointer.wake()
+        frames = checkpointer.wal_frames
+        if frames >= _WAL_RESET_FRAMES and (not self.urgent() or frames >= 16 * _WAL_RESET_FRAMES):
+            assert self._conn is not None
+            with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                checkpointer.wal_frames = 0
 
     def _write_isolated(self, sql: str, batch: Batch) -> BatchResult:
         conn = self._conn
@@ -367,10 +397,70 @@ class SQLiteBackend(Backend):
             "file_bytes": os.path.getsize(self.path) if self.path and os.path.exists(self.path)
             else 0,
             "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
+            "background_checkpoints": (self._checkpointer.checkpoints
+                                       if self._checkpointer else None),
+            "background_checkpoint_error": (self._checkpointer.last_error
+                                            if self._checkpointer else None),
         }
 
     async def status(self) -> dict[str, Any]:
         return await self._call(self._status)
+
+
+_WAL_RESET_FRAMES = 1000  # SQLite's own auto-checkpoint threshold
+
+
+class _Checkpointer:
+    """Checkpoints the WAL from its own connection and thread while writes go on.
+
+    SQLite's auto-checkpoint runs inside the COMMIT that crosses its threshold, so one
+    batch in a thousand pays for copying the WAL into the database and syncing it: that
+    batch sets the tail latency of everything queued behind it (a CRITICAL write, say).
+    A PASSIVE checkpoint from another connection runs beside the writer instead.
+    """
+
+    def __init__(self, path: str, interval: float, busy_timeout_ms: int) -> None:
+        self.path = path
+        self.interval = interval
+        self.busy_timeout_ms = busy_timeout_ms
+        self.checkpoints = 0
+        self.wal_frames = 0
+        self.last_error: str | None = None
+        self._event = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="batchdb-sqlite-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Writes were committed: a checkpoint is due within ``interval``."""
+        self._event.set()
+
+    def stop(self) -> None:
+        """Run a last checkpoint and end the thread."""
+        self._stopping = True
+        self._event.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            while True:
+                self._event.wait()
+                if not self._stopping:
+                    time.sleep(self.interval)  # let writes accumulate: one copy for many
+                self._event.clear()
+                try:
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.wal_frames = frames
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # reported in status; the writer goes on
+                    self.last_error = str(exc)
+                if self._stopping:
+                    return
+        finally:
+            conn.close()
 
 
 _PARAMETER = re.compile(r"parameter (\d+)")
