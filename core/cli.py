@@ -716,6 +716,36 @@ def config(settings: SettingsOption = None, backend: BackendOption = None) -> No
     out.print(table)
 
 
+# ---------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    backends: Annotated[str, typer.Option(
+        "--backends", help="comma-separated backends to compare: sqlite,duckdb,postgres "
+        "(postgres needs BATCHDB_BENCH_PG_DSN)")] = "sqlite,duckdb,postgres",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="rows per workload")] = 1_000_000,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="runs per case (median)")] = 3,
+    out: Annotated[Path, typer.Option(
+        "--out", help="folder for batchdb-bench.json (pytest-benchmark format) and "
+        "batchdb-bench.png")] = Path("bench-results"),
+) -> None:
+    """Raw drivers vs batchdb on this machine: rows/s, ratio to raw, peak memory."""
+    from .bench import render_table, rich_progress, run_comparison
+
+    console = _stdout()
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    with _expected_errors():
+        try:
+            with rich_progress(console) as progress:
+                report = run_comparison(names, rows, out, progress, rounds=rounds)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(render_table(report))
+    console.print(f"JSON: {report.json_path}"
+                  + (f"   chart: {report.png_path}" if report.png_path else ""))
+    if any(r.error for r in report.results):
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point of the ``batchdb`` console script."""
     _LOGGING["configure"] = True

@@ -115,7 +115,7 @@ def test_ingest_missing_unreadable_and_truncated_files(settings_file: Path,
     assert result.exit_code == 1, result.output
     assert f"{missing}: cannot be read: No such file or directory" in result.stderr
     assert f"{tmp_path}: cannot be read" in result.stderr
-    assert "truncated.json: the file ends inside element 4" in result.stderr
+    assert "truncated.json: not valid JSON after element 3:" in result.stderr
     assert "3 file(s) could not be read completely" in result.stdout
     assert query(db_of(tmp_path), "SELECT symbol, COUNT(*) FROM candles GROUP BY 1") == [
         ("KRW-LINK", 4), ("KRW-SOL", 25)]
@@ -372,3 +372,28 @@ def test_sigint_ends_a_long_demo_early(tmp_path: Path) -> None:
     assert "Interrupted by SIGINT" in out and "rows in the database" in out
     assert "Traceback" not in out + err
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_bench_command_writes_json_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchdb.cli", "bench", "--backends", "sqlite", "--rows", "3000",
+         "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((out / "batchdb-bench.json").read_text())
+    names = {b["name"] for b in data["benchmarks"]}
+    assert any("raw" in n for n in names) and any("batchdb" in n for n in names)
+    assert (out / "batchdb-bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "upsert_new" in proc.stdout and "x raw" in proc.stdout
+
+
+def test_bench_command_rejects_unknown_backend(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchdb.cli", "bench", "--backends", "mongo", "--rows", "10"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "mongo" in proc.stdout + proc.stderr
