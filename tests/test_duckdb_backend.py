@@ -240,19 +240,29 @@ async def test_bad_operation_fails_alone_and_names_the_problem(
 async def test_a_malformed_later_row_fails_its_operation_by_name(
         make_manager: ManagerFactory, duck_path: Path) -> None:
     run_sql(duck_path, KV_DDL)
-    async with make_manager() as m:
+    async with make_manager(batch=ONE_WINDOW) as m:
+        # one-row writes around the bad ones: the batch reads runs of same-keyed operations
+        # in one pass, and a bad row inside such a run must still fail only its operation
+        before = [await m.queue_operation("kv", "INSERT", [{"k": 100 + i, "v": 1.0,
+                                                            "s": "x"}], "LOW")
+                  for i in range(5)]
         bad = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": 1.0, "s": "a"},
-                                                       {"k": 2, "v": 1.0, "t": "b"}])
+                                                       {"k": 2, "v": 1.0, "t": "b"}], "LOW")
+        after = [await m.queue_operation("kv", "INSERT", [{"k": 200 + i, "v": 1.0,
+                                                           "s": "y"}], "LOW")
+                 for i in range(5)]
         extra = await m.queue_operation("kv", "UPSERT", [{"k": 3, "v": 1.0},
-                                                         {"k": 4, "v": 1.0, "s": "b"}])
-        good = await m.queue_operation("kv", "INSERT", [{"k": 5, "v": 5.0, "s": "e"}])
+                                                         {"k": 4, "v": 1.0, "s": "b"}], "LOW")
+        good = await m.queue_operation("kv", "INSERT", [{"k": 5, "v": 5.0, "s": "e"}], "LOW")
         await m.flush()
         with pytest.raises(OperationFailed, match="row 1 .* missing"):
             await m.wait(bad)
         with pytest.raises(OperationFailed, match="row 1 .* extra"):
             await m.wait(extra)
-        await m.wait(good)
-    assert rows_of(duck_path, "SELECT k FROM kv") == [(5,)]
+        for op_id in (*before, *after, good):
+            await m.wait(op_id)
+    assert rows_of(duck_path, "SELECT k FROM kv ORDER BY k") == [
+        (5,), *((100 + i,) for i in range(5)), *((200 + i,) for i in range(5))]
 
 
 async def test_values_of_many_types_convert_exactly(

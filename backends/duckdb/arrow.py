@@ -148,32 +148,46 @@ class ArrowConverter:
         Producers' dict rows are read column by column straight into these lists, never
         as one tuple per row: per-row tuples would cost as much again in allocation and in
         the garbage collector's passes over them as building the Arrow arrays does.
+        Consecutive operations whose rows have the same keys (many one-row writes
+        coalesced) are read in one pass.
         """
         width = len(self.columns)
         columns: list[list[Any]] = [[] for _ in range(width)]
-        for op in operations:
+        i, n = 0, len(operations)
+        while i < n:
+            op = operations[i]
             if op.values is not None:
-                values = op.values
-                if values and len(values[0]) != width:
-                    raise self._width_error()
-                try:
-                    for column, part in zip(columns, zip(*values, strict=True), strict=False):
-                        column.extend(part)
-                except ValueError:
-                    raise self._width_error() from None
+                self._extend_tuples(columns, op.values)
+                i += 1
                 continue
-            rows = op.data_rows
+            j = i + 1
+            while (j < n and operations[j].values is None
+                   and operations[j].row_columns == op.row_columns):
+                j += 1
+            run = operations[i:j]
+            rows = op.data_rows if j == i + 1 else [r for o in run for r in o.data_rows]
             keys = len(op.row_columns) or len(op.columns)
             try:
                 if all(map(keys.__eq__, map(len, rows))):
                     for column, name in zip(columns, op.columns, strict=True):
                         column.extend(map(itemgetter(name), rows))
+                    i = j
                     continue
             except (KeyError, TypeError, IndexError):
                 pass
-            op.tuples()  # raises the SchemaError naming the malformed row
+            for o in run:
+                o.tuples()  # raises the SchemaError naming the malformed operation and row
             raise ConversionError(f"rows for table {self.table.name!r} are malformed")
         return columns
+
+    def _extend_tuples(self, columns: list[list[Any]], values: Sequence[Sequence[Any]]) -> None:
+        if values and len(values[0]) != len(columns):
+            raise self._width_error()
+        try:
+            for column, part in zip(columns, zip(*values, strict=True), strict=False):
+                column.extend(part)
+        except ValueError:
+            raise self._width_error() from None
 
     def _width_error(self) -> ConversionError:
         return ConversionError(f"rows for table {self.table.name!r} must have "
