@@ -115,7 +115,7 @@ def test_ingest_missing_unreadable_and_truncated_files(settings_file: Path,
     assert result.exit_code == 1, result.output
     assert f"{missing}: cannot be read: No such file or directory" in result.stderr
     assert f"{tmp_path}: cannot be read" in result.stderr
-    assert "truncated.json: not valid JSON after element 3:" in result.stderr
+    assert "truncated.json: the file ends inside element 4" in result.stderr
     assert "3 file(s) could not be read completely" in result.stdout
     assert query(db_of(tmp_path), "SELECT symbol, COUNT(*) FROM candles GROUP BY 1") == [
         ("KRW-LINK", 4), ("KRW-SOL", 25)]
