@@ -111,7 +111,7 @@ def _single(column: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
 OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class BatchOperation:
     """One producer's request, kept whole: it commits or fails as a unit.
 
