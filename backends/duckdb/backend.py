@@ -130,10 +130,11 @@ class DuckDBBackend(Backend):
     def _open(self) -> None:
         self._conn = self._connect()
         self._cursor = self._conn.cursor()
-        row = self._conn.execute(
+        # every result is read to its end: DuckDB 2.0 keeps a connection busy until then
+        rows = self._conn.execute(
             "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-        ).fetchone()
-        self.path = str(row[0]) if row and row[0] else ""
+        ).fetchall()
+        self.path = str(rows[0][0]) if rows and rows[0][0] else ""
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._writer is None:
@@ -326,9 +327,10 @@ class DuckDBBackend(Backend):
         cur = self._conn.execute(
             "SELECT total_blocks, used_blocks, free_blocks FROM pragma_database_size() "
             "WHERE database_name = current_database()")
-        row = cur.fetchone()
-        if row is None:
+        rows = cur.fetchall()
+        if not rows:
             return {}
+        row = rows[0]
         return {"total_blocks": int(row[0]), "used_blocks": int(row[1]),
                 "free_blocks": int(row[2])}
 
@@ -383,9 +385,10 @@ class DuckDBBackend(Backend):
             "SELECT table_name, estimated_size FROM duckdb_tables() "
             "WHERE database_name = current_database() AND schema_name = current_schema() "
             "ORDER BY table_name").fetchall()
-        size = cur.execute(
+        sizes = cur.execute(
             "SELECT memory_usage, memory_limit FROM pragma_database_size() "
-            "WHERE database_name = current_database()").fetchone()
+            "WHERE database_name = current_database()").fetchall()
+        size = sizes[0] if sizes else None
         file_bytes, wal_bytes = self._sizes()
         return {
             "backend": self.name,

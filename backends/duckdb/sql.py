@@ -46,9 +46,9 @@ def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...], sou
     if not values:
         return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
     sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
-    # rows that would not change are left alone (re-sent candles are the common case)
-    changed = " OR ".join(f"{name}.{q(c)} IS DISTINCT FROM excluded.{q(c)}" for c in values)
-    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets} WHERE {changed}"
+    # no "WHERE … IS DISTINCT FROM …" guard as SQLite has: measured here it made the
+    # statement ~15% slower for changed rows and saved little for unchanged ones
+    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets}"
 
 
 class _DuckDBDDLCompiler(PGDDLCompiler):
