@@ -236,8 +236,17 @@ class BatchDBManager:
         if write_columns is None:
             write_columns = self._check_shape(table, op_type, columns)
             self._shapes[shape] = write_columns
-        return await self._submit(table, op_type, write_columns, None, data_rows, prio,
-                                  callback, columns)
+        op = self._new_operation(table, op_type, write_columns, None, data_rows, prio,
+                                 callback, columns)
+        # _queue, inlined: this is the per-operation hot path of one-row writes
+        scheduler = self._scheduler
+        if not scheduler.try_submit(op):
+            await scheduler.submit(op)  # over budget: waits for room (or raises QueueFull)
+        elif scheduler.yield_due():
+            await asyncio.sleep(0)
+        if self._queued_hook:
+            self._call_hook(self.pm.hook.batchdb_operation_queued, operation=op)
+        return op.operation_id
 
     def _check_shape(self, table: TableInfo, op_type: OperationType,
                      columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -262,7 +271,7 @@ class BatchDBManager:
                              f"{type(first).__name__}")
         return tuple(first)
 
-    async def _submit(
+    def _new_operation(
         self,
         table: TableInfo,
         op_type: OperationType,
@@ -272,8 +281,7 @@ class BatchDBManager:
         priority: Priority,
         callback: OperationCallback | None,
         row_columns: tuple[str, ...] = (),
-    ) -> str:
-        scheduler = self.scheduler
+    ) -> BatchOperation:
         self._op_counter += 1
         n_rows = len(data_rows) if values is None else len(values)
         # the size estimate of a row is sampled once every 64 operations of a shape
@@ -299,6 +307,10 @@ class BatchDBManager:
             row_columns=row_columns,
             n_rows=n_rows,
         )
+        return op
+
+    async def _queue(self, op: BatchOperation) -> str:
+        scheduler = self.scheduler
         if not scheduler.try_submit(op):
             await scheduler.submit(op)  # over budget: waits for room (or raises QueueFull)
         elif scheduler.yield_due():
@@ -327,8 +339,8 @@ class BatchDBManager:
         columns, values = result
         table = await self.table_info(candles_table.name)
         table.check_columns(tuple(columns), need_key=True, need_value=False)
-        return await self._submit(table, OperationType.UPSERT, tuple(columns), values, candles,
-                                  prio, callback)
+        return await self._queue(self._new_operation(
+            table, OperationType.UPSERT, tuple(columns), values, candles, prio, callback))
 
     async def wait(self, operation_id: str) -> BatchOperation:
         """The operation once committed; raises ``OperationFailed`` if it failed."""

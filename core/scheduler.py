@@ -144,6 +144,7 @@ class Scheduler:
         self._budget = config.max_memory_mb * _MB
         self._pending: OrderedDict[str, BatchOperation] = OrderedDict()
         self._history: OrderedDict[str, BatchOperation] = OrderedDict()
+        self._keep_history = config.completed_history
         self._inflight = 0
         self._inflight_tables: dict[str, int] = {}
         self._flush_barrier = -1
@@ -242,13 +243,28 @@ class Scheduler:
         self._seq += 1
         op.seq = self._seq  # submission order, across all priorities
         table = op.table_name
-        for lower in _LOWER[op.priority]:
-            if table in self._lanes[lower]:  # the table has writes queued at a lower priority
+        prio = op.priority
+        all_lanes = self._lanes
+        for lower in _LOWER[prio]:
+            if table in all_lanes[lower]:  # the table has writes queued at a lower priority
                 self._promote_conflicts(op)
                 break
         self._pending[op.operation_id] = op
-        self._enqueue(op)
-        if self._dispatch_needed(op):
+        lanes = all_lanes[prio]
+        lane = lanes.get(table)
+        if lane is None:
+            lane = lanes[table] = _Lane()
+        lane.ops.append(op)
+        lane.rows += op.n_rows
+        self.queued_ops += 1
+        self._queued_by_prio[prio] += 1
+        self.queued_bytes += op.nbytes
+        # dispatch now only if this can make a batch ready before the armed timer
+        if self._inflight >= self.max_inflight or self._paused:
+            return  # a finished batch will dispatch
+        linger = self._linger[prio]
+        if (linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure()
+                or lane.rows >= self.batch_limit(op.operation_type)):
             self._dispatch()
 
     async def _wait_for_room(self, op: BatchOperation) -> None:
@@ -325,26 +341,6 @@ class Scheduler:
         self._queued_by_prio[src] -= len(ops)
         self._queued_by_prio[dst] += len(ops)
         self.stats.promotions += len(ops)
-
-    def _enqueue(self, op: BatchOperation) -> None:
-        lanes = self._lanes[op.priority]
-        lane = lanes.get(op.table_name)
-        if lane is None:
-            lane = lanes[op.table_name] = _Lane()
-        lane.ops.append(op)
-        lane.rows += op.n_rows
-        self.queued_ops += 1
-        self._queued_by_prio[op.priority] += 1
-        self.queued_bytes += op.nbytes
-
-    def _dispatch_needed(self, op: BatchOperation) -> bool:
-        if self._inflight >= self.max_inflight or self._paused:
-            return False  # a finished batch will dispatch
-        linger = self._linger[op.priority]
-        if linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure():
-            return True
-        lane = self._lanes[op.priority][op.table_name]
-        return lane.rows >= self.batch_limit(op.operation_type)
 
     # ------------------------------------------------------------------ completion API
     def get(self, operation_id: str) -> BatchOperation | None:
@@ -621,23 +617,29 @@ class Scheduler:
             stats.batches_failed += 1
             log.error("%d operation(s) on %r failed: %s", len(batch.operations),
                       batch.table.name, exc)
-        latencies = stats.latencies
-        error = None if exc is None else f"{type(exc).__name__}: {exc}"
-        for op in batch.operations:
-            op.error, op.exception = error, exc
-            if exc is None:
+        ops = batch.operations
+        stats.total_operations += len(ops)
+        if exc is None:
+            stats.successful_operations += len(ops)
+            latencies = stats.latencies
+            for op in ops:
                 op.rows_affected = op.n_rows
-            op.is_processed = True
-            op.processed_at = now_wall
-            op.processing_time = seconds
-            op.values = None
-            stats.total_operations += 1
-            if op.error is None:
-                stats.successful_operations += 1
+                op.is_processed = True
+                op.processed_at = now_wall
+                op.processing_time = seconds
+                op.values = None
                 latencies.append(now - op.enqueued_at)
-            else:
-                stats.failed_operations += 1
-            self._complete(op)
+                self._complete(op)
+        else:
+            stats.failed_operations += len(ops)
+            error = f"{type(exc).__name__}: {exc}"
+            for op in ops:
+                op.error, op.exception = error, exc
+                op.is_processed = True
+                op.processed_at = now_wall
+                op.processing_time = seconds
+                op.values = None
+                self._complete(op)
         if exc is None:
             if self._on_committed is not None:
                 self._on_committed(batch, seconds)
@@ -646,17 +648,17 @@ class Scheduler:
         self._check_flush_waiters()
 
     def _complete(self, op: BatchOperation) -> None:
-        self._pending.pop(op.operation_id, None)
+        op_id = op.operation_id
+        self._pending.pop(op_id, None)
         if op.future is not None and not op.future.done():
             op.future.set_result(op)
         if op.callback is not None:
             self._run_callback(op)
         op.data_rows = ()  # release the rows: the history keeps only the record
-        keep = self.config.completed_history
-        if keep:
+        if self._keep_history:
             history = self._history
-            history[op.operation_id] = op
-            if len(history) > keep:
+            history[op_id] = op
+            if len(history) > self._keep_history:
                 history.popitem(last=False)
 
     def _run_callback(self, op: BatchOperation) -> None:
