@@ -639,7 +639,12 @@ class DuckDBStore(Store):
     def write_dicts(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
         import pyarrow as pa
 
-        self._upsert_arrow(conn, pa.Table.from_pylist(list(rows), schema=self._schema()))
+        # one typed array per column: the fastest raw path (from_pylist is ~25% slower,
+        # which would flatter batchdb's ratio)
+        schema = self._schema()
+        arrays = [pa.array([r[c] for r in rows], type=f.type)
+                  for c, f in zip(CANDLE_COLUMNS, schema, strict=True)]
+        self._upsert_arrow(conn, pa.Table.from_arrays(arrays, schema=schema))
 
     def query(self, sql: str) -> list[tuple[Any, ...]]:
         conn = self.connect()
