@@ -10,7 +10,7 @@ import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -238,14 +238,9 @@ class BatchDBManager:
             self._shapes[shape] = write_columns
         op = self._new_operation(table, op_type, write_columns, None, data_rows, prio,
                                  callback, columns)
-        # _queue, inlined: this is the per-operation hot path of one-row writes
-        scheduler = self._scheduler
-        if not scheduler.try_submit(op):
-            await scheduler.submit(op)  # over budget: waits for room (or raises QueueFull)
-        elif scheduler.yield_due():
-            await asyncio.sleep(0)
-        if self._queued_hook:
-            self._call_hook(self.pm.hook.batchdb_operation_queued, operation=op)
+        waiting = self._place(op)
+        if waiting is not None:
+            await waiting
         return op.operation_id
 
     def _check_shape(self, table: TableInfo, op_type: OperationType,
@@ -309,15 +304,23 @@ class BatchDBManager:
         )
         return op
 
-    async def _queue(self, op: BatchOperation) -> str:
+    def _place(self, op: BatchOperation) -> Awaitable[None] | None:
+        """Queue ``op`` now when there is room and return None (no coroutine on the hot path
+        of one-row writes); else what to await: the wait for room (or its QueueFull), or
+        the once-a-millisecond yield to the event loop."""
         scheduler = self.scheduler
         if not scheduler.try_submit(op):
-            await scheduler.submit(op)  # over budget: waits for room (or raises QueueFull)
-        elif scheduler.yield_due():
-            await asyncio.sleep(0)
+            return self._place_when_room(op)
         if self._queued_hook:
             self._call_hook(self.pm.hook.batchdb_operation_queued, operation=op)
-        return op.operation_id
+        if scheduler.yield_due():
+            return asyncio.sleep(0)
+        return None
+
+    async def _place_when_room(self, op: BatchOperation) -> None:
+        await self.scheduler.submit(op)  # waits for room, or raises QueueFull
+        if self._queued_hook:
+            self._call_hook(self.pm.hook.batchdb_operation_queued, operation=op)
 
     async def insert_candles_batch(
         self,
@@ -339,8 +342,12 @@ class BatchDBManager:
         columns, values = result
         table = await self.table_info(candles_table.name)
         table.check_columns(tuple(columns), need_key=True, need_value=False)
-        return await self._queue(self._new_operation(
-            table, OperationType.UPSERT, tuple(columns), values, candles, prio, callback))
+        op = self._new_operation(table, OperationType.UPSERT, tuple(columns), values, candles,
+                                 prio, callback)
+        waiting = self._place(op)
+        if waiting is not None:
+            await waiting
+        return op.operation_id
 
     async def wait(self, operation_id: str) -> BatchOperation:
         """The operation once committed; raises ``OperationFailed`` if it failed."""

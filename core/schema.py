@@ -15,6 +15,7 @@ __all__ = [
     "candles_table",
     "check_identifier",
     "metadata",
+    "on_conflict_sql",
     "quote_ident",
     "table_info_from_sqlalchemy",
 ]
@@ -105,6 +106,25 @@ class TableInfo:
         if need_value and not [c for c in columns if c not in self.primary_key]:
             raise SchemaError(f"rows for table {self.name!r} carry only key columns: "
                               "nothing to update")
+
+
+def on_conflict_sql(table: TableInfo, values: list[str], differs: str | None = None) -> str:
+    """The ``ON CONFLICT (pk) DO UPDATE SET …`` tail of an upsert (SQLite, DuckDB).
+
+    ``differs`` ("IS NOT", "IS DISTINCT FROM") adds a ``WHERE`` that leaves rows alone when
+    no value column would change. Identifiers come from ``table`` and are quoted.
+    """
+    q = quote_ident
+    conflict = ", ".join(map(q, table.primary_key))
+    if not values:
+        return f" ON CONFLICT ({conflict}) DO NOTHING"
+    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
+    clause = f" ON CONFLICT ({conflict}) DO UPDATE SET {sets}"
+    if differs:
+        name = q(table.name)
+        clause += " WHERE " + " OR ".join(f"{name}.{q(c)} {differs} excluded.{q(c)}"
+                                          for c in values)
+    return clause
 
 
 def table_info_from_sqlalchemy(table: sa.Table) -> TableInfo:

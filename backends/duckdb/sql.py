@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql.base import PGDDLCompiler, PGDialect, PGIden
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.models import OperationType, SchemaError
-from batchdb.schema import TableInfo, quote_ident
+from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 
 __all__ = ["build_sql", "create_statements"]
 
@@ -42,13 +42,9 @@ def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...], sou
               f"SELECT {select} FROM {src}")
     if op is OperationType.INSERT:
         return insert
-    conflict = ", ".join(map(q, keys))
-    if not values:
-        return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
-    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
     # no "WHERE … IS DISTINCT FROM …" guard as SQLite has: measured here it made the
     # statement ~15% slower for changed rows and saved little for unchanged ones
-    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets}"
+    return insert + on_conflict_sql(table, values)
 
 
 class _DuckDBDDLCompiler(PGDDLCompiler):

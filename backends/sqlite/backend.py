@@ -21,7 +21,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
 from batchdb.models import BatchDBError, OperationType, SchemaError
-from batchdb.schema import TableInfo, quote_ident
+from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
 
 __all__ = ["SQLiteBackend"]
@@ -499,9 +499,5 @@ def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> 
     insert = f"INSERT INTO {name} ({', '.join(map(q, columns))}) VALUES ({params})"  # noqa: S608
     if op is OperationType.INSERT:
         return insert
-    conflict = ", ".join(map(q, keys))
-    if not values:
-        return f"{insert} ON CONFLICT ({conflict}) DO NOTHING"
-    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
-    changed = " OR ".join(f"{name}.{q(c)} IS NOT excluded.{q(c)}" for c in values)
-    return f"{insert} ON CONFLICT ({conflict}) DO UPDATE SET {sets} WHERE {changed}"
+    # rows that would not change are left alone: re-sent candles write nothing
+    return insert + on_conflict_sql(table, values, differs="IS NOT")

@@ -15,6 +15,7 @@ import pytest
 from batchdb import BatchDBManager, OperationType, Priority
 from batchdb.models import OperationFailed, SchemaError
 
+from ..conftest import upbit_candles
 from .conftest import BackendEnv
 
 KV = ("CREATE TABLE kv (k BIGINT PRIMARY KEY, v DOUBLE PRECISION, s TEXT NOT NULL, "
@@ -341,26 +342,6 @@ async def test_existing_tables_with_composite_keys_and_quoted_names(env: Backend
 
 
 # ---------------------------------------------------------------------- candles
-def upbit_candles(n: int, market: str, start_minute: int = 0,
-                  price: float = 50_000_000.0) -> list[dict[str, Any]]:
-    """Candles as Upbit's /v1/candles/minutes/1 returns them (newest first)."""
-    out = []
-    for i in range(start_minute, start_minute + n):
-        day, minute = divmod(i, 1440)
-        hh, mm = divmod(minute, 60)
-        utc = f"2024-01-{1 + day:02d}T{hh:02d}:{mm:02d}:00"
-        out.append({
-            "market": market, "candle_date_time_utc": utc, "candle_date_time_kst": utc,
-            "opening_price": price + i, "high_price": price + i + 10,
-            "low_price": price + i - 10, "trade_price": price + i + 5,
-            "timestamp": 1704067200000 + i * 60000 + 59000,
-            "candle_acc_trade_price": 123456.5 + i, "candle_acc_trade_volume": 0.25 + i / 1000,
-            "unit": 1,
-        })
-    out.reverse()
-    return out
-
-
 CANDLE_READ = ("SELECT symbol, timeframe, ts, open_price, high_price, low_price, close_price, "
                "volume, quote_volume, source FROM candles ORDER BY symbol, ts")
 
