@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
+import inspect
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -97,6 +100,21 @@ def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset
         return _MALFORMED  # the operation will fail: keep it in order with everything
 
 
+class _Raised:
+    """What a plain callback raised in the callback thread."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _is_async_callable(fn: Any) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    # an object whose __call__ is a coroutine function counts too
+    call = None if inspect.isroutine(fn) else type(fn).__dict__.get("__call__")
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+
+
 class _Lane:
     """Queued operations of one table at one priority."""
 
@@ -160,6 +178,7 @@ class Scheduler:
         self._idle.set()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._callback_tasks: set[asyncio.Task[Any]] = set()
+        self._callback_thread: ThreadPoolExecutor | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
         self.stats = SchedulerStats()
 
@@ -187,6 +206,9 @@ class Scheduler:
         if self._callback_tasks:
             await asyncio.wait(list(self._callback_tasks),
                                timeout=self.config.callback_timeout_seconds)
+        if self._callback_thread is not None:
+            self._callback_thread.shutdown(wait=False)
+            self._callback_thread = None
 
     @property
     def running(self) -> bool:
@@ -662,19 +684,54 @@ class Scheduler:
                 history.popitem(last=False)
 
     def _run_callback(self, op: BatchOperation) -> None:
+        """Coroutine callbacks run as tasks on the loop; plain ones on a callback thread, so
+        that neither a slow nor a hung callback can stall the scheduler. Both get
+        ``callback_timeout_seconds``; their exceptions are logged."""
         callback = op.callback
         assert callback is not None
+        if _is_async_callable(callback):
+            try:
+                result = callback(op)
+            except (Exception, asyncio.CancelledError):
+                log.exception("callback of operation %s raised", op.operation_id)
+                return
+            self._watch_callback(op.operation_id, result)
+        else:
+            self._watch_callback(op.operation_id, self._plain_callback(callback, op))
+
+    async def _plain_callback(self, callback: Callable[[BatchOperation], Any],
+                              op: BatchOperation) -> None:
+        if self._callback_thread is None:
+            self._callback_thread = ThreadPoolExecutor(1, thread_name_prefix="batchdb-callback")
+        executor = self._callback_thread
+
+        def call() -> Any:
+            try:
+                return callback(op)
+            except BaseException as exc:
+                return _Raised(exc)
+
         try:
-            result = callback(op)
-        except Exception:
-            log.exception("callback of operation %s raised", op.operation_id)
-            return
+            result = await asyncio.get_running_loop().run_in_executor(executor, call)
+        except asyncio.CancelledError:
+            # timed out: the thread is still inside the callback; later callbacks get a
+            # thread of their own instead of queueing behind it
+            if self._callback_thread is executor:
+                self._callback_thread = None
+                executor.shutdown(wait=False)
+            raise
+        if isinstance(result, _Raised):
+            log.error("callback of operation %s raised: %r", op.operation_id, result.error)
+        elif inspect.isawaitable(result):  # a plain function that returned a coroutine
+            await result
+
+    def _watch_callback(self, operation_id: str, result: Any) -> None:
         if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
             task = asyncio.ensure_future(
                 asyncio.wait_for(result, self.config.callback_timeout_seconds)
             )
             self._callback_tasks.add(task)
-            task.add_done_callback(self._callback_done(op.operation_id))
+            task.add_done_callback(self._callback_done(operation_id))
 
     def _callback_done(self, operation_id: str) -> Callable[[asyncio.Task[Any]], None]:
         def done(task: asyncio.Task[Any]) -> None:

@@ -220,6 +220,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"settings file {path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"settings file {path}: not UTF-8 text, so not valid TOML "
+                            f"(byte {exc.start}: {exc.reason})") from exc
     except OSError as exc:
         raise SettingsError(f"settings file {path}: cannot be read: {exc.strerror}") from exc
 

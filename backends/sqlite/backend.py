@@ -78,6 +78,7 @@ class SQLiteBackend(Backend):
             if not path.parent.exists():
                 raise BatchDBError(f"SQLite database {path}: directory {path.parent} does "
                                    "not exist")
+            _check_writable(path, self.settings.journal_mode)
             try:
                 conn = sqlite3.connect(path, check_same_thread=False)
             except sqlite3.Error as exc:
@@ -135,6 +136,8 @@ class SQLiteBackend(Backend):
         assert self._conn is not None
         for _, name, file in self._conn.execute("PRAGMA database_list"):
             if name == "main":
+                if file and self.connection_factory is not None:
+                    _check_writable(Path(file), self.settings.journal_mode)
                 return str(file)
         return ""
 
@@ -231,7 +234,11 @@ class SQLiteBackend(Backend):
         return info
 
     async def create_table(self, table: sa.Table) -> TableInfo:
-        return await self._call(self._create, table)
+        try:
+            return await self._call(self._create, table)
+        except sqlite3.Error as exc:
+            raise BatchDBError(f"SQLite database {self.path or self.settings.path}: cannot "
+                               f"create table {table.name!r}: {exc}") from exc
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
@@ -405,6 +412,29 @@ class SQLiteBackend(Backend):
 
     async def status(self) -> dict[str, Any]:
         return await self._call(self._status)
+
+
+def _check_writable(path: Path, journal_mode: str) -> None:
+    """SQLite opens a file it cannot write read-only without a word, and every batch would
+    then fail at COMMIT: say so at start, naming the file and the reason."""
+    where = f"SQLite database {path}"
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise BatchDBError(f"{where}: the file is read-only for this user "
+                               "(permission denied); batchdb needs to write it")
+        sidecars = [Path(f"{path}-wal"), Path(f"{path}-shm")] if journal_mode == "WAL" else []
+        if (any(not p.exists() for p in sidecars)
+                and not os.access(path.parent, os.W_OK | os.X_OK)):
+            raise BatchDBError(f"{where}: directory {path.parent} is not writable, and WAL "
+                               "mode needs to create the -wal and -shm files beside the "
+                               "database (permission denied)")
+        for p in sidecars:
+            if p.exists() and not os.access(p, os.R_OK | os.W_OK):
+                raise BatchDBError(f"{where}: {p.name} is read-only for this user "
+                                   "(permission denied)")
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        raise BatchDBError(f"{where}: directory {path.parent} is not writable, so the "
+                           "database cannot be created there (permission denied)")
 
 
 _WAL_RESET_FRAMES = 1000  # SQLite's own auto-checkpoint threshold
