@@ -339,8 +339,8 @@ def build_manager(db: str, backend: str) -> BatchDBManager:
     manager = BatchDBManager.from_settings(None, backend=backend, batch=batch,
                                            maintenance={"enabled": False},
                                            **{backend: section})
-    # declared after construction: ``from_settings(..., tables=...)`` raises AttributeError
-    # (see test_crash.py::test_tables_argument_declares_tables)
+    # declared one by one (``tables=`` once raised AttributeError, see
+    # test_crash.py::test_tables_argument_declares_tables)
     for table in TABLES:
         manager.declare_table(table)
     return manager

@@ -132,10 +132,9 @@ def test_checker_reports_a_corrupt_file(small_run: CrashRun, tmp_path: Path) -> 
 
 
 # ---------------------------------------------------------------------- declared tables
-@pytest.mark.xfail(strict=True, reason="BatchDBManager.__init__ calls declare_table() for "
-                   "tables=[...] before self._tables exists: AttributeError "
-                   "'BatchDBManager' object has no attribute '_tables' (core/manager.py)")
 def test_tables_argument_declares_tables(tmp_path: Path) -> None:
+    """Regression: ``from_settings(tables=[...])`` raised AttributeError (declare_table ran
+    before ``self._tables`` existed); found while writing the crash child."""
     table = sa.Table("declared", sa.MetaData(), sa.Column("k", sa.Integer, primary_key=True))
     manager = BatchDBManager.from_settings(None, sqlite={"path": str(tmp_path / "t.db")},
                                            tables=[table])

@@ -1,0 +1,761 @@
+"""Promise 3: hostile input fails alone, with a clear error, and nothing else is lost.
+
+A hypothesis property mixes good operations with hostile ones in the same flush window, at
+mixed priorities, on four tables: a STRICT table, a non-STRICT table (SQLite type affinity),
+a real table whose name and columns carry quotes, semicolons, comments and SQL keywords,
+and the built-in STRICT ``candles`` table (also through ``insert_candles_batch``).
+
+Hostile input: wrong types, NaN and ±infinity, integers past 64 bits, huge strings and
+blobs (1 to 3 MB), unicode, NUL characters and lone surrogates, missing and extra columns,
+rows that are not mappings, duplicated keys inside an operation and across operations,
+hostile table and column names, bad operation types, priorities and row containers.
+
+The expected outcome of every operation comes from a reference: the same operations
+applied one by one, in submission order, each in its own savepoint, by plain ``sqlite3``
+on a copy of the same database, with SQL written here. So the expected semantics are
+SQLite's documented ones (NaN is stored as NULL: a NOT NULL column refuses it, a nullable
+one gets NULL; a STRICT column refuses what it cannot convert losslessly; a non-STRICT
+column applies type affinity). For each case:
+
+- an operation the call must refuse raises ValueError/SchemaError naming the problem and
+  queues nothing;
+- an operation the reference refuses fails with OperationFailed carrying the database's
+  own message (and, for a value that cannot be bound, the column's name); a malformed row
+  is named by its index and its columns;
+- every other operation commits, whatever else is in its batch;
+- the database ends equal to the reference, table by table and row by row, and
+  ``sqlite_master`` is unchanged: no table, index or row the caller did not ask for;
+- no exception escapes the scheduler, and a final write commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import re
+import shutil
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchdb import (
+    BatchDBManager,
+    OperationFailed,
+    OperationType,
+    Priority,
+    SchemaError,
+)
+from batchdb.plugins.upbit import normalize_upbit_candles
+
+from .reporting import record
+
+WEIRD = 'we"ird; DROP TABLE s; -- /* select */'
+DDL = f"""
+CREATE TABLE s (id INTEGER PRIMARY KEY, name TEXT NOT NULL, score REAL, data BLOB,
+                n INTEGER NOT NULL DEFAULT 0, anyv ANY) STRICT;
+CREATE TABLE loose (k TEXT PRIMARY KEY, a, b INTEGER, c REAL NOT NULL, d TEXT, e NUMERIC);
+CREATE TABLE "{WEIRD.replace('"', '""')}" ("sel""ect" INTEGER PRIMARY KEY,
+    "-- c" TEXT NOT NULL, "x; y" REAL, "/* z */" TEXT, "DROP" INTEGER);
+"""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the test knows of a table: declared types, key, required columns."""
+
+    name: str
+    types: dict[str, str]
+    pk: tuple[str, ...]
+    required: tuple[str, ...]  # NOT NULL without a default
+    rowid_key: bool = False  # INTEGER PRIMARY KEY: NULL there means "assign a rowid"
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Column names in table order."""
+        return tuple(self.types)
+
+
+SPECS: dict[str, Spec] = {
+    "s": Spec("s", {"id": "INTEGER", "name": "TEXT", "score": "REAL", "data": "BLOB",
+                    "n": "INTEGER", "anyv": "ANY"}, ("id",), ("id", "name"), rowid_key=True),
+    "loose": Spec("loose", {"k": "TEXT", "a": "", "b": "INTEGER", "c": "REAL", "d": "TEXT",
+                            "e": "NUMERIC"}, ("k",), ("k", "c")),
+    WEIRD: Spec(WEIRD, {'sel"ect': "INTEGER", "-- c": "TEXT", "x; y": "REAL", "/* z */": "TEXT",
+                        "DROP": "INTEGER"}, ('sel"ect',), ('sel"ect', "-- c"), rowid_key=True),
+    "candles": Spec("candles", {"symbol": "TEXT", "timeframe": "TEXT", "ts": "INTEGER",
+                                "open_price": "REAL", "high_price": "REAL", "low_price": "REAL",
+                                "close_price": "REAL", "volume": "REAL", "quote_volume": "REAL",
+                                "source": "TEXT", "ingested_at": "INTEGER"},
+                    ("symbol", "timeframe", "ts"),
+                    ("symbol", "timeframe", "ts", "open_price", "high_price", "low_price",
+                     "close_price", "volume", "ingested_at")),
+}
+SYMBOLS = ("KRW-BTC", "KRW-ETH")
+
+
+def q(name: str) -> str:
+    """Quote an identifier (the test's own, independent of batchdb's)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ---------------------------------------------------------------------- the template
+def _template_rows() -> dict[str, list[dict[str, Any]]]:
+    return {
+        "s": [{"id": i, "name": f"s{i}", "score": i / 2, "data": bytes([i]), "n": i,
+               "anyv": i} for i in range(1, 6)],
+        "loose": [{"k": f"k{i}", "a": i, "b": i, "c": float(i), "d": str(i), "e": i}
+                  for i in range(1, 6)],
+        WEIRD: [{'sel"ect': i, "-- c": f"w{i}", "x; y": i * 1.5, "/* z */": None, "DROP": i}
+                for i in range(1, 6)],
+        "candles": [{"symbol": "KRW-BTC", "timeframe": "1m", "ts": i * 60_000,
+                     "open_price": 1.0, "high_price": 2.0, "low_price": 0.5,
+                     "close_price": 1.5, "volume": 3.0, "quote_volume": 4.0, "source": "t",
+                     "ingested_at": 0} for i in range(3)],
+    }
+
+
+TEMPLATE_ROWS = _template_rows()
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database with the four tables and a few rows; ``candles`` made by batchdb itself."""
+    path = tmp_path_factory.mktemp("hostile") / "template.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.executescript(DDL)
+    conn.close()
+
+    async def create_candles() -> None:
+        manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
+                                               maintenance={"enabled": False})
+        async with manager:
+            await manager.table_info("candles")
+
+    asyncio.run(create_candles())
+    conn = sqlite3.connect(path)
+    for table, rows in TEMPLATE_ROWS.items():
+        cols = list(rows[0])
+        conn.executemany(f"INSERT INTO {q(table)} ({', '.join(map(q, cols))}) VALUES "
+                         f"({', '.join('?' * len(cols))})", [tuple(r.values()) for r in rows])
+    conn.commit()
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return path
+
+
+# ---------------------------------------------------------------------- values
+HUGE_TEXT = st.builds(lambda ch, n: ch * n, st.sampled_from(["x", "ж", "\x00", "€", "🙂"]),
+                      st.integers(1 << 20, 3 << 20))
+HUGE_BLOB = st.builds(lambda b, n: bytes([b]) * n, st.integers(0, 255),
+                      st.integers(1 << 20, 3 << 20))
+TEXT = st.text(max_size=24)  # any code point but surrogates, NUL included
+BINARY = st.binary(max_size=24)
+FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def _good(kind: str) -> st.SearchStrategy[Any]:
+    if kind == "INTEGER":
+        return INT64
+    if kind == "REAL":
+        return FLOATS
+    if kind == "TEXT":
+        return TEXT
+    if kind == "BLOB":
+        return BINARY
+    return st.one_of(st.none(), INT64, FLOATS, TEXT, BINARY)
+
+
+HOSTILE_VALUES: st.SearchStrategy[Any] = st.one_of(
+    st.sampled_from([math.nan, math.inf, -math.inf, 2**63, -(2**63) - 1, 2**70, True, False,
+                     "", "\x00", "a\x00b", "\ud800", "x\udfffy", "12", "-7.5", "abc",
+                     "Robert'); DROP TABLE s;--", b"", b"\x00\xff", None, 0.0, -0.0, 1e308,
+                     5e-324, Decimal("1.5"), complex(1, 2)]),
+    st.builds(dict, st.just({"a": 1})), st.builds(list, st.just([1, 2])),
+    st.builds(set, st.just({1})), st.builds(tuple, st.just((1,))),
+    TEXT, BINARY, FLOATS, st.integers(), HUGE_TEXT, HUGE_BLOB,
+)
+
+HOSTILE_NAMES = st.one_of(
+    st.sampled_from([
+        "s; DROP TABLE s; --", 's" WHERE 1=1; --', "s/*", "s --", "' OR '1'='1", "S",
+        "sqlite_master", "sqlite_schema", "main.s", "[s]", "`s`", "s\x00", "", "SELECT",
+        "DROP TABLE loose", "loose;", 'we"ird', WEIRD.upper(), "x" * 129, "candles ",
+        "rowid", "oid", "_rowid_", "ID", "Name", "k)--", '"', "''", ";", "-- c ", "/* z*/",
+    ]),
+    st.text(alphabet=st.sampled_from(list("\"';-/*() \x00séLECT")), min_size=1, max_size=12),
+)
+NON_STR_NAMES = st.sampled_from([1, 2.5, None, b"s", ("s",), True])
+
+
+# ---------------------------------------------------------------------- operations
+@dataclass
+class Op:
+    """One generated call."""
+
+    via: str  # "queue" or "candles" (insert_candles_batch)
+    table: Any
+    op_type: Any
+    rows: Any
+    priority: Any
+    label: str
+    symbol: str = "KRW-BTC"
+
+
+def _key_value(draw: st.DrawFn, spec: Spec, column: str) -> Any:
+    if spec.name == "candles":
+        if column == "symbol":
+            return draw(st.sampled_from(SYMBOLS))
+        if column == "timeframe":
+            return "1m"
+        return draw(st.integers(0, 10**6)) * 60_000
+    if spec.types[column] == "TEXT":
+        return f"k{draw(st.integers(0, 10**6))}"
+    return draw(st.integers(10, 10**6))
+
+
+def _key_of(spec: Spec, row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[c] for c in spec.pk)
+
+
+@st.composite
+def operations(draw: st.DrawFn, used: dict[str, list[tuple[Any, ...]]]) -> Op:
+    """One operation, good or hostile; ``used`` holds keys seen so far (for duplicates)."""
+    label = draw(st.sampled_from(
+        ["clean"] * 8 + ["bad_value"] * 6 + ["huge", "missing_col", "extra_col",
+                                              "dup_in_op", "bad_later_row", "hostile_table",
+                                              "non_str_table", "bad_call", "candles_batch"]))
+    prio = draw(st.sampled_from(list(Priority)))
+    if label == "candles_batch":
+        return _candles_op(draw, prio)
+    table = draw(st.sampled_from(list(SPECS)))
+    spec = SPECS[table]
+    op_type = draw(st.sampled_from(list(OperationType)))
+    non_key = [c for c in spec.columns if c not in spec.pk]
+    if op_type is OperationType.DELETE:
+        extra = draw(st.lists(st.sampled_from(non_key), unique=True, max_size=2))
+        columns = [*spec.pk, *extra]
+    elif op_type is OperationType.UPDATE:
+        columns = [*spec.pk, *draw(st.lists(st.sampled_from(non_key), unique=True,
+                                            min_size=1))]
+    else:
+        optional = [c for c in non_key if c not in spec.required]
+        columns = [*spec.required, *draw(st.lists(st.sampled_from(optional), unique=True))]
+    columns = draw(st.permutations(columns))
+    rows: list[dict[str, Any]] = []
+    for _ in range(draw(st.integers(1, 4))):
+        # inserts mostly take new keys, keyed operations mostly hit keys already written
+        odds = 2 if op_type in (OperationType.INSERT, OperationType.UPSERT) else 5
+        existing = bool(used[table]) and draw(st.integers(1, odds)) > 1
+        key = draw(st.sampled_from(used[table])) if existing else tuple(
+            _key_value(draw, spec, c) for c in spec.pk)
+        row = dict(zip(spec.pk, key, strict=True))
+        for c in columns:
+            if c not in row:
+                nullable = c not in spec.required and spec.name != "candles"
+                row[c] = draw(st.one_of(st.none(), _good(spec.types[c])) if nullable
+                              else _good(spec.types[c]))
+        rows.append({c: row[c] for c in columns})
+    _mutate(draw, label, spec, op_type, rows)
+    for row in rows:
+        if isinstance(row, dict) and all(c in row for c in spec.pk):
+            try:
+                key = _key_of(spec, row)
+                hash(key)
+            except TypeError:
+                continue
+            if not any(isinstance(v, float) and math.isnan(v) for v in key):
+                used[table].append(key)
+    op = Op("queue", table, op_type, rows, prio, label)
+    if label == "hostile_table":
+        op.table = draw(HOSTILE_NAMES)
+    elif label == "non_str_table":
+        op.table = draw(NON_STR_NAMES)
+    elif label == "bad_call":
+        _bad_call(draw, op)
+    return op
+
+
+def _mutate(draw: st.DrawFn, label: str, spec: Spec, op_type: OperationType,
+            rows: list[Any]) -> None:
+    columns = list(rows[0])
+    if label in ("bad_value", "huge"):
+        for _ in range(draw(st.integers(1, 2))):
+            i = draw(st.integers(0, len(rows) - 1))
+            c = draw(st.sampled_from(columns))
+            value = draw(HUGE_TEXT | HUGE_BLOB if label == "huge" else HOSTILE_VALUES)
+            if c in spec.pk and spec.rowid_key and (value is None or (
+                    isinstance(value, float) and math.isnan(value))):
+                value = math.inf  # a NULL rowid key means "any new id": order-dependent
+            if c in spec.pk and isinstance(value, str | bytes | int | float):
+                value = _unique_hostile_key(draw, value)
+            rows[i][c] = value
+    elif label == "missing_col":
+        i = draw(st.integers(0, len(rows) - 1))
+        c = draw(st.sampled_from(columns))
+        if i == 0:
+            for row in rows:
+                row.pop(c)  # the same columns everywhere: row 0 decides
+        else:
+            rows[i].pop(c)
+    elif label == "extra_col":
+        i = draw(st.integers(0, len(rows) - 1))
+        name = draw(HOSTILE_NAMES | st.sampled_from(list(spec.columns)))
+        rows[i][name] = draw(_good("ANY"))
+    elif label == "dup_in_op":
+        dup = dict(rows[0])
+        for c in columns:
+            if c not in spec.pk:
+                dup[c] = draw(_good(spec.types[c]))
+        rows.insert(draw(st.integers(1, len(rows))), dup)
+    elif label == "bad_later_row":
+        rows.append(dict(rows[0]))
+        i = draw(st.integers(1, len(rows) - 1))
+        rows[i] = draw(st.sampled_from([("a", "tuple"), "row", None, 7, [1, 2],
+                                        {**rows[i], "zzz": 1}, {}]))
+
+
+def _unique_hostile_key(draw: st.DrawFn, value: Any) -> Any:
+    """Hostile key values that cannot equal another operation's key in SQLite's eyes
+    while differing in Python's (see test_keys_equal_in_sqlite_keep_submission_order)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
+        # a number no other key can be: more digits than any fresh key, and not a
+        # multiple of a minute (candle timestamps are)
+        return f"{draw(st.integers(2 * 10**6, 3 * 10**6))}7"
+    return value
+
+
+def _bad_call(draw: st.DrawFn, op: Op) -> None:
+    what = draw(st.sampled_from(["type", "prio", "container", "empty", "row0", "col"]))
+    if what == "type":
+        op.op_type = draw(st.sampled_from(["MERGE", "", "insert; drop", 3, None]))
+    elif what == "prio":
+        op.priority = draw(st.sampled_from(["URGENT", 7, -1, None, 2.5, "high;"]))
+    elif what == "container":
+        op.rows = draw(st.sampled_from([op.rows[0], "k=1", b"rows", {1, 2}, 42]))
+    elif what == "empty":
+        op.rows = []
+    elif what == "row0":
+        op.rows = [draw(st.sampled_from([("a", 1), "row", None, 3])), *op.rows[1:]]
+    else:
+        op.rows = [{draw(st.sampled_from([1, None, ("a",), 2.5])): 1, **op.rows[0]},
+                   *op.rows[1:]]
+
+
+def _candles_op(draw: st.DrawFn, prio: Priority) -> Op:
+    symbol = draw(st.sampled_from(SYMBOLS))
+    start = draw(st.integers(0, 10**6))
+    candles: list[Any] = []
+    for i in range(draw(st.integers(1, 4))):
+        minute = start + i
+        day, rest = divmod(minute, 1440)
+        text = f"2024-{1 + (day // 28) % 12:02d}-{1 + day % 28:02d}T{rest // 60:02d}:" \
+               f"{rest % 60:02d}:00"
+        candles.append({"market": symbol, "candle_date_time_utc": text,
+                        "opening_price": draw(FLOATS), "high_price": draw(FLOATS),
+                        "low_price": draw(FLOATS), "trade_price": draw(FLOATS),
+                        "candle_acc_trade_price": draw(FLOATS),
+                        "candle_acc_trade_volume": draw(FLOATS), "unit": 1})
+    if draw(st.booleans()):
+        i = draw(st.integers(0, len(candles) - 1))
+        field_name = draw(st.sampled_from(list(candles[i])))
+        value = draw(HOSTILE_VALUES)
+        if field_name == "market" and not isinstance(value, Hashable):
+            value = repr(value)  # an unhashable market: test_normaliser_errors_name_the_candle
+        candles[i][field_name] = value
+    return Op("candles", "candles", OperationType.UPSERT, candles, prio, "candles_batch",
+              symbol)
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> list[Op]:
+    """A flush window: 2 to 10 operations, good and hostile mixed."""
+    used: dict[str, list[tuple[Any, ...]]] = {
+        t: [_key_of(SPECS[t], r) for r in rows] for t, rows in TEMPLATE_ROWS.items()}
+    return [draw(operations(used)) for _ in range(draw(st.integers(2, 10)))]
+
+
+# ---------------------------------------------------------------------- the model
+def predict_call(op: Op) -> tuple[type[Exception], str] | None:
+    """The error the call must raise (type, message pattern), or None if it is queued."""
+    if op.via == "candles":
+        try:
+            normalize_upbit_candles(op.symbol, "1m", op.rows)
+        except ValueError as exc:
+            return ValueError, re.escape(str(exc))
+        return None
+    try:
+        op_type = OperationType.parse(op.op_type)
+    except ValueError:
+        return ValueError, "operation_type must be one of"
+    try:
+        Priority.parse(op.priority)
+    except ValueError:
+        return ValueError, "priority must be one of"
+    rows = op.rows
+    if not isinstance(rows, list | tuple):
+        return ValueError, "data_rows must be a list of row mappings"
+    if not rows:
+        return ValueError, "is empty"
+    table = op.table
+    if not isinstance(table, str):
+        return SchemaError, "table name must be a string"
+    if not table or "\x00" in table or len(table) > 128:
+        return SchemaError, "is not a valid name"
+    if table not in SPECS:
+        return SchemaError, f"unknown table {re.escape(repr(table))}"
+    spec = SPECS[table]
+    first = rows[0]
+    if not isinstance(first, Mapping):
+        return ValueError, "row 0 for table .* is not a mapping"
+    columns = tuple(first)
+    if not columns:
+        return ValueError, "has no columns"
+    for c in columns:
+        if not isinstance(c, str):
+            return SchemaError, "column names must be strings"
+    unknown = [c for c in columns if c not in spec.types]
+    if unknown:
+        return SchemaError, f"has no column\\(s\\) {re.escape(repr(unknown[0]))}"
+    if op_type is not OperationType.INSERT and any(k not in columns for k in spec.pk):
+        return SchemaError, "lack primary-key column"
+    if op_type is OperationType.UPDATE and all(c in spec.pk for c in columns):
+        return SchemaError, "nothing to update"
+    return None
+
+
+def _statement(spec: Spec, op_type: OperationType, columns: tuple[str, ...]) -> str:
+    pos = {c: i + 1 for i, c in enumerate(columns)}
+    where = " AND ".join(f"{q(k)} = ?{pos[k]}" for k in spec.pk)
+    if op_type is OperationType.DELETE:
+        return f"DELETE FROM {q(spec.name)} WHERE {where}"
+    values = [c for c in columns if c not in spec.pk]
+    if op_type is OperationType.UPDATE:
+        sets = ", ".join(f"{q(c)} = ?{pos[c]}" for c in values)
+        return f"UPDATE {q(spec.name)} SET {sets} WHERE {where}"
+    insert = (f"INSERT INTO {q(spec.name)} ({', '.join(map(q, columns))}) VALUES "
+              f"({', '.join(f'?{i}' for i in range(1, len(columns) + 1))})")
+    if op_type is OperationType.INSERT:
+        return insert
+    if not values:
+        return f"{insert} ON CONFLICT ({', '.join(map(q, spec.pk))}) DO NOTHING"
+    sets = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in values)
+    return f"{insert} ON CONFLICT ({', '.join(map(q, spec.pk))}) DO UPDATE SET {sets}"
+
+
+@dataclass
+class Expected:
+    """What the reference did with an operation that the call accepted."""
+
+    ok: bool
+    error: BaseException | None = None
+    shape: tuple[int, str] | None = None  # malformed row: (index, what is wrong)
+    columns: tuple[str, ...] = ()
+
+
+def _shape_problem(rows: Any, table: str) -> tuple[int, str] | None:
+    first = rows[0]
+    expected = list(first)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            return i, f"is not a mapping: {type(row).__name__}"
+        missing = [c for c in expected if c not in row]
+        extra = [c for c in row if c not in expected]
+        if missing or extra:
+            return i, (f"missing {missing}" if missing else f"extra {extra}")
+    return None
+
+
+def apply_reference(conn: sqlite3.Connection, op: Op) -> Expected:
+    """Apply one accepted operation to the reference database, alone, in a savepoint."""
+    spec = SPECS[op.table]
+    op_type = OperationType.parse(op.op_type)
+    if op.via == "candles":
+        columns, tuples = normalize_upbit_candles(op.symbol, "1m", op.rows)
+    else:
+        problem = _shape_problem(op.rows, op.table)
+        if problem is not None:
+            return Expected(False, shape=problem)
+        row_columns = tuple(op.rows[0])
+        columns = spec.pk if op_type is OperationType.DELETE else row_columns
+        tuples = [tuple(row[c] for c in columns) for row in op.rows]
+    conn.execute("SAVEPOINT ref")
+    try:
+        conn.executemany(_statement(spec, op_type, tuple(columns)), tuples)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO ref")
+        conn.execute("RELEASE ref")
+        return Expected(False, error=exc, columns=tuple(columns))
+    conn.execute("RELEASE ref")
+    return Expected(True)
+
+
+def table_rows(conn: sqlite3.Connection) -> dict[str, Counter[tuple[Any, ...]]]:
+    """Every table's rows as a multiset (rowids left out; ``ingested_at`` too, which
+    insert_candles_batch stamps with the time of the call)."""
+    out = {}
+    for spec in SPECS.values():
+        cols = [c for c in spec.columns if c != "ingested_at"]
+        out[spec.name] = Counter(conn.execute(
+            f"SELECT {', '.join(map(q, cols))} FROM {q(spec.name)}").fetchall())
+    return out
+
+
+def schema(conn: sqlite3.Connection) -> set[tuple[Any, ...]]:
+    """``sqlite_master`` as a set of (type, name, tbl_name, sql)."""
+    return set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+
+# ---------------------------------------------------------------------- the property
+FIGURES: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_hostile() -> Iterator[None]:
+    yield
+    if FIGURES["cases"]:
+        record("hostile", {"hostile_cases_tried": FIGURES["cases"], **dict(FIGURES)})
+
+
+_NAMED_PARAMETER = re.compile(r"parameter (\d+)")
+_NAMES_NOTHING = ("Python int too large to convert to SQLite INTEGER", "surrogates not allowed",
+                  "datatype mismatch")
+
+
+def _check_failure(op: Op, want: Expected, message: str) -> None:
+    """The error of a failed operation names what was wrong."""
+    if want.shape is not None:
+        i, what = want.shape
+        assert f"row {i} for table {op.table!r}" in message, message
+        if what.startswith("is not a mapping"):
+            assert what in message, message
+        else:
+            for name in re.findall(r"'((?:[^'\\]|\\.)*)'", what):
+                assert name in message, (name, message)
+        return
+    assert want.error is not None
+    expected = str(want.error)
+    assert expected in message, f"the database said {expected!r}, batchdb says {message!r}"
+    match = _NAMED_PARAMETER.search(expected)
+    if match:
+        column = want.columns[int(match.group(1)) - 1]
+        assert f"(column {column!r})" in message, message
+    elif any(text in expected for text in _NAMES_NOTHING):
+        FIGURES["errors_without_column"] += 1
+
+
+async def run_case(path: Path, ops: list[Op], reference: sqlite3.Connection) -> None:
+    loop = asyncio.get_running_loop()
+    escaped: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: escaped.append(context))
+    manager = BatchDBManager.from_settings(
+        None, sqlite={"path": str(path)}, maintenance={"enabled": False},
+        batch={"linger_seconds": {"CRITICAL": 0, "HIGH": 0.002, "NORMAL": 0.005,
+                                  "LOW": 0.01}, "insert_batch_size": 6,
+               "update_batch_size": 4})
+    accepted: list[tuple[Op, str]] = []
+    async with manager:
+        before = schema(reference)
+        for op in ops:
+            FIGURES["operations"] += 1
+            refused = predict_call(op)
+            try:
+                if op.via == "candles":
+                    op_id = await manager.insert_candles_batch(op.symbol, "1m", op.rows,
+                                                               op.priority)
+                else:
+                    op_id = await manager.queue_operation(op.table, op.op_type, op.rows,
+                                                          op.priority)
+            except (ValueError, SchemaError) as exc:
+                assert refused is not None, f"{op.label}: refused at the call: {exc!r}"
+                kind, pattern = refused
+                assert isinstance(exc, kind), (exc, kind)
+                assert re.search(pattern, str(exc)), (pattern, str(exc))
+                FIGURES["refused_at_call"] += 1
+                continue
+            assert refused is None, f"{op.label}: accepted, but should raise {refused}"
+            accepted.append((op, op_id))
+        await manager.flush()
+        for op, op_id in accepted:  # submission order is the reference's order
+            want = apply_reference(reference, op)
+            try:
+                await manager.wait(op_id)
+            except OperationFailed as exc:
+                assert not want.ok, f"{op.label} on {op.table!r} failed: {exc}"
+                _check_failure(op, want, str(exc))
+                FIGURES["failed_at_commit"] += 1
+                continue
+            assert want.ok, (f"{op.label} on {op.table!r} committed, but the reference "
+                             f"refused it: {want.error or want.shape}")
+            FIGURES["committed"] += 1
+        final = await manager.queue_operation("s", "UPSERT",
+                                              [{"id": 999_999_999, "name": "after"}])
+        assert (await manager.wait(final)).succeeded
+        reference.execute("INSERT OR REPLACE INTO s (id, name) VALUES (999999999, 'after')")
+        status = await manager.get_queue_status()
+        assert status["total_queued_operations"] == 0
+        stats = status["stats"]
+        assert stats["successful_operations"] + stats["failed_operations"] == len(accepted) + 1
+    assert not escaped, f"exceptions escaped to the event loop: {escaped}"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert schema(conn) == before, "sqlite_master changed"
+        got, want = table_rows(conn), table_rows(reference)
+        for name in SPECS:
+            extra = got[name] - want[name]
+            missing = want[name] - got[name]
+            assert not extra and not missing, (
+                f"table {name!r}: rows nobody asked for {list(extra)[:3]!r}, "
+                f"rows lost {list(missing)[:3]!r}")
+    finally:
+        conn.close()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.large_base_example])
+@given(ops=cases())
+def test_hostile_operations_fail_alone(template: Path, ops: list[Op]) -> None:
+    FIGURES["cases"] += 1
+    with tempfile.TemporaryDirectory(prefix="batchdb-hostile-") as tmp:
+        path = Path(tmp) / "db.sqlite3"
+        shutil.copyfile(template, path)
+        reference = sqlite3.connect(":memory:", isolation_level=None)
+        source = sqlite3.connect(template)
+        source.backup(reference)
+        source.close()
+        try:
+            asyncio.run(run_case(path, ops, reference))
+        finally:
+            reference.close()
+
+
+# ---------------------------------------------------------------------- found by the property
+@pytest.mark.parametrize(("value", "fragment"), [
+    (2**70, "too large"), ("\ud800", "surrogates"), ("abc", "datatype mismatch")])
+@pytest.mark.xfail(strict=True, reason=(
+    "errors raised while binding or storing one value do not name its column when the "
+    "driver's message has no 'parameter N' in it: OverflowError 'Python int too large to "
+    "convert to SQLite INTEGER', UnicodeEncodeError '... surrogates not allowed' and "
+    "SQLite's 'datatype mismatch' for an INTEGER PRIMARY KEY "
+    "(backends/sqlite/backend.py _name_parameter only rewrites 'parameter N' messages)"))
+async def test_every_value_error_names_its_column(template: Path, tmp_path: Path, value: Any,
+                                                  fragment: str) -> None:
+    path = tmp_path / "db.sqlite3"
+    shutil.copyfile(template, path)
+    manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
+                                           maintenance={"enabled": False})
+    async with manager:
+        bad = await manager.queue_operation("s", "INSERT", [{"id": value, "name": "x"}])
+        with pytest.raises(OperationFailed, match=fragment) as info:
+            await manager.wait(bad)
+    assert "'id'" in str(info.value), str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "'later submission wins across priorities' compares keys with Python equality "
+    "(core/scheduler.py _keys_of/_promote_conflicts): '7' and 7 are one key for an INTEGER "
+    "PRIMARY KEY (type affinity) but two for the scheduler, so a CRITICAL insert of 7 "
+    "overtakes a LOW insert of '7' queued before it: the earlier operation fails with "
+    "'UNIQUE constraint failed' and the later one wins"))
+async def test_keys_equal_in_sqlite_keep_submission_order(template: Path,
+                                                          tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    shutil.copyfile(template, path)
+    manager = BatchDBManager.from_settings(
+        None, sqlite={"path": str(path)}, maintenance={"enabled": False},
+        batch={"linger_seconds": {"CRITICAL": 0, "LOW": 0.3}})
+    async with manager:
+        first = await manager.queue_operation("s", "INSERT", [{"id": "777", "name": "first"}],
+                                              Priority.LOW)
+        second = await manager.queue_operation("s", "INSERT", [{"id": 777, "name": "second"}],
+                                               Priority.CRITICAL)
+        await manager.flush()
+        assert (await manager.wait(first)).succeeded
+        with pytest.raises(OperationFailed, match="UNIQUE constraint failed: s.id"):
+            await manager.wait(second)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an unhashable table name (e.g. a list) raises a bare TypeError 'unhashable type' "
+    "from the table cache lookup in BatchDBManager.queue_operation, not a SchemaError "
+    "naming the table argument (core/manager.py queue_operation: self._tables.get)"))
+async def test_unhashable_table_name_is_a_schema_error(template: Path, tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    shutil.copyfile(template, path)
+    manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
+                                           maintenance={"enabled": False})
+    async with manager:
+        with pytest.raises(SchemaError, match="table name must be a string"):
+            await manager.queue_operation(["s"], "INSERT", [{"id": 1, "name": "x"}])  # type: ignore[arg-type]
+
+
+def _candle(**changes: Any) -> dict[str, Any]:
+    return {"market": "KRW-BTC", "candle_date_time_utc": "2024-01-01T00:01:00",
+            "opening_price": 1.0, "high_price": 1.0, "low_price": 1.0, "trade_price": 1.0,
+            "candle_acc_trade_price": 1.0, "candle_acc_trade_volume": 1.0, **changes}
+
+
+NORMALISER_CASES = [
+    pytest.param("market", {"a": 1}, r"candle 1 is for market", marks=pytest.mark.xfail(
+        strict=True, reason="an unhashable 'market' value (dict, list, set) raises a bare "
+        "TypeError 'unhashable type' from the set of markets in normalize_upbit_candles "
+        "(plugins/upbit/__init__.py), not a ValueError naming the candle"), id="market-dict"),
+    pytest.param("opening_price", [1, 2], r"candle 1: 'opening_price'", marks=pytest.mark.xfail(
+        strict=True, reason="a list as a price raises numpy's ValueError 'setting an array "
+        "element with a sequence ...' that names neither the candle nor the field "
+        "(plugins/upbit/__init__.py _numbers: np.asarray before any check)"),
+        id="price-list"),
+    pytest.param("opening_price", True, r"candle 1: 'opening_price' must be a number",
+                 marks=pytest.mark.xfail(strict=True, reason="a bool price is refused when "
+                 "alone ('must be a number, got True') but silently stored as 1.0 when the "
+                 "other candles' prices are floats (np.asarray makes the column float; "
+                 "plugins/upbit/__init__.py _numbers)"), id="price-bool"),
+    pytest.param("candle_date_time_utc", 12, r"candle 1: 'candle_date_time_utc' is not an ISO",
+                 marks=pytest.mark.xfail(strict=True, reason="an integer date is stored as "
+                 "epoch milliseconds (12 -> 1970-01-01T00:00:00.012) instead of being "
+                 "refused: np.array(..., dtype='datetime64[ms]') accepts it and the "
+                 "'not an ISO date-time' check only runs when numpy fails "
+                 "(plugins/upbit/__init__.py _timestamps)"), id="date-int"),
+    pytest.param("candle_date_time_utc", "yesterday", r"candle 1: 'candle_date_time_utc' is "
+                 "not an ISO", id="date-text"),
+    pytest.param("trade_price", math.nan, r"candle 1: 'trade_price' must be a finite",
+                 id="price-nan"),
+    pytest.param("low_price", -math.inf, r"candle 1: 'low_price' must be a finite",
+                 id="price-inf"),
+    pytest.param("high_price", "12", r"candle 1: 'high_price' must be a number",
+                 id="price-text"),
+]
+
+
+@pytest.mark.parametrize(("field_name", "value", "message"), NORMALISER_CASES)
+async def test_normaliser_errors_name_the_candle(template: Path, tmp_path: Path,
+                                                 field_name: str, value: Any,
+                                                 message: str) -> None:
+    """insert_candles_batch refuses a hostile candle at the call, naming it and its field,
+    and queues nothing."""
+    path = tmp_path / "db.sqlite3"
+    shutil.copyfile(template, path)
+    manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
+                                           maintenance={"enabled": False})
+    async with manager:
+        with pytest.raises(ValueError, match=message):
+            await manager.insert_candles_batch(
+                "KRW-BTC", "1m", [_candle(), _candle(**{field_name: value})])
+        assert (await manager.get_queue_status())["stats"]["total_operations"] == 0
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM candles").fetchone() == (3,)
