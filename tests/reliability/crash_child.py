@@ -213,16 +213,24 @@ class Child:
             if s["n"] in acked and s["target"] is None and s["n"] not in claimed:
                 self.pool[s["table"]].append(s["n"])
         self.window = asyncio.Semaphore(96)
+        self.loop: asyncio.AbstractEventLoop  # set by main()
         self.pending: set[asyncio.Task[None]] = set()
         self.done = 0
 
     def _ack(self, op: BatchOperation, n: int) -> None:
-        """Record a committed operation: append its number and fsync, before anything else."""
+        """Record a committed operation: append its number and fsync, before anything else.
+
+        Plain callbacks run on batchdb's callback thread: the file writes are safe there,
+        the bookkeeping (asyncio semaphore, pool) is handed to the event loop.
+        """
         if not op.succeeded:
             self._failed(n, str(op.error))
             return
         os.write(self.ack_fd, f"{n}\n".encode())
         os.fsync(self.ack_fd)
+        self.loop.call_soon_threadsafe(self._acked, n)
+
+    def _acked(self, n: int) -> None:
         self.window.release()
         spec = self.specs[n]
         if spec["target"] is None:
@@ -231,7 +239,7 @@ class Child:
     def _failed(self, n: int, error: str) -> None:
         """An operation failed: the harness expects none to, and reports these lines."""
         os.write(self.fail_fd, f"{n} {error}\n".encode())
-        self.window.release()
+        self.loop.call_soon_threadsafe(self.window.release)
 
     def _plan(self) -> dict[str, Any]:
         rng = self.rng
@@ -317,6 +325,7 @@ class Child:
             await self.manager.maintain(task)
 
     async def main(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self.manager.start()
         print("running", flush=True)
         maintenance = asyncio.get_running_loop().create_task(self._maintenance())

@@ -423,19 +423,6 @@ def _case_settings_unreadable(d: Path) -> tuple[Path, Path]:
     return db, path
 
 
-READONLY_FILE_BUG = (
-    "a read-only database file is opened read-only without a word: start() succeeds and "
-    "every write then fails at commit with 'attempt to write a readonly database' "
-    "(backends/sqlite/backend.py _connect/_tune never check that the file is writable)")
-READONLY_DIR_BUG = (
-    "a database in a read-only directory that does not exist yet: start() raises "
-    "'SQLite database …: cannot open: unable to open database file', which does not say "
-    "why (permission denied / directory not writable) (backends/sqlite/backend.py _connect)")
-BINARY_SETTINGS_BUG = (
-    "a settings.toml that is not UTF-8 raises a bare UnicodeDecodeError that names no "
-    "file (core/settings.py _read_toml catches TOMLDecodeError and OSError only); the CLI "
-    "prints a traceback")
-
 # case: (setup, where the path in the message comes from, what the cause must say)
 BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, Path | None]], str, str]] = {
     "readonly_file": (_case_readonly_file, "db", r"read-?only|permission"),
@@ -452,22 +439,6 @@ BAD_FILES: dict[str, tuple[Callable[[Path], tuple[Path, Path | None]], str, str]
     "settings_unreadable": (_case_settings_unreadable, "settings",
                             r"cannot be read: Permission denied|not readable"),
 }
-API_XFAIL = {"readonly_file": READONLY_FILE_BUG, "readonly_dir_new": READONLY_DIR_BUG,
-             "settings_binary": BINARY_SETTINGS_BUG}
-READONLY_FILE_CLI_BUG = (
-    READONLY_FILE_BUG + "; `batchdb ingest` then crashes with a traceback: creating the "
-    "candles table raises a raw sqlite3.OperationalError 'attempt to write a readonly "
-    "database' (SQLiteBackend._create does not wrap it in a BatchDBError, so the CLI's "
-    "_expected_errors does not catch it)")
-CLI_XFAIL = {"readonly_dir_new": READONLY_DIR_BUG, "settings_binary": BINARY_SETTINGS_BUG,
-             "readonly_file": READONLY_FILE_CLI_BUG}
-
-
-def _cases(xfail: dict[str, str]) -> list[Any]:
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfail[name]))
-            if name in xfail else name for name in BAD_FILES]
-
-
 @pytest.fixture
 def bad_dir(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "bad"
@@ -478,8 +449,11 @@ def bad_dir(tmp_path: Path) -> Iterator[Path]:
             p.chmod(0o755 if p.is_dir() else 0o644)
 
 
-@pytest.mark.parametrize("case", _cases(API_XFAIL))
+@pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_file_gives_one_clear_error_from_the_api(bad_dir: Path, case: str) -> None:
+    """Regressions: readonly_file, readonly_dir_new and settings_binary failed here (start()
+    accepted a read-only file, 'unable to open database file' gave no reason, a non-UTF-8
+    settings file raised a bare UnicodeDecodeError); fixed in ab8bb14."""
     setup, named, cause = BAD_FILES[case]
     db, settings = setup(bad_dir)
     FAULTS[f"bad_file:{case}"] += 1
@@ -497,8 +471,10 @@ def test_bad_file_gives_one_clear_error_from_the_api(bad_dir: Path, case: str) -
     assert re.search(cause, out["message"], re.I), out["message"]
 
 
-@pytest.mark.parametrize("case", _cases(CLI_XFAIL))
+@pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_file_gives_one_clear_error_from_the_cli(bad_dir: Path, case: str) -> None:
+    """Regressions: on a read-only file `batchdb ingest` crashed with a traceback (a raw
+    sqlite3.OperationalError from creating the candles table); fixed in ab8bb14."""
     setup, named, cause = BAD_FILES[case]
     db, settings = setup(bad_dir)
     FAULTS[f"bad_file_cli:{case}"] += 1
@@ -584,13 +560,10 @@ async def test_hanging_async_callback_times_out_without_stalling(
     assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(21,)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a sync callback that raises a BaseException that is not an Exception (here "
-    "asyncio.CancelledError) escapes Scheduler._run_callback (it catches Exception only), "
-    "aborting Scheduler._finish half-way: the other operations of the batch never "
-    "complete (wait() hangs), the batch is never released (batches_in_flight stays 1) "
-    "and stop() never returns (core/scheduler.py _run_callback/_finish)"))
 async def test_callback_raising_cancelled_error_does_not_stall(db_path: Path) -> None:
+    """Regression: a plain callback raising CancelledError (a BaseException) escaped
+    Scheduler._run_callback and aborted _finish half-way: the rest of the batch never
+    completed and stop() never returned; fixed in ab8bb14."""
     make_table(db_path, LOG_DDL)
     m = BatchDBManager.from_settings(None, sqlite={"path": str(db_path)},
                                      maintenance={"enabled": False},
@@ -620,12 +593,10 @@ async def test_callback_raising_cancelled_error_does_not_stall(db_path: Path) ->
             await m.backend.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a plain (sync) callback runs on the event loop thread (Scheduler._run_callback calls "
-    "it inline) and callback_timeout_seconds applies only to coroutines: a sync callback "
-    "that blocks stalls every producer and every commit until it returns"))
 async def test_blocking_sync_callback_does_not_stall_other_writes(
         db_path: Path, make_manager: ManagerFactory) -> None:
+    """Regression: plain callbacks ran inline on the event loop, so a blocking one stalled
+    every producer and every commit; since ab8bb14 they run on a callback thread."""
     make_table(db_path, LOG_DDL)
     m = make_manager(batch={"callback_timeout_seconds": 0.3})
     await m.start()
@@ -648,6 +619,46 @@ async def test_blocking_sync_callback_does_not_stall_other_writes(
 
     took = await asyncio.to_thread(other_producer)
     assert took < 0.5, f"a CRITICAL write took {took:.2f}s behind a blocking callback"
+
+
+HUNG_CALLBACK = """
+import asyncio, sqlite3, sys, threading
+from batchdb import BatchDBManager
+never = threading.Event()
+async def main():
+    m = BatchDBManager.from_settings(None, sqlite={"path": sys.argv[1]},
+                                     maintenance={"enabled": False},
+                                     batch={"callback_timeout_seconds": 0.3})
+    async with m:
+        op = await m.queue_operation("kv", "UPSERT", [{"k": 1, "v": "a"}], "HIGH",
+                                     lambda op: never.wait())
+        await m.wait(op)
+    print("stopped", flush=True)
+asyncio.run(main())
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a plain callback that never returns keeps the process from exiting: after "
+    "callback_timeout_seconds the scheduler gives up on it, stop() returns, but the "
+    "callback runs on a ThreadPoolExecutor worker, which the interpreter joins at exit "
+    "(concurrent.futures' atexit hook), so the process hangs forever after main returns "
+    "(core/scheduler.py _plain_callback, since ab8bb14)"))
+def test_process_exits_although_a_plain_callback_hangs(db_path: Path) -> None:
+    make_table(db_path, LOG_DDL)
+    FAULTS["callback_hangs_forever"] += 1
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_CALLBACK, str(db_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    try:
+        out, _ = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert "stopped" in out and "returned" in out, out
+    assert proc.returncode == 0, f"the process did not exit on its own ({proc.returncode})"
+    assert rows_of(db_path, "SELECT v FROM kv WHERE k = 1") == [("a",)]
 
 
 # ---------------------------------------------------------------------- concurrent submission
