@@ -12,6 +12,8 @@ never loses an acknowledged operation nor leaves half an operation or batch.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -21,11 +23,12 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from batchdb import BatchDBManager
+from batchdb import BatchDBManager, BatchOperation, Priority
 
 from .crashkit import CrashRun, check_database, load_logs, snapshot
 from .reporting import record
@@ -129,6 +132,67 @@ def test_checker_reports_a_corrupt_file(small_run: CrashRun, tmp_path: Path) -> 
     except sqlite3.DatabaseError as exc:  # so corrupt that it cannot even be read
         problems = [str(exc)]
     assert problems
+
+
+# ---------------------------------------------------------------------- ack after commit
+ACKS = sa.Table("acks", sa.MetaData(), sa.Column("op", sa.Integer, nullable=False),
+                sa.Column("j", sa.Integer, nullable=False),
+                sa.Column("pad", sa.Text, nullable=True),
+                sa.PrimaryKeyConstraint("op", "j"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "duckdb"])
+async def test_acknowledgement_comes_after_the_commit(tmp_path: Path, backend: str) -> None:
+    """At the moment an operation is acknowledged (wait() returns, a plain or a coroutine
+    callback runs), another connection already sees all of its rows."""
+    if backend == "duckdb":
+        pytest.importorskip("duckdb")
+    db = tmp_path / f"acks.{backend}"
+    m = BatchDBManager.from_settings(None, backend=backend, maintenance={"enabled": False},
+                                     batch={"insert_batch_size": 64},
+                                     **{backend: {"path": str(db)}})
+    m.declare_table(ACKS)
+    loop = asyncio.get_running_loop()
+    rng = random.Random(SEED)
+    sizes = {n: rng.choice((1, 2, 5, 40, 300)) for n in range(300)}
+    seen: dict[int, int] = {}
+
+    def visible(n: int) -> int:  # from outside the manager's writer
+        if backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                return int(conn.execute("SELECT COUNT(*) FROM acks WHERE op = ?",
+                                        (n,)).fetchone()[0])
+        fut = asyncio.run_coroutine_threadsafe(
+            m.fetch("SELECT COUNT(*) FROM acks WHERE op = ?", (n,)), loop)
+        return int(fut.result(30)[0][0])
+
+    def plain(n: int) -> Any:
+        def callback(op: BatchOperation) -> None:
+            assert op.succeeded, op.error
+            seen[n] = visible(n)
+        return callback
+
+    def coroutine(n: int) -> Any:
+        async def callback(op: BatchOperation) -> None:
+            assert op.succeeded, op.error
+            seen[n] = await asyncio.to_thread(visible, n)
+        return callback
+
+    async with m:
+        waits = []
+        for n, k in sizes.items():
+            style = n % 3
+            callback = (None, plain(n), coroutine(n))[style]
+            op_id = await m.queue_operation(
+                "acks", "INSERT", [{"op": n, "j": j, "pad": "x" * (n % 50)} for j in range(k)],
+                Priority(n % 4), callback)
+            if style == 0:
+                waits.append((n, op_id))
+        for n, op_id in waits:
+            assert (await m.wait(op_id)).succeeded
+            seen[n] = await asyncio.to_thread(visible, n)
+        await m.flush()
+    assert seen == sizes, {n: (seen.get(n), k) for n, k in sizes.items() if seen.get(n) != k}
 
 
 # ---------------------------------------------------------------------- declared tables
