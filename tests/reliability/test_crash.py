@@ -195,6 +195,55 @@ async def test_acknowledgement_comes_after_the_commit(tmp_path: Path, backend: s
     assert seen == sizes, {n: (seen.get(n), k) for n, k in sizes.items() if seen.get(n) != k}
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "rows are read lazily in the writer thread from the caller's list "
+    "(BatchOperation.tuples), so a producer that reuses its buffer (queue_operation(..., "
+    "buf) then buf.clear()) gets every operation acknowledged as committed, with "
+    "rows_affected = the rows it had, while nothing is written: n_rows is counted at the "
+    "call, the rows are taken at commit (core/manager.py queue_operation keeps data_rows "
+    "by reference; nothing compares len(data_rows) with n_rows)"))
+async def test_a_reused_buffer_is_not_acknowledged_without_its_rows(tmp_path: Path) -> None:
+    db = tmp_path / "buffer.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)")
+    m = BatchDBManager.from_settings(None, sqlite={"path": str(db)},
+                                     maintenance={"enabled": False})
+    async with m:
+        buffer: list[dict[str, Any]] = []
+        ids = []
+        for i in range(1000):  # the usual producer loop: fill, hand over, reuse
+            buffer.append({"k": i, "v": f"v{i}"})
+            if len(buffer) == 100:
+                ids.append(await m.queue_operation("kv", "INSERT", buffer, Priority.LOW))
+                buffer.clear()
+        ops = [await m.wait(op_id) for op_id in ids]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        written = conn.execute("SELECT COUNT(*) FROM kv").fetchone()[0]
+    acknowledged = sum(op.rows_affected for op in ops if op.succeeded)
+    assert written == acknowledged, (
+        f"{acknowledged} rows acknowledged as committed, {written} in the database")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a row changed by the producer after queue_operation returned is written as changed: "
+    "the value committed (and acknowledged) is not the value submitted (rows are read "
+    "lazily in the writer thread, BatchOperation.tuples); at least the docs should say "
+    "that rows belong to batchdb until the operation completes"))
+async def test_the_committed_row_is_the_submitted_row(tmp_path: Path) -> None:
+    db = tmp_path / "mutate.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT)")
+    m = BatchDBManager.from_settings(None, sqlite={"path": str(db)},
+                                     maintenance={"enabled": False})
+    async with m:
+        row = {"k": 1, "v": "submitted"}
+        op_id = await m.queue_operation("kv", "INSERT", [row], Priority.LOW)
+        row["v"] = "changed afterwards"
+        assert (await m.wait(op_id)).succeeded
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT v FROM kv").fetchall() == [("submitted",)]
+
+
 # ---------------------------------------------------------------------- declared tables
 def test_tables_argument_declares_tables(tmp_path: Path) -> None:
     """Regression: ``from_settings(tables=[...])`` raised AttributeError (declare_table ran

@@ -614,10 +614,10 @@ async def run_case(path: Path, ops: list[Op], reference: sqlite3.Connection) -> 
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert schema(conn) == before, "sqlite_master changed"
-        got, want = table_rows(conn), table_rows(reference)
+        actual, expected = table_rows(conn), table_rows(reference)
         for name in SPECS:
-            extra = got[name] - want[name]
-            missing = want[name] - got[name]
+            extra = actual[name] - expected[name]
+            missing = expected[name] - actual[name]
             assert not extra and not missing, (
                 f"table {name!r}: rows nobody asked for {list(extra)[:3]!r}, "
                 f"rows lost {list(missing)[:3]!r}")
