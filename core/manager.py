@@ -227,6 +227,8 @@ class BatchDBManager:
                              f"got {type(data_rows).__name__}")
         if not data_rows:
             raise ValueError(f"data_rows for table {table_name!r} is empty")
+        if type(table_name) is not str:
+            check_identifier(table_name, "table name")  # a clear SchemaError
         table = self._tables.get(table_name) or await self.table_info(table_name)
         first = data_rows[0]
         columns = tuple(first) if type(first) is dict else self._row0_columns(table, first)

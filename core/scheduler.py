@@ -14,10 +14,12 @@ import functools
 import heapq
 import inspect
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -93,11 +95,63 @@ def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset
     try:
         if op.values is not None:
             where = [op.columns.index(k) for k in primary_key]
-            getter = itemgetter(*where)
-            return frozenset(map(getter, op.values))
-        return frozenset(map(itemgetter(*primary_key), op.data_rows))
-    except (KeyError, TypeError, ValueError):
+            keys = map(itemgetter(*where), op.values)
+        else:
+            keys = map(itemgetter(*primary_key), op.data_rows)
+        if len(primary_key) == 1:
+            return frozenset(map(_canonical, keys))
+        return frozenset(tuple(map(_canonical, key)) for key in keys)
+    except (KeyError, TypeError, ValueError, OverflowError):
         return _MALFORMED  # the operation will fail: keep it in order with everything
+
+
+def _canonical(value: Any) -> Any:
+    """A key value as the database may compare it: '7', 7, 7.0 and True are one key for an
+    INTEGER column (type affinity). Erring towards "same key" only promotes more."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return value
+    if isinstance(value, bool | int | float) and value == value:  # not NaN
+        try:
+            as_float = float(value)
+        except OverflowError:  # an int beyond float range: only equal to itself
+            return value
+        return int(as_float) if as_float.is_integer() else as_float
+    return value
+
+
+class _CallbackThread:
+    """One daemon thread running plain callbacks in order.
+
+    Not a ThreadPoolExecutor: the interpreter joins those at exit, so a callback that never
+    returns would keep the whole process from exiting after stop().
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue())
+        threading.Thread(target=self._run, name="batchdb-callback", daemon=True).start()
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` after the callbacks submitted before it."""
+        future: Future[Any] = Future()
+        self._queue.put((future, fn))
+        return future
+
+    def shutdown(self) -> None:
+        """Let the thread end after the callbacks already submitted."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
 
 
 class _Raised:
@@ -178,7 +232,7 @@ class Scheduler:
         self._idle.set()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._callback_tasks: set[asyncio.Task[Any]] = set()
-        self._callback_thread: ThreadPoolExecutor | None = None
+        self._callback_thread: _CallbackThread | None = None
         self._recoveries: set[asyncio.Task[None]] = set()
         self.stats = SchedulerStats()
 
@@ -207,7 +261,7 @@ class Scheduler:
             await asyncio.wait(list(self._callback_tasks),
                                timeout=self.config.callback_timeout_seconds)
         if self._callback_thread is not None:
-            self._callback_thread.shutdown(wait=False)
+            self._callback_thread.shutdown()
             self._callback_thread = None
 
     @property
@@ -702,7 +756,7 @@ class Scheduler:
     async def _plain_callback(self, callback: Callable[[BatchOperation], Any],
                               op: BatchOperation) -> None:
         if self._callback_thread is None:
-            self._callback_thread = ThreadPoolExecutor(1, thread_name_prefix="batchdb-callback")
+            self._callback_thread = _CallbackThread()
         executor = self._callback_thread
 
         def call() -> Any:
@@ -712,13 +766,13 @@ class Scheduler:
                 return _Raised(exc)
 
         try:
-            result = await asyncio.get_running_loop().run_in_executor(executor, call)
+            result = await asyncio.wrap_future(executor.submit(call))
         except asyncio.CancelledError:
             # timed out: the thread is still inside the callback; later callbacks get a
             # thread of their own instead of queueing behind it
             if self._callback_thread is executor:
                 self._callback_thread = None
-                executor.shutdown(wait=False)
+                executor.shutdown()
             raise
         if isinstance(result, _Raised):
             log.error("callback of operation %s raised: %r", op.operation_id, result.error)

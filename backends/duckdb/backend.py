@@ -37,6 +37,7 @@ T = TypeVar("T")
 _INSTALL_HINT = "install it with: pip install 'batchdb[duckdb]'"
 _TRANSIENT_IO = ("could not set lock", "conflicting lock", "resource temporarily unavailable")
 _RESOURCE_HINTS = ("no space left", "disk is full", "disk full", "out of memory",
+                   "could not write file",
                    "read-only", "read only", "permission denied")
 
 
@@ -302,6 +303,8 @@ class DuckDBBackend(Backend):
                           | duckdb.ParserException):
                 return ErrorKind.RESOURCE
             if isinstance(exc, duckdb.TransactionException):
+                if any(t in message for t in _RESOURCE_HINTS) or "could not write" in message:
+                    return ErrorKind.RESOURCE  # "Failed to commit: … No space left on device"
                 return ErrorKind.TRANSIENT  # write-write conflict: retry the batch
             if isinstance(exc, duckdb.IOException):
                 if any(t in message for t in _TRANSIENT_IO):

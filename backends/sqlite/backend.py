@@ -20,7 +20,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
-from batchdb.models import BatchDBError, OperationType, SchemaError
+from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
 
@@ -226,9 +226,19 @@ class SQLiteBackend(Backend):
         statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
         statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
                        for ix in table.indexes]
-        with self._transaction():
-            for stmt in statements:
-                self._conn.execute(stmt)
+        attempt = 0
+        while True:  # like a batch: wait out another process's write lock, with backoff
+            try:
+                with self._transaction():
+                    for stmt in statements:
+                        self._conn.execute(stmt)
+                break
+            except sqlite3.OperationalError as exc:
+                if (self.classify_error(exc) is not ErrorKind.TRANSIENT
+                        or attempt >= self.retry_policy.max_retries):
+                    raise
+                attempt += 1
+                time.sleep(self.retry_policy.delay(attempt))
         info = self._describe(table.name)
         assert info is not None
         return info
@@ -293,7 +303,8 @@ class SQLiteBackend(Backend):
                     isolate = True
                     continue
                 if kind is ErrorKind.DATA:
-                    raise _name_parameter(exc, batch.columns) from exc
+                    raise _name_value(exc, batch.table, batch.columns,
+                                      batch.operations[0]) from exc
                 raise
 
     def _after_commit(self, checkpointer: _Checkpointer) -> None:
@@ -323,7 +334,7 @@ class SQLiteBackend(Backend):
                     if self.classify_error(exc) is not ErrorKind.DATA:
                         raise
                     conn.execute("ROLLBACK TO batchdb_op")
-                    errors[i] = _name_parameter(exc, batch.columns)
+                    errors[i] = _name_value(exc, batch.table, batch.columns, op)
                 else:
                     rows += op.n_rows
                 conn.execute("RELEASE batchdb_op")
@@ -496,15 +507,82 @@ class _Checkpointer:
 _PARAMETER = re.compile(r"parameter (\d+)")
 
 
-def _name_parameter(exc: Exception, columns: tuple[str, ...]) -> Exception:
-    """sqlite3 names a bad value by its parameter number; add the column's name."""
+def _name_value(exc: Exception, table: TableInfo, columns: tuple[str, ...],
+                op: BatchOperation) -> Exception:
+    """Add the column (and row) of the value a bad-value error is about.
+
+    sqlite3 names a parameter by number ("Error binding parameter 2"); other errors name
+    nothing ("Python int too large to convert to SQLite INTEGER", a surrogate in a str,
+    "datatype mismatch" for an INTEGER PRIMARY KEY): the operation's rows are searched for
+    the first value that would raise it. Only on the error path.
+    """
+    where = ""
     match = _PARAMETER.search(str(exc))
-    if match is None or not 1 <= int(match.group(1)) <= len(columns):
+    if match is not None and 1 <= int(match.group(1)) <= len(columns):
+        where = f"column {columns[int(match.group(1)) - 1]!r}"
+    else:
+        found = _find_bad_value(exc, table, columns, op)
+        if found is not None:
+            row, column = found
+            where = f"column {column!r}, row {row}"
+    if not where:
         return exc
-    column = columns[int(match.group(1)) - 1]
-    named = type(exc)(f"{exc} (column {column!r})")
+    try:
+        named = type(exc)(f"{exc} ({where})")
+    except TypeError:  # an exception type with other constructor arguments
+        named = BatchDBError(f"{type(exc).__name__}: {exc} ({where})")
     named.__cause__ = exc
     return named
+
+
+def _find_bad_value(exc: Exception, table: TableInfo, columns: tuple[str, ...],
+                    op: BatchOperation) -> tuple[int, str] | None:
+    def bad_int(v: Any) -> bool:
+        return type(v) is int and not -(2**63) <= v < 2**63
+
+    def bad_text(v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    def not_integer(v: Any) -> bool:
+        if isinstance(v, bool) or v is None:
+            return False
+        if isinstance(v, int):
+            return False
+        if isinstance(v, float):
+            return not v.is_integer()
+        if isinstance(v, str):
+            try:
+                int(v.strip())
+            except ValueError:
+                return True
+            return False
+        return True
+
+    checks: list[tuple[int, Callable[[Any], bool]]]
+    if isinstance(exc, OverflowError):
+        checks = [(i, bad_int) for i in range(len(columns))]
+    elif isinstance(exc, UnicodeError):
+        checks = [(i, bad_text) for i in range(len(columns))]
+    elif "datatype mismatch" in str(exc):
+        checks = [(i, not_integer) for i, c in enumerate(columns)
+                  if c in table.primary_key and table.types.get(c, "").upper() == "INTEGER"]
+    else:
+        return None
+    try:
+        rows = op.tuples()
+    except Exception:
+        return None
+    for r, row in enumerate(rows):
+        for i, bad in checks:
+            if bad(row[i]):
+                return r, columns[i]
+    return None
 
 
 def build_sql(table: TableInfo, op: OperationType, columns: tuple[str, ...]) -> str:

@@ -28,6 +28,7 @@ UPBIT_FIELDS: dict[str, str] = {
     "candle_acc_trade_price": "quote_volume",
 }
 _REQUIRED = ("candle_date_time_utc", *UPBIT_FIELDS)
+_NUMBER_TYPES = frozenset({int, float})
 
 
 def _missing(candles: Sequence[Mapping[str, Any]], field: str) -> ValueError:
@@ -47,15 +48,16 @@ def _column(candles: Sequence[Mapping[str, Any]], field: str) -> list[Any]:
 
 
 def _numbers(values: list[Any], field: str) -> list[float]:
-    arr = np.asarray(values)
-    if arr.dtype.kind not in "fiu":
+    # one pass over the types first: numpy would turn a True among floats into 1.0 and
+    # choke on a list without saying which candle it came from
+    if not set(map(type, values)) <= _NUMBER_TYPES:
         for i, v in enumerate(values):
             if v is None:
                 raise ValueError(f"candle {i} has no {field!r}")
-            if isinstance(v, bool) or not isinstance(v, int | float):
+            if type(v) not in _NUMBER_TYPES and (isinstance(v, bool)
+                                                 or not isinstance(v, int | float)):
                 raise ValueError(f"candle {i}: {field!r} must be a number, got {v!r}")
-        raise ValueError(f"{field!r} must hold numbers")  # pragma: no cover
-    arr = arr.astype(np.float64, copy=False)
+    arr = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(arr)
     if bad.any():
         i = int(np.argmax(bad))
@@ -65,6 +67,11 @@ def _numbers(values: list[Any], field: str) -> list[float]:
 
 
 def _timestamps(values: list[Any]) -> list[int]:
+    if set(map(type, values)) != {str}:  # numpy would read a number as epoch milliseconds
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise ValueError(
+                    f"candle {i}: 'candle_date_time_utc' is not an ISO date-time: {v!r}")
     try:
         arr = np.array(values, dtype="datetime64[ms]")
     except (ValueError, TypeError):
@@ -96,9 +103,8 @@ def normalize_upbit_candles(
         raise ValueError(f"timeframe must be a non-empty string, got {timeframe!r}")
     if isinstance(candles, Mapping | str | bytes):
         raise ValueError("candles must be a list of candle objects")
-    markets = {c.get("market") for c in candles if isinstance(c, Mapping)}
-    markets.discard(None)
-    if markets - {symbol}:
+    markets = [c.get("market") for c in candles if isinstance(c, Mapping)]
+    if any(m is not None and m != symbol for m in markets):
         for i, c in enumerate(candles):
             if isinstance(c, Mapping) and c.get("market") not in (None, symbol):
                 raise ValueError(f"candle {i} is for market {c.get('market')!r}, not {symbol!r}")
