@@ -116,6 +116,14 @@ def locker(db_path: Path) -> Iterator[Callable[[], Locker]]:
         lock.kill()
 
 
+async def _eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Plain callbacks run on batchdb's callback thread, a moment after wait() returns."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 def _lock_settings(max_retries: int, **batch: Any) -> dict[str, Any]:
     return {"sqlite": {"busy_timeout_ms": 50},
             "batch": {"max_retries": max_retries, "retry_base_delay_seconds": 0.02,
@@ -175,7 +183,8 @@ async def test_lock_outlasting_the_retries_is_reported_not_dropped(
     for op_id in ops:
         with pytest.raises(OperationFailed, match="database is locked"):
             await asyncio.wait_for(m.wait(op_id), 10)
-    assert len(seen) == 5 and all(op.error and "database is locked" in op.error for op in seen)
+    await _eventually(lambda: len(seen) == 5)
+    assert all(op.error and "database is locked" in op.error for op in seen)
     status = await m.get_queue_status()
     assert status["total_queued_operations"] == 0
     assert status["stats"]["failed_operations"] == 5
@@ -202,16 +211,11 @@ async def test_stop_during_a_lock_commits_everything_after_it(
     assert rows_of(db_path, "SELECT COUNT(*) FROM log") == [(len(ops),)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "when stop() is cancelled (here by a timeout) while another process holds the lock, "
-    "the backend is closed under the scheduler and the operations still queued are "
-    "dispatched to the closed backend: they are reported, but as 'AssertionError: ' (an "
-    "empty message: SQLiteBackend._write asserts self._conn is not None) or 'ProgrammingError: "
-    "Cannot operate on a closed database.', depending on timing, neither of which says the "
-    "manager was stopped (core/manager.py stop: backend.close() in finally while the "
-    "scheduler still dispatches)"))
 async def test_cancelled_stop_fails_queued_operations_clearly(
         db_path: Path, locker: Callable[[], Locker]) -> None:
+    """Regression: a cancelled stop() closed the backend under the scheduler and the
+    queued operations failed as 'AssertionError: ' or 'Cannot operate on a closed
+    database.'; now they fail with a message saying the manager was stopped."""
     make_table(db_path, LOG_DDL)
     m = BatchDBManager.from_settings(
         None, sqlite={"path": str(db_path), "busy_timeout_ms": 50},
@@ -238,13 +242,9 @@ async def test_cancelled_stop_fails_queued_operations_clearly(
             assert re.search(r"stop|cancel|shut", op.error, re.I), op.error
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after a clean stop() every operation is committed, but wait(op_id) raises "
-    "NotRunningError 'the manager is not running' instead of returning the committed "
-    "operation (BatchDBManager.wait goes through the scheduler property, which is None "
-    "after stop), so a producer holding an id cannot learn its outcome"))
 async def test_wait_after_a_clean_stop_reports_the_outcome(
         db_path: Path, make_manager: ManagerFactory) -> None:
+    """Regression: wait(op_id) raised NotRunningError after a clean stop()."""
     make_table(db_path, LOG_DDL)
     m = make_manager()
     await m.start()
@@ -257,15 +257,10 @@ async def test_wait_after_a_clean_stop_reports_the_outcome(
         await m.wait(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "creating a declared table (the built-in candles table too) on first use is not "
-    "retried while another process holds the write lock: queue_operation raises "
-    "'SQLite database …: cannot create table …: database is locked' after one "
-    "busy_timeout, where a batch with the same settings waits and retries with backoff "
-    "(core/manager.py table_info -> backends/sqlite/backend.py create_table: no "
-    "transient retry)"))
 async def test_first_write_to_a_declared_table_waits_for_the_lock(
         db_path: Path, make_manager: ManagerFactory, locker: Callable[[], Locker]) -> None:
+    """Regression (fixed in 5c80c78): creating a declared table on first use was not
+    retried while another process held the write lock."""
     import sqlalchemy as sa
 
     make_table(db_path, LOG_DDL)
@@ -606,7 +601,7 @@ async def test_raising_callbacks_do_not_stall_the_scheduler(
         await asyncio.wait_for(m.flush(), 10)
         for op_id in ids:
             assert (await m.wait(op_id)).succeeded
-        await asyncio.sleep(0.05)
+        await _eventually(lambda: len(good) == 10 and "sync callback of" in caplog.text)
     assert len(good) == 10
     assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(30,)]
     text = caplog.text
@@ -722,13 +717,9 @@ print("returned", flush=True)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a plain callback that never returns keeps the process from exiting: after "
-    "callback_timeout_seconds the scheduler gives up on it, stop() returns, but the "
-    "callback runs on a ThreadPoolExecutor worker, which the interpreter joins at exit "
-    "(concurrent.futures' atexit hook), so the process hangs forever after main returns "
-    "(core/scheduler.py _plain_callback, since ab8bb14)"))
 def test_process_exits_although_a_plain_callback_hangs(db_path: Path) -> None:
+    """Regression (fixed in 5c80c78): plain callbacks ran on a ThreadPoolExecutor worker,
+    which the interpreter joins at exit, so a hung one kept the process alive forever."""
     make_table(db_path, LOG_DDL)
     FAULTS["callback_hangs_forever"] += 1
     proc = subprocess.Popen([sys.executable, "-c", HUNG_CALLBACK, str(db_path)],
@@ -876,14 +867,10 @@ async def test_duckdb_filesystem_full_is_reported_and_recovers(small_filesystem:
         conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on DuckDB a full disk surfaces as TransactionException 'Failed to commit: Could not "
-    "write file …: No space left on device', which classify_error treats as TRANSIENT "
-    "(backends/duckdb/backend.py: every TransactionException is a write-write conflict), "
-    "so each failing batch is retried max_retries times with backoff before it is "
-    "reported (seconds per batch) where SQLite reports a full disk at once"))
 async def test_duckdb_full_disk_is_reported_without_transient_retries(
         small_filesystem: Path) -> None:
+    """Regression (fixed in 5c80c78): a full disk on DuckDB was classified TRANSIENT and
+    retried max_retries times before being reported."""
     pytest.importorskip("duckdb")
     m = _duckdb_manager(small_filesystem / "full.duckdb", max_retries=4,
                         retry_base_delay_seconds=0.25, retry_max_delay_seconds=0.25)

@@ -38,7 +38,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -180,7 +180,8 @@ def _good(kind: str) -> st.SearchStrategy[Any]:
 HOSTILE_VALUES: st.SearchStrategy[Any] = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 2**63, -(2**63) - 1, 2**70, True, False,
                      "", "\x00", "a\x00b", "\ud800", "x\udfffy", "12", "-7.5", "abc",
-                     "Robert'); DROP TABLE s;--", b"", b"\x00\xff", None, 0.0, -0.0, 1e308,
+                     "Robert'); DROP TABLE s;--", "nan", "NaN", "-Infinity", b"", b"\x00\xff",
+                     None, 0.0, -0.0, 1e308,
                      5e-324, Decimal("1.5"), complex(1, 2)]),
     st.builds(dict, st.just({"a": 1})), st.builds(list, st.just([1, 2])),
     st.builds(set, st.just({1})), st.builds(tuple, st.just((1,))),
@@ -258,7 +259,7 @@ def operations(draw: st.DrawFn, used: dict[str, list[tuple[Any, ...]]]) -> Op:
         # inserts mostly take new keys, keyed operations mostly hit keys already written
         odds = 2 if op_type in (OperationType.INSERT, OperationType.UPSERT) else 5
         existing = bool(used[table]) and draw(st.integers(1, odds)) > 1
-        key = draw(st.sampled_from(used[table])) if existing else tuple(
+        key = _twin(draw, spec, draw(st.sampled_from(used[table]))) if existing else tuple(
             _key_value(draw, spec, c) for c in spec.pk)
         row = dict(zip(spec.pk, key, strict=True))
         for c in columns:
@@ -298,8 +299,6 @@ def _mutate(draw: st.DrawFn, label: str, spec: Spec, op_type: OperationType,
             if c in spec.pk and spec.rowid_key and (value is None or (
                     isinstance(value, float) and math.isnan(value))):
                 value = math.inf  # a NULL rowid key means "any new id": order-dependent
-            if c in spec.pk and isinstance(value, str | bytes | int | float):
-                value = _unique_hostile_key(draw, value)
             rows[i][c] = value
     elif label == "missing_col":
         i = draw(st.integers(0, len(rows) - 1))
@@ -326,16 +325,14 @@ def _mutate(draw: st.DrawFn, label: str, spec: Spec, op_type: OperationType,
                                         {**rows[i], "zzz": 1}, {}]))
 
 
-def _unique_hostile_key(draw: st.DrawFn, value: Any) -> Any:
-    """Hostile key values that cannot equal another operation's key in SQLite's eyes
-    while differing in Python's (see test_keys_equal_in_sqlite_keep_submission_order)."""
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, str) and value.strip().lstrip("+-").replace(".", "", 1).isdigit():
-        # a number no other key can be: more digits than any fresh key, and not a
-        # multiple of a minute (candle timestamps are)
-        return f"{draw(st.integers(2 * 10**6, 3 * 10**6))}7"
-    return value
+def _twin(draw: st.DrawFn, spec: Spec, key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sometimes the same key in another type the database finds equal ('7', 7.0 for 7)."""
+    out = []
+    for column, value in zip(spec.pk, key, strict=True):
+        if spec.types[column] == "INTEGER" and type(value) is int and draw(st.integers(0, 3)) == 0:
+            value = draw(st.sampled_from([str(value), float(value), f" {value} "]))
+        out.append(value)
+    return tuple(out)
 
 
 def _bad_call(draw: st.DrawFn, op: Op) -> None:
@@ -373,8 +370,6 @@ def _candles_op(draw: st.DrawFn, prio: Priority) -> Op:
         i = draw(st.integers(0, len(candles) - 1))
         field_name = draw(st.sampled_from(list(candles[i])))
         value = draw(HOSTILE_VALUES)
-        if field_name == "market" and not isinstance(value, Hashable):
-            value = repr(value)  # an unhashable market: test_normaliser_errors_name_the_candle
         candles[i][field_name] = value
     return Op("candles", "candles", OperationType.UPSERT, candles, prio, "candles_batch",
               symbol)
@@ -531,8 +526,9 @@ def _report_hostile() -> Iterator[None]:
 
 
 _NAMED_PARAMETER = re.compile(r"parameter (\d+)")
-_NAMES_NOTHING = ("Python int too large to convert to SQLite INTEGER", "surrogates not allowed",
-                  "datatype mismatch")
+# the database's message names no column: batchdb adds "(column 'c', row i)"
+_NAMES_BY_BATCHDB = ("Python int too large to convert to SQLite INTEGER",
+                     "surrogates not allowed", "datatype mismatch")
 
 
 def _check_failure(op: Op, want: Expected, message: str) -> None:
@@ -553,8 +549,8 @@ def _check_failure(op: Op, want: Expected, message: str) -> None:
     if match:
         column = want.columns[int(match.group(1)) - 1]
         assert f"(column {column!r})" in message, message
-    elif any(text in expected for text in _NAMES_NOTHING):
-        FIGURES["errors_without_column"] += 1
+    elif any(text in expected for text in _NAMES_BY_BATCHDB):
+        assert re.search(r"\(column '.*', row \d+\)", message), message
 
 
 async def run_case(path: Path, ops: list[Op], reference: sqlite3.Connection) -> None:
@@ -647,14 +643,10 @@ def test_hostile_operations_fail_alone(template: Path, ops: list[Op]) -> None:
 # ---------------------------------------------------------------------- found by the property
 @pytest.mark.parametrize(("value", "fragment"), [
     (2**70, "too large"), ("\ud800", "surrogates"), ("abc", "datatype mismatch")])
-@pytest.mark.xfail(strict=True, reason=(
-    "errors raised while binding or storing one value do not name its column when the "
-    "driver's message has no 'parameter N' in it: OverflowError 'Python int too large to "
-    "convert to SQLite INTEGER', UnicodeEncodeError '... surrogates not allowed' and "
-    "SQLite's 'datatype mismatch' for an INTEGER PRIMARY KEY "
-    "(backends/sqlite/backend.py _name_parameter only rewrites 'parameter N' messages)"))
 async def test_every_value_error_names_its_column(template: Path, tmp_path: Path, value: Any,
                                                   fragment: str) -> None:
+    """Regression (found by the property, fixed in 5c80c78): an int past 64 bits, a lone
+    surrogate and SQLite's 'datatype mismatch' failed without naming the column."""
     path = tmp_path / "db.sqlite3"
     shutil.copyfile(template, path)
     manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
@@ -666,14 +658,11 @@ async def test_every_value_error_names_its_column(template: Path, tmp_path: Path
     assert "'id'" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "'later submission wins across priorities' compares keys with Python equality "
-    "(core/scheduler.py _keys_of/_promote_conflicts): '7' and 7 are one key for an INTEGER "
-    "PRIMARY KEY (type affinity) but two for the scheduler, so a CRITICAL insert of 7 "
-    "overtakes a LOW insert of '7' queued before it: the earlier operation fails with "
-    "'UNIQUE constraint failed' and the later one wins"))
 async def test_keys_equal_in_sqlite_keep_submission_order(template: Path,
                                                           tmp_path: Path) -> None:
+    """Regression (fixed in 5c80c78): '777' and 777 are one INTEGER PRIMARY KEY, but the
+    scheduler compared keys with Python equality, so the later CRITICAL insert overtook the
+    earlier LOW one."""
     path = tmp_path / "db.sqlite3"
     shutil.copyfile(template, path)
     manager = BatchDBManager.from_settings(
@@ -690,11 +679,85 @@ async def test_keys_equal_in_sqlite_keep_submission_order(template: Path,
             await manager.wait(second)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an unhashable table name (e.g. a list) raises a bare TypeError 'unhashable type' "
-    "from the table cache lookup in BatchDBManager.queue_operation, not a SchemaError "
-    "naming the table argument (core/manager.py queue_operation: self._tables.get)"))
+KEY_TWINS = [
+    pytest.param("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)", "nan", "nan", id="text-nan"),
+    pytest.param("CREATE TABLE t (k TEXT PRIMARY KEY COLLATE NOCASE, v TEXT)", "krw-btc",
+                 "KRW-BTC", id="nocase"),
+    pytest.param("CREATE TABLE t (k TEXT PRIMARY KEY COLLATE RTRIM, v TEXT)", "krw-btc",
+                 "krw-btc  ", id="rtrim"),
+    pytest.param("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)", "7", 7, id="text-and-int"),
+    pytest.param("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)", "7", 7.0,
+                 id="integer-text-and-float"),
+    pytest.param("CREATE TABLE t (k REAL PRIMARY KEY, v TEXT)", " 7.5", 7.5, id="real"),
+]
+
+
+@pytest.mark.parametrize(("ddl", "first", "second"), KEY_TWINS)
+async def test_keys_the_database_finds_equal_keep_submission_order(
+        tmp_path: Path, ddl: str, first: Any, second: Any) -> None:
+    """Two inserts of what the database takes for one key, LOW then CRITICAL: the earlier
+    one commits, the later one fails (the later submission wins across priorities).
+    Regressions: the text key 'nan' (the scheduler's float canonicalisation made it unequal
+    to itself) and keys equal under NOCASE/RTRIM collations overtook each other."""
+    path = tmp_path / "twins.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(ddl)
+    manager = BatchDBManager.from_settings(
+        None, sqlite={"path": str(path)}, maintenance={"enabled": False},
+        batch={"linger_seconds": {"CRITICAL": 0, "LOW": 0.3}})
+    async with manager:
+        earlier = await manager.queue_operation("t", "INSERT", [{"k": first, "v": "earlier"}],
+                                                Priority.LOW)
+        later = await manager.queue_operation("t", "INSERT", [{"k": second, "v": "later"}],
+                                              Priority.CRITICAL)
+        await manager.flush()
+        assert (await manager.wait(earlier)).succeeded
+        with pytest.raises(OperationFailed, match="UNIQUE constraint failed: t.k"):
+            await manager.wait(later)
+
+
+CANDLE_ROW = {"symbol": "KRW-BTC", "timeframe": "1m", "ts": 60_000, "open_price": 1.0,
+              "high_price": 2.0, "low_price": 0.5, "close_price": 1.5, "volume": 3.0,
+              "quote_volume": 4.0, "source": "t", "ingested_at": 0}
+
+
+@pytest.mark.parametrize("backend", [
+    "sqlite",
+    pytest.param("duckdb", marks=pytest.mark.xfail(strict=True, reason=(
+        "on DuckDB a NaN written through queue_operation into a NOT NULL column is stored: "
+        "as NaN in the candles table's DOUBLE columns and as the text 'nan' in a TEXT NOT "
+        "NULL column, where SQLite refuses both (NaN is NULL there: 'NOT NULL constraint "
+        "failed'); the same call commits on one backend and fails on the other "
+        "(backends/duckdb/arrow.py converts NaN as a value)"))),
+])
+async def test_nan_in_a_not_null_column_fails_on_every_backend(tmp_path: Path,
+                                                              backend: str) -> None:
+    if backend == "duckdb":
+        pytest.importorskip("duckdb")
+    import sqlalchemy as sa
+
+    manager = BatchDBManager.from_settings(
+        None, backend=backend, maintenance={"enabled": False},
+        **{backend: {"path": str(tmp_path / f"nan.{backend}")}})
+    manager.declare_table(sa.Table("named", sa.MetaData(),
+                                   sa.Column("k", sa.Integer, primary_key=True),
+                                   sa.Column("name", sa.Text, nullable=False)))
+    async with manager:
+        good = await manager.queue_operation("candles", "UPSERT", [CANDLE_ROW])
+        price = await manager.queue_operation(
+            "candles", "UPSERT", [{**CANDLE_ROW, "ts": 120_000, "close_price": math.nan}])
+        text = await manager.queue_operation("named", "INSERT", [{"k": 1, "name": math.nan}])
+        await manager.flush()
+        assert (await manager.wait(good)).succeeded
+        with pytest.raises(OperationFailed, match=r"NOT NULL constraint failed.*close_price"):
+            await manager.wait(price)
+        with pytest.raises(OperationFailed, match=r"NOT NULL constraint failed.*name"):
+            await manager.wait(text)
+        assert await manager.fetch("SELECT COUNT(*) FROM candles") == [(1,)]
+
+
 async def test_unhashable_table_name_is_a_schema_error(template: Path, tmp_path: Path) -> None:
+    """Regression (fixed in 5c80c78): a list as table name raised a bare TypeError."""
     path = tmp_path / "db.sqlite3"
     shutil.copyfile(template, path)
     manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
@@ -711,26 +774,12 @@ def _candle(**changes: Any) -> dict[str, Any]:
 
 
 NORMALISER_CASES = [
-    pytest.param("market", {"a": 1}, r"candle 1 is for market", marks=pytest.mark.xfail(
-        strict=True, reason="an unhashable 'market' value (dict, list, set) raises a bare "
-        "TypeError 'unhashable type' from the set of markets in normalize_upbit_candles "
-        "(plugins/upbit/__init__.py), not a ValueError naming the candle"), id="market-dict"),
-    pytest.param("opening_price", [1, 2], r"candle 1: 'opening_price'", marks=pytest.mark.xfail(
-        strict=True, reason="a list as a price raises numpy's ValueError 'setting an array "
-        "element with a sequence ...' that names neither the candle nor the field "
-        "(plugins/upbit/__init__.py _numbers: np.asarray before any check)"),
-        id="price-list"),
+    pytest.param("market", {"a": 1}, r"candle 1", id="market-dict"),
+    pytest.param("opening_price", [1, 2], r"candle 1: 'opening_price'", id="price-list"),
     pytest.param("opening_price", True, r"candle 1: 'opening_price' must be a number",
-                 marks=pytest.mark.xfail(strict=True, reason="a bool price is refused when "
-                 "alone ('must be a number, got True') but silently stored as 1.0 when the "
-                 "other candles' prices are floats (np.asarray makes the column float; "
-                 "plugins/upbit/__init__.py _numbers)"), id="price-bool"),
+                 id="price-bool"),
     pytest.param("candle_date_time_utc", 12, r"candle 1: 'candle_date_time_utc' is not an ISO",
-                 marks=pytest.mark.xfail(strict=True, reason="an integer date is stored as "
-                 "epoch milliseconds (12 -> 1970-01-01T00:00:00.012) instead of being "
-                 "refused: np.array(..., dtype='datetime64[ms]') accepts it and the "
-                 "'not an ISO date-time' check only runs when numpy fails "
-                 "(plugins/upbit/__init__.py _timestamps)"), id="date-int"),
+                 id="date-int"),
     pytest.param("candle_date_time_utc", "yesterday", r"candle 1: 'candle_date_time_utc' is "
                  "not an ISO", id="date-text"),
     pytest.param("trade_price", math.nan, r"candle 1: 'trade_price' must be a finite",
@@ -747,7 +796,9 @@ async def test_normaliser_errors_name_the_candle(template: Path, tmp_path: Path,
                                                  field_name: str, value: Any,
                                                  message: str) -> None:
     """insert_candles_batch refuses a hostile candle at the call, naming it and its field,
-    and queues nothing."""
+    and queues nothing. Regressions (fixed in 5c80c78): an unhashable market raised a bare
+    TypeError, a list price numpy's message, a bool price mixed with floats and an integer
+    date were stored."""
     path = tmp_path / "db.sqlite3"
     shutil.copyfile(template, path)
     manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
