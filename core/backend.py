@@ -114,12 +114,14 @@ def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
     width = len(first.row_columns)
     if width and all(op.values is None and op.row_columns == first.row_columns for op in ops):
         data = [row for op in ops for row in op.data_rows]
+        if len(data) != sum(op.n_rows for op in ops):
+            data = []  # a list changed after it was queued: found and named below
         columns = first.columns
         getter = itemgetter(*columns) if len(columns) > 1 else None
         try:
             values = (list(map(getter, data)) if getter is not None
                       else [(row[columns[0]],) for row in data])
-            if all(map(width.__eq__, map(len, data))):
+            if data and all(map(width.__eq__, map(len, data))):
                 return values
         except (KeyError, TypeError):
             pass

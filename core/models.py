@@ -158,6 +158,12 @@ class BatchOperation:
             return self.values
         columns = self.columns
         rows = self.data_rows
+        if len(rows) != self.n_rows:
+            raise SchemaError(
+                f"the row list of operation {self.operation_id} on {self.table_name!r} "
+                f"changed after it was queued ({self.n_rows} rows queued, {len(rows)} now): "
+                "batchdb reads rows when it writes them, so pass a list you no longer change "
+                "(e.g. a copy) to queue_operation")
         getter = itemgetter(*columns) if len(columns) > 1 else _single(columns[0])
         width = len(self.row_columns) or len(columns)
         try:

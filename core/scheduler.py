@@ -14,6 +14,7 @@ import functools
 import heapq
 import inspect
 import logging
+import math
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ log = logging.getLogger("batchdb.scheduler")
 
 _PRIORITIES = sorted(Priority, reverse=True)  # CRITICAL first
 _LOWER = {p: tuple(q for q in _PRIORITIES if q < p) for p in Priority}
+_OTHERS = {p: tuple(q for q in _PRIORITIES if q != p) for p in Priority}
 _MB = 1024 * 1024
 _KEYED = (OperationType.UPDATE, OperationType.DELETE)
 
@@ -110,9 +112,12 @@ def _canonical(value: Any) -> Any:
     INTEGER column (type affinity). Erring towards "same key" only promotes more."""
     if isinstance(value, str):
         try:
-            value = float(value.strip())
+            number = float(value.strip())
         except ValueError:
-            return value
+            return value.strip().casefold()  # NOCASE / RTRIM collations: one key
+        if number != number or number in (math.inf, -math.inf):
+            return value.strip().casefold()  # 'nan' is text, and equal to itself
+        value = number
     if isinstance(value, bool | int | float) and value == value:  # not NaN
         try:
             as_float = float(value)
@@ -242,6 +247,28 @@ class Scheduler:
         self._running = True
         self._stopping = False
 
+    def abort(self, reason: str) -> None:
+        """Fail every operation still queued (a stop that could not drain): each one gets
+        ``reason`` as its error; nothing is dispatched any more."""
+        self._stopping = True
+        self._running = False
+        error = NotRunningError(reason)
+        for prio in _PRIORITIES:
+            lanes = self._lanes[prio]
+            for table, lane in list(lanes.items()):
+                ops = list(lane.ops)
+                lane.ops.clear()
+                self.queued_ops -= len(ops)
+                self._queued_by_prio[prio] -= len(ops)
+                self.queued_bytes -= sum(op.nbytes for op in ops)
+                del lanes[table]
+                self._finish(Batch(self._table_of(table), ops[0].operation_type,
+                                   ops[0].columns, ops), error, 0.0)
+        self._room.set()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def stop(self) -> None:
         """Commit everything queued, wait for callbacks, then refuse new operations."""
         if not self._running:
@@ -321,9 +348,9 @@ class Scheduler:
         table = op.table_name
         prio = op.priority
         all_lanes = self._lanes
-        for lower in _LOWER[prio]:
-            if table in all_lanes[lower]:  # the table has writes queued at a lower priority
-                self._promote_conflicts(op)
+        for other in _OTHERS[prio]:
+            if table in all_lanes[other]:  # the table has writes queued at another priority
+                prio = self._order_across_priorities(op)
                 break
         self._pending[op.operation_id] = op
         lanes = all_lanes[prio]
@@ -357,26 +384,36 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout)
 
-    def _promote_conflicts(self, op: BatchOperation) -> None:
-        """Keep "the later submission wins" across priorities.
+    def _order_across_priorities(self, op: BatchOperation) -> Priority:
+        """Keep "the later submission wins" across priorities; return the lane for ``op``.
 
-        Operations queued earlier at a lower priority that write one of the same keys must
-        commit before ``op``: each lower lane of the table is promoted to ``op``'s priority
-        up to its last such operation (a prefix, so the lane's own order holds), repeated
-        until no queued lower-priority operation touches a promoted key. Key sets are built
-        only when a table has operations queued at two priorities, once per operation.
+        An operation queued earlier at a *higher* priority that writes one of ``op``'s keys
+        must commit first: ``op`` joins that priority's lane, behind it. Operations queued
+        earlier at a *lower* priority that write one of the same keys must commit first
+        too: each lower lane is promoted up to its last such operation (a prefix, so the
+        lane's own order holds), repeated until no queued lower-priority operation touches a
+        promoted key. Key sets are built only when a table has operations queued at two
+        priorities, once per operation.
         """
         table = op.table_name
-        lower = [p for p in _LOWER[op.priority] if table in self._lanes[p]]
-        if not lower:
-            return
         info = self._table_of(table)
         if not info.primary_key:
-            return  # rows without identity: nothing can be overwritten
+            return op.priority  # rows without identity: nothing can be overwritten
         pk = info.primary_key
         own = _keys_of(op, pk)
         every = own is None  # keys unknown (malformed rows): keep everything in order
         keys = set(own or ())
+        target = op.priority
+        for prio in _PRIORITIES:  # CRITICAL first: the highest conflicting lane wins
+            if prio <= op.priority:
+                break
+            lane = self._lanes[prio].get(table)
+            if lane is not None and any(
+                    every or (theirs := _keys_of(queued, pk)) is None
+                    or not keys.isdisjoint(theirs) for queued in lane.ops):
+                target = prio
+                break
+        lower = [p for p in _LOWER[target] if table in self._lanes[p]]
         changed = True
         while changed:
             changed = False
@@ -399,8 +436,9 @@ class Scheduler:
                         every = True
                     else:
                         keys.update(theirs)
-                self._move(prio, op.priority, table, moved)
+                self._move(prio, target, table, moved)
                 changed = True
+        return target
 
     def _move(self, src: Priority, dst: Priority, table: str,
               ops: list[BatchOperation]) -> None:

@@ -203,3 +203,17 @@ async def test_a_lone_bad_value_names_its_column(started: Any) -> None:
     with pytest.raises(OperationFailed, match=r"parameter 2: type 'dict' is not supported "
                                               r"\(column 'v'\)"):
         await started.wait(bad)
+
+
+async def test_a_row_list_changed_after_queueing_fails_by_name(started: Any,
+                                                               db_path: Path) -> None:
+    buffer = [{"k": 20 + i, "v": "x"} for i in range(3)]
+    reused = await started.queue_operation("kv", "INSERT", buffer, Priority.LOW)
+    buffer.clear()  # a producer reusing its list before the batch is written
+    other = await good_write(started, 30)
+    await started.flush()
+    with pytest.raises(OperationFailed, match=r"row list of operation .* changed after it "
+                                              r"was queued \(3 rows queued, 0 now\)"):
+        await started.wait(reused)
+    assert (await started.wait(other)).succeeded
+    assert rows_of(db_path, "SELECT k FROM kv ORDER BY k") == [(30,)]

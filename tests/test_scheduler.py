@@ -485,3 +485,20 @@ async def test_wal_is_checkpointed_beside_the_writer(db_path: Path,
     await m.stop()
     assert rows_of(db_path, "PRAGMA integrity_check") == [("ok",)]
     assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(150000,)]
+
+
+async def test_later_lower_priority_write_waits_for_an_earlier_higher_one(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """Found by the model property: a HIGH insert still lingering, then a LOW update of the
+    same key whose batch is already full — the update must not run first."""
+    make_table(db_path, LOG_DDL)
+    m = make_manager(**batch_cfg(linger_seconds={**SLOW_LINGER, "HIGH": 0.3, "LOW": 0},
+                                 flush_interval_seconds=100, update_batch_size=1))
+    await m.start()
+    ins = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "new", "n": 0}], Priority.HIGH)
+    upd = await m.queue_operation("kv", "UPDATE", [{"k": 1, "n": 42}], Priority.LOW)
+    other = await m.queue_operation("kv", "UPDATE", [{"k": 2, "n": 7}], Priority.LOW)
+    assert (await asyncio.wait_for(m.wait(other), 5)).succeeded  # unrelated: not held back
+    await m.flush()
+    assert (await m.wait(ins)).succeeded and (await m.wait(upd)).succeeded
+    assert rows_of(db_path, "SELECT k, v, n FROM kv") == [(1, "new", 42)]
