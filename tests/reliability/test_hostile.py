@@ -860,3 +860,46 @@ async def test_normaliser_errors_name_the_candle(template: Path, tmp_path: Path,
         assert (await manager.get_queue_status())["stats"]["total_operations"] == 0
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM candles").fetchone() == (3,)
+
+
+DEDUP_BUG = (
+    "the DuckDB backend deduplicates keys inside a batch before writing (last row wins, "
+    "backends/duckdb/backend.py _Plan.dedup for UPSERT/UPDATE), so a row that breaks a "
+    "constraint (NULL in a NOT NULL column) is dropped unchecked when a later row of the "
+    "same batch writes the same key: its operation is acknowledged as committed although "
+    "it was refused on SQLite and never written on DuckDB")
+
+
+@pytest.mark.parametrize("backend", [
+    "sqlite", pytest.param("duckdb", marks=pytest.mark.xfail(strict=True, reason=DEDUP_BUG))])
+@pytest.mark.parametrize("case", ["upsert-across-ops", "update-across-ops", "upsert-in-one-op"])
+async def test_a_bad_row_fails_even_when_a_later_row_has_its_key(tmp_path: Path, backend: str,
+                                                                 case: str) -> None:
+    """A NULL in a NOT NULL column fails its operation, whatever comes after it in the
+    batch. Found by comparing the DuckDB backend with SQLite on the same calls."""
+    if backend == "duckdb":
+        pytest.importorskip("duckdb")
+    import sqlalchemy as sa
+
+    manager = BatchDBManager.from_settings(
+        None, backend=backend, maintenance={"enabled": False},
+        **{backend: {"path": str(tmp_path / f"dedup.{backend}")}})
+    manager.declare_table(sa.Table("kv", sa.MetaData(),
+                                   sa.Column("k", sa.Integer, primary_key=True),
+                                   sa.Column("v", sa.Text, nullable=False)))
+    async with manager:
+        await manager.wait(await manager.queue_operation("kv", "INSERT", [{"k": 1, "v": "a"}]))
+        kind = "UPDATE" if case.startswith("update") else "UPSERT"
+        good = None
+        if case == "upsert-in-one-op":
+            bad = await manager.queue_operation("kv", kind, [{"k": 2, "v": None},
+                                                             {"k": 2, "v": "later"}])
+        else:
+            bad = await manager.queue_operation("kv", kind, [{"k": 1, "v": None}], Priority.LOW)
+            good = await manager.queue_operation("kv", kind, [{"k": 1, "v": "later"}],
+                                                 Priority.LOW)
+        await manager.flush()
+        with pytest.raises(OperationFailed, match=r"NOT NULL constraint failed.*\bv\b"):
+            await manager.wait(bad)
+        if good is not None:
+            assert (await manager.wait(good)).succeeded
