@@ -371,6 +371,60 @@ def test_ingest_drains_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
                                1.25, p * 3), f"{market} candle {i}: {row}"
 
 
+def _check_prefixes(db: Path, per_file: int) -> int:
+    """Integrity, and per market the committed candles are the file's first ones, exact."""
+    assert _integrity(db) == ["ok"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT symbol, timeframe, ts, open_price, high_price, low_price, "
+                            "close_price, volume, quote_volume FROM candles "
+                            "ORDER BY symbol, ts").fetchall()
+    by_market: dict[str, list[tuple[object, ...]]] = {}
+    for row in rows:
+        by_market.setdefault(str(row[0]), []).append(row)
+    for no, market in enumerate(("KRW-BTC", "KRW-ETH")):
+        got = by_market.get(market, [])
+        assert len(got) <= per_file
+        for i, row in enumerate(got):
+            when = _EPOCH + i * _MINUTE
+            p = _candle_price(no, i)
+            assert row[1:] == ("1m", int(when.timestamp() * 1000), p, p + 1, p - 1, p + 0.5,
+                               1.25, p * 3), f"{market} candle {i}: {row} (a hole or a change)"
+    return len(rows)
+
+
+def test_ingest_killed_then_rerun_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL a running `batchdb ingest` at random moments: every time the database is
+    intact and holds, per file, an exact prefix of it (whole chunks, in order); a final run
+    completes the data."""
+    per_file = 40_000
+    files = []
+    for no, market in enumerate(("KRW-BTC", "KRW-ETH")):
+        path = tmp_path / f"{market.lower()}.ndjson"
+        _write_candles(path, market, no, per_file)
+        files.append(path)
+    db = tmp_path / "ingest.sqlite3"
+    (tmp_path / "settings.toml").write_text(f'[sqlite]\npath = "{db}"\n')
+    args = [sys.executable, "-m", "batchdb.cli", "ingest", *map(str, files), "--timeframe", "1m",
+            "--chunk-size", "1500"]
+    rng = random.Random(SEED)
+    counts = []
+    for _ in range(3):
+        proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_rows(db, "candles", proc)
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        counts.append(_check_prefixes(db, per_file))
+    record("crash_cli_ingest", {"kills": len(counts), "rows_after_each_kill": counts})
+    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert _check_prefixes(db, per_file) == 2 * per_file
+
+
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_demo_drains_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
     db = tmp_path / "demo.sqlite3"
