@@ -283,8 +283,9 @@ def _write_candles(path: Path, market: str, market_no: int, count: int) -> None:
 
 
 def _wait_for_rows(db: Path, table: str, proc: subprocess.Popen[bytes],
-                   timeout: float = 60) -> int:
-    """Poll the file (as another process would) until ``table`` has rows."""
+                   timeout: float = 60, more_than: int = 0) -> int:
+    """Poll the file (as another process would) until ``table`` has more than
+    ``more_than`` rows."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -297,7 +298,7 @@ def _wait_for_rows(db: Path, table: str, proc: subprocess.Popen[bytes],
                 count = 0  # table not created yet, or busy
             finally:
                 conn.close()
-            if count:
+            if count > more_than:
                 return int(count)
         time.sleep(0.02)
     raise AssertionError(f"no rows in {table} after {timeout}s")
@@ -407,17 +408,19 @@ def test_ingest_killed_then_rerun_loses_nothing(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "batchdb.cli", "ingest", *map(str, files), "--timeframe", "1m",
             "--chunk-size", "1500"]
     rng = random.Random(SEED)
-    counts = []
+    counts = [0]
     for _ in range(3):
         proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            _wait_for_rows(db, "candles", proc)
-            time.sleep(rng.uniform(0.05, 0.6))
+        try:  # kill once this run has gone past what the previous ones left
+            _wait_for_rows(db, "candles", proc, more_than=counts[-1])
+            time.sleep(rng.uniform(0.0, 0.3))
         finally:
             proc.kill()
             proc.wait(timeout=30)
         counts.append(_check_prefixes(db, per_file))
+    counts.pop(0)
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
     record("crash_cli_ingest", {"kills": len(counts), "rows_after_each_kill": counts})
     done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=300)
