@@ -550,18 +550,19 @@ def _find_bad_value(exc: Exception, table: TableInfo, columns: tuple[str, ...],
         return False
 
     def not_integer(v: Any) -> bool:
+        # what SQLite can store in an INTEGER PRIMARY KEY: a 64-bit integer, or a real or
+        # a text whose value is one ('12.0', '1e3')
         if isinstance(v, bool) or v is None:
             return False
         if isinstance(v, int):
-            return False
-        if isinstance(v, float):
-            return not v.is_integer()
+            return not -(2**63) <= v < 2**63
         if isinstance(v, str):
             try:
-                int(v.strip())
+                v = float(v.strip())
             except ValueError:
                 return True
-            return False
+        if isinstance(v, float):
+            return not (v.is_integer() and -(2.0**63) <= v < 2.0**63)
         return True
 
     checks: list[tuple[int, Callable[[Any], bool]]]
