@@ -103,6 +103,10 @@ class ArrowConverter:
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             exact = self._exact(values, target)
             arr = exact if exact is not None else self._stringified(values, exc, index)
+        if pa.types.is_floating(arr.type) and target is not None and arr.type != target:
+            self._check_not_null([arr if i == index else None
+                                  for i in range(len(self.columns))], nan_only=True,
+                                 only=index)  # before a cast turns NaN into 'nan' text
         if target is None or arr.type == target:
             return arr
         if pa.types.is_null(arr.type):
@@ -197,7 +201,33 @@ class ArrowConverter:
         """The Arrow table of all rows of ``operations``, in submission order."""
         columns = self.columns_of(operations)
         arrays = [self.column(values, i) for i, values in enumerate(columns)]
+        self._check_not_null(arrays, nan_only=True)
         return self.pa.Table.from_arrays(arrays, names=self.names)
+
+    def _check_not_null(self, arrays: Sequence[Any], *, nan_only: bool,
+                        only: int | None = None) -> None:
+        """Refuse NULL (with ``nan_only``: NaN) in a NOT NULL column, naming it.
+
+        NaN: SQLite stores NaN as NULL, so the same write must fail on every backend, not
+        commit here and fail there. NULL: checked before rows are dropped by the last-wins
+        key dedup, which would otherwise hide a bad row behind a later one with its key.
+        """
+        import pyarrow.compute as pc
+
+        for i, column in enumerate(self.columns):
+            if column not in self.table.not_null or (only is not None and i != only):
+                continue
+            arr = arrays[i]
+            if nan_only:
+                bad = (self.pa.types.is_floating(arr.type)
+                       and bool(pc.any(pc.is_nan(arr)).as_py()))
+                what = "NaN (batchdb treats NaN as NULL on every backend, as SQLite does)"
+            else:
+                bad = arr.null_count > 0
+                what = "NULL"
+            if bad:
+                raise ConversionError(f"NOT NULL constraint failed: {self.table.name}."
+                                      f"{column}: {what}")
 
     def keep_last(self, data: Any) -> Any:
         """``data`` with one row per key: the last one in submission order."""
@@ -216,6 +246,8 @@ class ArrowConverter:
         last = keys.group_by(self.key_names, use_threads=False).aggregate([("__row", "max")])
         if last.num_rows == n:
             return data
+        # rows are about to be dropped: a bad one must still fail its operation
+        self._check_not_null(data.columns, nan_only=False)
         rows = last.column("__row_max").combine_chunks()
         return data.take(rows.take(pc.sort_indices(rows)))
 

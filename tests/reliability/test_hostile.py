@@ -710,18 +710,9 @@ KEY_TWINS = [
 
 @pytest.mark.parametrize(("rows", "where"), [
     pytest.param([{"id": 50, "name": "a"}, {"id": 9.3e18, "name": "b"}], "(column 'id', row 1)",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "an integral float beyond 64 bits (9.3e18, 1e308) in an INTEGER PRIMARY "
-                     "KEY fails with 'datatype mismatch' naming no column: _find_bad_value's "
-                     "not_integer() takes any float with is_integer() for an integer "
-                     "(backends/sqlite/backend.py)")), id="float-past-int64"),
+                 id="float-past-int64"),  # regression: was blamed on no column
     pytest.param([{"id": "12.0", "name": "a"}, {"id": "abc", "name": "b"}],
-                 "(column 'id', row 1)", marks=pytest.mark.xfail(strict=True, reason=(
-                     "the wrong row is blamed: '12.0' and '1e3' are integers for SQLite "
-                     "(it stores 12 and 1000) but not for _find_bad_value's not_integer() "
-                     "(int('12.0') fails), so 'datatype mismatch (column 'id', row 0)' names "
-                     "row 0 when row 1 ('abc') is the bad one (backends/sqlite/backend.py)")),
-                 id="text-real-integer-blamed"),
+                 "(column 'id', row 1)", id="text-real-integer-blamed"),  # regression
     pytest.param([{"id": 50, "name": "a"}, {"id": 1.5, "name": "b"}], "(column 'id', row 1)",
                  id="fraction"),
 ])
@@ -773,12 +764,7 @@ CANDLE_ROW = {"symbol": "KRW-BTC", "timeframe": "1m", "ts": 60_000, "open_price"
 
 @pytest.mark.parametrize("backend", [
     "sqlite",
-    pytest.param("duckdb", marks=pytest.mark.xfail(strict=True, reason=(
-        "on DuckDB a NaN written through queue_operation into a NOT NULL column is stored: "
-        "as NaN in the candles table's DOUBLE columns and as the text 'nan' in a TEXT NOT "
-        "NULL column, where SQLite refuses both (NaN is NULL there: 'NOT NULL constraint "
-        "failed'); the same call commits on one backend and fails on the other "
-        "(backends/duckdb/arrow.py converts NaN as a value)"))),
+    "duckdb",
 ])
 async def test_nan_in_a_not_null_column_fails_on_every_backend(tmp_path: Path,
                                                               backend: str) -> None:
@@ -862,16 +848,11 @@ async def test_normaliser_errors_name_the_candle(template: Path, tmp_path: Path,
         assert conn.execute("SELECT COUNT(*) FROM candles").fetchone() == (3,)
 
 
-DEDUP_BUG = (
-    "the DuckDB backend deduplicates keys inside a batch before writing (last row wins, "
-    "backends/duckdb/backend.py _Plan.dedup for UPSERT/UPDATE), so a row that breaks a "
-    "constraint (NULL in a NOT NULL column) is dropped unchecked when a later row of the "
-    "same batch writes the same key: its operation is acknowledged as committed although "
-    "it was refused on SQLite and never written on DuckDB")
-
+# regression: the DuckDB backend's last-wins key dedup dropped a row that breaks a NOT NULL
+# column unchecked when a later row of the same batch wrote the same key
 
 @pytest.mark.parametrize("backend", [
-    "sqlite", pytest.param("duckdb", marks=pytest.mark.xfail(strict=True, reason=DEDUP_BUG))])
+    "sqlite", "duckdb"])
 @pytest.mark.parametrize("case", ["upsert-across-ops", "update-across-ops", "upsert-in-one-op"])
 async def test_a_bad_row_fails_even_when_a_later_row_has_its_key(tmp_path: Path, backend: str,
                                                                  case: str) -> None:
