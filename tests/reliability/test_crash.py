@@ -328,9 +328,8 @@ def _integrity(db: Path) -> list[str]:
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-def test_ingest_drains_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
-    per_file = 60_000
+def _ingest_setup(tmp_path: Path, per_file: int) -> tuple[list[Path], Path]:
+    """Two NDJSON candle files of ``per_file`` candles and a settings.toml naming the db."""
     files = []
     for no, market in enumerate(("KRW-BTC", "KRW-ETH")):
         path = tmp_path / f"{market.lower()}.ndjson"
@@ -338,6 +337,13 @@ def test_ingest_drains_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
         files.append(path)
     db = tmp_path / "ingest.sqlite3"
     (tmp_path / "settings.toml").write_text(f'[sqlite]\npath = "{db}"\n')
+    return files, db
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_ingest_drains_on_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    per_file = 60_000
+    files, db = _ingest_setup(tmp_path, per_file)
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchdb.cli", "ingest", *map(str, files), "--timeframe", "1m",
          "--chunk-size", "2000"],
@@ -398,13 +404,7 @@ def test_ingest_killed_then_rerun_loses_nothing(tmp_path: Path) -> None:
     intact and holds, per file, an exact prefix of it (whole chunks, in order); a final run
     completes the data."""
     per_file = 40_000
-    files = []
-    for no, market in enumerate(("KRW-BTC", "KRW-ETH")):
-        path = tmp_path / f"{market.lower()}.ndjson"
-        _write_candles(path, market, no, per_file)
-        files.append(path)
-    db = tmp_path / "ingest.sqlite3"
-    (tmp_path / "settings.toml").write_text(f'[sqlite]\npath = "{db}"\n')
+    files, db = _ingest_setup(tmp_path, per_file)
     args = [sys.executable, "-m", "batchdb.cli", "ingest", *map(str, files), "--timeframe", "1m",
             "--chunk-size", "1500"]
     rng = random.Random(SEED)

@@ -344,6 +344,21 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+async def _write_big_rows(m: BatchDBManager, size: int, error: str) -> list[int]:
+    """Queue 8 one-row INSERTs of ``size`` bytes each; the indices of those that failed, each
+    with ``error`` in its message."""
+    big = [await m.queue_operation("kv", "INSERT", [{"k": 1000 + i, "v": "z" * size}])
+           for i in range(8)]
+    failed = []
+    for i, op_id in enumerate(big):
+        try:
+            await m.wait(op_id)
+        except OperationFailed as exc:
+            assert error in str(exc), str(exc)
+            failed.append(i)
+    return failed
+
+
 async def test_filesystem_full_is_reported_and_recovers(small_filesystem: Path) -> None:
     db = small_filesystem / "full.sqlite3"
     make_table(db, "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL);")
@@ -360,15 +375,7 @@ async def test_filesystem_full_is_reported_and_recovers(small_filesystem: Path) 
         with ballast.open("wb") as fh:  # leave 48 kB
             fh.write(bytes(st.f_bavail * st.f_frsize - 48 * 1024))
         FAULTS["filesystem_full"] += 1
-        big = [await m.queue_operation("kv", "INSERT", [{"k": 1000 + i, "v": "z" * 30_000}])
-               for i in range(8)]
-        failed = []
-        for i, op_id in enumerate(big):
-            try:
-                await m.wait(op_id)
-            except OperationFailed as exc:
-                assert "database or disk is full" in str(exc)
-                failed.append(i)
+        failed = await _write_big_rows(m, 30_000, "database or disk is full")
         assert failed, "nothing failed: the filesystem did not fill up"
         assert (await m.get_queue_status())["running"]
         assert await m.fetch("SELECT COUNT(*) FROM kv WHERE k < 1000") == [(50,)]
@@ -828,15 +835,7 @@ async def _fill_then_free(m: BatchDBManager, fs: Path) -> tuple[list[int], float
     (fs / "ballast").write_bytes(bytes(st.f_bavail * st.f_frsize - 32 * 1024))
     FAULTS["duckdb_filesystem_full"] += 1
     start = time.monotonic()
-    big = [await m.queue_operation("kv", "INSERT", [{"k": 1000 + i, "v": "z" * 100_000}])
-           for i in range(8)]
-    failed = []
-    for i, op_id in enumerate(big):
-        try:
-            await m.wait(op_id)
-        except OperationFailed as exc:
-            assert "No space left on device" in str(exc), str(exc)
-            failed.append(i)
+    failed = await _write_big_rows(m, 100_000, "No space left on device")
     return failed, time.monotonic() - start
 
 
