@@ -335,9 +335,7 @@ class Scheduler:
         if self._stopping or not self._running:
             raise NotRunningError("the manager is not running: call start() or use "
                                   "'async with'")
-        if op.priority is not Priority.CRITICAL and (
-                self.queued_ops >= self.config.max_queue_size
-                or (self.queued_bytes and self.queued_bytes + op.nbytes > self._budget)):
+        if op.priority is not Priority.CRITICAL and self._over_budget(op):
             return False
         self._enqueue_new(op)
         return True

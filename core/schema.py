@@ -17,7 +17,6 @@ __all__ = [
     "metadata",
     "on_conflict_sql",
     "quote_ident",
-    "table_info_from_sqlalchemy",
 ]
 
 metadata = sa.MetaData()
@@ -125,14 +124,3 @@ def on_conflict_sql(table: TableInfo, values: list[str], differs: str | None = N
         clause += " WHERE " + " OR ".join(f"{name}.{q(c)} {differs} excluded.{q(c)}"
                                           for c in values)
     return clause
-
-
-def table_info_from_sqlalchemy(table: sa.Table) -> TableInfo:
-    """Describe a declared SQLAlchemy table."""
-    return TableInfo(
-        name=table.name,
-        columns=tuple(c.name for c in table.columns),
-        primary_key=tuple(c.name for c in table.primary_key.columns),
-        types={c.name: str(c.type) for c in table.columns},
-        not_null=frozenset(c.name for c in table.columns if not c.nullable),
-    )
