@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from .models import BatchOperation, OperationType
+from .models import BatchOperation, OperationType, Priority
 from .schema import TableInfo
 
 __all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy"]
@@ -81,6 +81,9 @@ class Batch:
     columns: tuple[str, ...]
     operations: list[BatchOperation]
     _rows: list[tuple[Any, ...]] | None = field(default=None, repr=False)
+    #: the priority of the queue it was taken from (an operation promoted behind a
+    #: higher-priority write of the same key keeps its own ``priority``)
+    priority: Priority = Priority.NORMAL
 
     @property
     def rows(self) -> list[tuple[Any, ...]]:
@@ -102,8 +105,10 @@ class Batch:
         """Two halves by operation, to isolate a failing operation."""
         mid = len(self.operations) // 2
         return (
-            Batch(self.table, self.operation_type, self.columns, self.operations[:mid]),
-            Batch(self.table, self.operation_type, self.columns, self.operations[mid:]),
+            Batch(self.table, self.operation_type, self.columns, self.operations[:mid],
+                  priority=self.priority),
+            Batch(self.table, self.operation_type, self.columns, self.operations[mid:],
+                  priority=self.priority),
         )
 
 

@@ -10,7 +10,7 @@ import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -52,13 +52,32 @@ _TUPLE_BYTES = sys.getsizeof(())
 _getsizeof = sys.getsizeof
 
 
-def _row_bytes(row: Any, values: Sequence[Any]) -> int:
+def _row_bytes(row: Any, values: Collection[Any]) -> int:
     """A cheap per-row size estimate from one sample row (no JSON dump): the row as given,
     its values, and the tuple the writer builds from it."""
     size = _TUPLE_BYTES + 8 * len(values) + sum(map(_getsizeof, values))
     if isinstance(row, dict):
         size += _getsizeof(row)
     return size
+
+
+_OPERATION_TYPES = {t.value: t for t in OperationType}  # StrEnum: members hash as their value
+_MAX_SHAPES = 4096
+
+
+class _Shape:
+    """A validated (table, operation type, row-0 columns): what its operations write."""
+
+    __slots__ = ("columns", "count", "op_type", "row_bytes", "row_columns", "table")
+
+    def __init__(self, table: TableInfo, op_type: OperationType, columns: tuple[str, ...],
+                 row_columns: tuple[str, ...], row_bytes: int) -> None:
+        self.table = table
+        self.op_type = op_type
+        self.columns = columns  # the columns the writer reads from each row
+        self.row_columns = row_columns  # the keys every row must have (row 0's)
+        self.row_bytes = row_bytes
+        self.count = 0
 
 
 class BatchDBManager:
@@ -96,8 +115,8 @@ class BatchDBManager:
         self.backend: Backend = backend_cls(section, connection_factory=db_connection_factory)
         self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
         self._tables: dict[str, TableInfo] = {}
-        self._shapes: dict[tuple[str, OperationType, tuple[str, ...]], tuple[str, ...]] = {}
-        self._row_sizes: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        # validated (table, operation type, row-0 columns) -> what the operation writes
+        self._shapes: dict[tuple[str, OperationType, tuple[str, ...]], _Shape] = {}
         for table in tables:
             self.declare_table(table)
         self._table_locks: dict[str, asyncio.Lock] = {}
@@ -221,12 +240,51 @@ class BatchDBManager:
         Bad input (unknown table or column, missing key column, empty or malformed rows,
         wrong operation type or priority) raises here and queues nothing.
         """
-        op_type = OperationType.parse(operation_type)
-        prio = Priority.parse(priority)
-        if self._scheduler is None:
-            raise NotRunningError("the manager is not running: call start() or use 'async with'")
+        # The hot path of one-row writes: a list of dicts whose (table, operation, columns)
+        # was validated before is one lookup. Everything else takes the checking path.
+        shape = None
+        if type(data_rows) is list and data_rows and type(first := data_rows[0]) is dict:
+            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
+                shape = self._shapes.get((table_name, _OPERATION_TYPES[operation_type],
+                                          tuple(first)))
+            except (KeyError, TypeError):  # an operation type to parse, or unhashable input
+                pass
+        if shape is None:
+            shape = await self._checked_shape(table_name, operation_type, data_rows)
+        if type(priority) is not Priority:
+            priority = Priority.parse(priority)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+        if self._scheduler is None:
+            raise NotRunningError("the manager is not running: call start() or use 'async with'")
+        # Rows are read into tuples in the writer thread, where they are also checked (reading
+        # them here costs ~5% of bulk throughput; snapshotting one-row operations here cost
+        # ~25% of one-row throughput, copying the list ~10%): the list and its rows belong
+        # to batchdb until the operation completes. A list that changed length by then fails
+        # its operation with a message saying so (BatchOperation.tuples).
+        n_rows = len(data_rows)
+        shape.count += 1
+        if shape.count >= 64:  # the size of a row is sampled once every 64 operations
+            shape.count = 0
+            shape.row_bytes = _row_bytes(data_rows[0], data_rows[0].values())
+        nbytes = shape.row_bytes * n_rows
+        self._op_counter += 1
+        op = BatchOperation(f"{self._id_prefix}-{self._op_counter}", shape.table.name,
+                            shape.op_type, data_rows, priority, nbytes / _MB, callback, None,
+                            None, 0.0, False, None, None, 0, shape.columns, None,
+                            shape.row_columns, n_rows, nbytes)
+        waiting = self._place(op)
+        if waiting is not None:
+            await waiting
+        return op.operation_id
+
+    async def _checked_shape(self, table_name: str, operation_type: OperationType | str,
+                             data_rows: Sequence[Mapping[str, Any]]) -> _Shape:
+        """Validate a call's table, operation type and row 0; the shape it writes (cached
+        for lists of dicts)."""
+        op_type = OperationType.parse(operation_type)
+        if self._scheduler is None:
+            raise NotRunningError("the manager is not running: call start() or use 'async with'")
         if type(data_rows) is not list and (isinstance(data_rows, Mapping | str | bytes)
                                             or not isinstance(data_rows, Sequence)):
             raise ValueError("data_rows must be a list of row mappings (column -> value), "
@@ -238,22 +296,15 @@ class BatchDBManager:
         table = self._tables.get(table_name) or await self.table_info(table_name)
         first = data_rows[0]
         columns = tuple(first) if type(first) is dict else self._row0_columns(table, first)
-        # validated once per (table, operation type, column set): the hot path is a lookup
-        shape = (table.name, op_type, columns)
-        write_columns = self._shapes.get(shape)
-        if write_columns is None:
-            write_columns = self._shapes[shape] = self._check_shape(table, op_type, columns)
-        # Rows are read into tuples in the writer thread, where they are also checked (reading
-        # them here costs ~5% of bulk throughput; snapshotting one-row operations here cost
-        # ~25% of one-row throughput, copying the list ~10%): the list and its rows belong
-        # to batchdb until the operation completes. A list that changed length by then fails
-        # its operation with a message saying so (BatchOperation.tuples).
-        op = self._new_operation(table, op_type, write_columns, None, data_rows, prio,
-                                 callback, columns)
-        waiting = self._place(op)
-        if waiting is not None:
-            await waiting
-        return op.operation_id
+        key = (table.name, op_type, columns)
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = _Shape(table, op_type, self._check_shape(table, op_type, columns), columns,
+                           _row_bytes(first, first.values()))
+            if len(self._shapes) >= _MAX_SHAPES:
+                self._shapes.clear()
+            self._shapes[key] = shape
+        return shape
 
     def _check_shape(self, table: TableInfo, op_type: OperationType,
                      columns: tuple[str, ...]) -> tuple[str, ...]:
@@ -283,38 +334,17 @@ class BatchDBManager:
         table: TableInfo,
         op_type: OperationType,
         columns: tuple[str, ...],
-        values: list[tuple[Any, ...]] | None,
+        values: list[tuple[Any, ...]],
         data_rows: Sequence[Any],
         priority: Priority,
         callback: OperationCallback | None,
-        row_columns: tuple[str, ...] = (),
     ) -> BatchOperation:
+        """An operation whose rows are already tuples (normalised candles)."""
         self._op_counter += 1
-        n_rows = len(data_rows) if values is None else len(values)
-        # the size estimate of a row is sampled once every 64 operations of a shape
-        shape = (table.name, columns)
-        sample = self._row_sizes.get(shape)
-        if sample is None or sample[1] >= 64:
-            first = data_rows[0]
-            sample = [_row_bytes(first, values[0] if values else first.values()), 0]
-            self._row_sizes[shape] = sample
-        sample[1] += 1
-        per_row = sample[0]
-        op = BatchOperation(
-            operation_id=f"{self._id_prefix}-{self._op_counter:08d}",
-            table_name=table.name,
-            operation_type=op_type,
-            data_rows=data_rows,
-            priority=priority,
-            estimated_size_mb=per_row * n_rows / _MB,
-            nbytes=per_row * n_rows,
-            callback=callback,
-            columns=columns,
-            values=values,
-            row_columns=row_columns,
-            n_rows=n_rows,
-        )
-        return op
+        nbytes = _row_bytes(data_rows[0], values[0]) * len(values)
+        return BatchOperation(f"{self._id_prefix}-{self._op_counter}", table.name, op_type,
+                              data_rows, priority, nbytes / _MB, callback, columns=columns,
+                              values=values, n_rows=len(values), nbytes=nbytes)
 
     def _place(self, op: BatchOperation) -> Awaitable[None] | None:
         """Queue ``op`` now when there is room and return None (no coroutine on the hot path

@@ -361,7 +361,7 @@ class Scheduler:
         self._queued_by_prio[prio] += 1
         self.queued_bytes += op.nbytes
         # dispatch now only if this can make a batch ready before the armed timer
-        if self._inflight >= self.max_inflight or self._paused:
+        if self._paused or self._inflight >= self.max_inflight + (prio is Priority.CRITICAL):
             return  # a finished batch will dispatch
         linger = self._linger[prio]
         if (linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure()
@@ -529,12 +529,13 @@ class Scheduler:
             or self.queued_bytes >= self._budget / 2
         )
 
-    def _pick(self, now: float) -> tuple[Batch | None, float | None]:
+    def _pick(self, now: float, critical_only: bool = False
+              ) -> tuple[Batch | None, float | None]:
         """The next batch to run, or the time until one becomes ready."""
         forced = self._pressure()
         next_deadline: float | None = None
         busy = self._inflight_tables if not self._ordered else {}
-        for prio in _PRIORITIES:
+        for prio in _PRIORITIES[:1] if critical_only else _PRIORITIES:
             lanes = self._lanes[prio]
             if not lanes:
                 continue
@@ -581,15 +582,20 @@ class Scheduler:
         self.queued_ops -= len(ops)
         self._queued_by_prio[prio] -= len(ops)
         self.queued_bytes -= nbytes
-        return Batch(self._table_of(table), head.operation_type, head.columns, ops)
+        return Batch(self._table_of(table), head.operation_type, head.columns, ops, priority=prio)
 
     def _dispatch(self) -> None:
         """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""
         if not self._running:
             return
         deadline: float | None = None
-        while self._inflight < self.max_inflight and not self._paused:
-            batch, deadline = self._pick(time.monotonic())
+        # CRITICAL has one slot more than the backend's writers: a live order never waits
+        # for a backlog batch to finish before it is handed to the backend
+        while self._inflight <= self.max_inflight and not self._paused:
+            critical_only = self._inflight == self.max_inflight
+            if critical_only and not self._queued_by_prio[Priority.CRITICAL]:
+                break
+            batch, deadline = self._pick(time.monotonic(), critical_only)
             if batch is None:
                 break
             self._launch(batch)
@@ -741,7 +747,6 @@ class Scheduler:
                 op.processing_time = seconds
                 op.values = None
                 latencies.append(now - op.enqueued_at)
-                self._complete(op)
         else:
             stats.failed_operations += len(ops)
             error = f"{type(exc).__name__}: {exc}"
@@ -751,7 +756,7 @@ class Scheduler:
                 op.processed_at = now_wall
                 op.processing_time = seconds
                 op.values = None
-                self._complete(op)
+        self._complete(ops)
         if exc is None:
             if self._on_committed is not None:
                 self._on_committed(batch, seconds)
@@ -759,19 +764,23 @@ class Scheduler:
             self._on_failed(batch, exc)
         self._check_flush_waiters()
 
-    def _complete(self, op: BatchOperation) -> None:
-        op_id = op.operation_id
-        self._pending.pop(op_id, None)
-        if op.future is not None and not op.future.done():
-            op.future.set_result(op)
-        if op.callback is not None:
-            self._run_callback(op)
-        op.data_rows = ()  # release the rows: the history keeps only the record
-        if self._keep_history:
-            history = self._history
-            history[op_id] = op
-            if len(history) > self._keep_history:
-                history.popitem(last=False)
+    def _complete(self, ops: list[BatchOperation]) -> None:
+        """Wake the waiters and callbacks of finished operations; keep their records."""
+        pending = self._pending
+        keep = self._keep_history
+        history = self._history
+        for op in ops:
+            op_id = op.operation_id
+            pending.pop(op_id, None)
+            if op.future is not None and not op.future.done():
+                op.future.set_result(op)
+            if op.callback is not None:
+                self._run_callback(op)
+            op.data_rows = ()  # release the rows: the history keeps only the record
+            if keep:
+                history[op_id] = op
+        for _ in range(len(history) - keep):
+            history.popitem(last=False)
 
     def _run_callback(self, op: BatchOperation) -> None:
         """Coroutine callbacks run as tasks on the loop; plain ones on a callback thread, so
