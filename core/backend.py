@@ -58,10 +58,12 @@ class BatchResult:
 class Capabilities:
     """What a backend declares about itself; the scheduler sizes its work from it.
 
-    ``ordered``: the backend runs batches strictly in the order it was handed them and
+    ``ordered``: the backend runs the batches of a table strictly in the order it was
+    handed them (a batch may pass waiting batches of *other* tables, e.g. by priority) and
     isolates failing operations and retries transient errors itself, so the scheduler may
     hand it the next batch of a table before the previous one finished (pipelining).
-    ``max_writers`` is then the depth of that pipeline.
+    ``max_writers`` is then the depth of that pipeline. The scheduler hands CRITICAL
+    batches over even when ``max_writers`` batches are in flight (one more at most).
     """
 
     max_writers: int = 1

@@ -11,13 +11,15 @@ Workloads (``WORKLOADS``), each run by several *implementations* on several *bac
     ``executemany`` of ``itemgetter`` tuples / COMMIT per 1000 rows; DuckDB: an Arrow table
     per 50k rows, ``INSERT … ON CONFLICT DO UPDATE`` from it; PostgreSQL: binary COPY into a
     temporary staging table, ``INSERT … SELECT … ON CONFLICT``). batchdb: 1000-row
-    ``queue_operation(UPSERT)`` calls, then ``flush()``. SQLite also runs sqlite-utils
-    ``upsert_all``, the peer a Python user would otherwise pick.
+    ``queue_operation(UPSERT)`` calls, then ``flush()``. SQLite also runs raw-values (the
+    raw path with multi-row ``VALUES`` statements of 250 rows instead of ``executemany``,
+    the technique batchdb's SQLite writer uses) and sqlite-utils ``upsert_all``, the peer
+    a Python user would otherwise pick.
 ``upsert_existing``
     The same, into a table that already holds the same keys with other values.
 ``upbit_candles``
     Upbit candle JSON. raw: per-row ``datetime.fromisoformat`` into tuples, then the raw
-    upsert; batchdb: ``insert_candles_batch`` in 1000-candle calls.
+    upsert (SQLite: also raw-values); batchdb: ``insert_candles_batch`` in 1000-candle calls.
 ``one_row``
     ``rows // 10`` single-row INSERTs into an ``orders`` table. raw (SQLite only): one
     ``execute`` per row, COMMIT per 1000 rows; batchdb: one ``queue_operation`` per row.
@@ -51,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import gc
 import json
 import math
@@ -68,6 +71,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, ClassVar
@@ -137,15 +141,17 @@ COMPARISON_WORKLOADS: tuple[str, ...] = ("upsert_new", "upsert_existing", "one_r
                                          "upbit_candles")
 BACKENDS: tuple[str, ...] = ("sqlite", "duckdb", "postgres")
 
-#: (workload, backend) -> implementations, raw first (the ratios are taken against it)
+#: (workload, backend) -> implementations, raw first (the ratios are taken against it).
+#: ``raw-values``: the SQLite raw path with the technique batchdb's writer uses (multi-row
+#: VALUES statements instead of executemany), so both baselines are in the same run.
 IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("upsert_new", "sqlite"): ("raw", "batchdb", "sqlite-utils"),
+    ("upsert_new", "sqlite"): ("raw", "raw-values", "batchdb", "sqlite-utils"),
     ("upsert_new", "duckdb"): ("raw", "batchdb"),
     ("upsert_new", "postgres"): ("raw", "batchdb"),
-    ("upsert_existing", "sqlite"): ("raw", "batchdb"),
+    ("upsert_existing", "sqlite"): ("raw", "raw-values", "batchdb"),
     ("upsert_existing", "duckdb"): ("raw", "batchdb"),
     ("upsert_existing", "postgres"): ("raw", "batchdb"),
-    ("upbit_candles", "sqlite"): ("raw", "batchdb"),
+    ("upbit_candles", "sqlite"): ("raw", "raw-values", "batchdb"),
     ("upbit_candles", "duckdb"): ("raw", "batchdb"),
     ("upbit_candles", "postgres"): ("raw", "batchdb"),
     ("one_row", "sqlite"): ("raw", "batchdb"),
@@ -410,6 +416,14 @@ _COLS = ", ".join(CANDLE_COLUMNS)
 _SET = ", ".join(f"{c} = excluded.{c}" for c in _VALUES)
 _CONFLICT = f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET {_SET}"
 _CANDLE_GETTER = itemgetter(*CANDLE_COLUMNS)
+VALUES_ROWS = 250  # rows per multi-row VALUES statement of the raw-values path
+
+
+@functools.cache
+def _upsert_values_sql(rows: int) -> str:
+    one = "(" + ", ".join("?" * len(CANDLE_COLUMNS)) + ")"
+    return (f"INSERT INTO candles ({_COLS}) VALUES {', '.join([one] * rows)} "  # noqa: S608
+            f"{_CONFLICT}")
 _ORDER_GETTER = itemgetter(*ORDER_COLUMNS)
 
 
@@ -548,6 +562,25 @@ class SQLiteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(self._UPSERT, map(_CANDLE_GETTER, rows))
         conn.execute("COMMIT")
+
+    def write_values(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Like :meth:`write_tuples` with multi-row ``VALUES`` statements of up to
+        ``VALUES_ROWS`` rows instead of ``executemany``."""
+        conn.execute("BEGIN IMMEDIATE")
+        for i in range(0, len(rows), VALUES_ROWS):
+            chunk = rows[i:i + VALUES_ROWS]
+            conn.execute(_upsert_values_sql(len(chunk)), list(chain.from_iterable(chunk)))
+        conn.execute("COMMIT")
+
+    def upsert_dicts_values(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """:meth:`upsert_dicts` through :meth:`write_values`."""
+        conn = self.connect()
+        try:
+            size = self.batch_size
+            for i in range(0, len(rows), size):
+                self.write_values(conn, list(map(_CANDLE_GETTER, rows[i:i + size])))
+        finally:
+            conn.close()
 
     def insert_one_by_one(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """One ``execute`` per order row, COMMIT every ``batch_size`` rows."""
@@ -791,6 +824,8 @@ class Case:
         if self.implementation == "raw":
             return {"sqlite": "sqlite3 raw", "duckdb": "duckdb Arrow raw",
                     "postgres": "psycopg COPY raw"}.get(self.backend, "raw")
+        if self.implementation == "raw-values":
+            return "sqlite3 raw, multi-row VALUES"
         return self.implementation
 
     @property
@@ -855,10 +890,13 @@ class PreparedRun:
     def run(self) -> None:
         """Write the data (timed)."""
         probe = MemoryProbe(self._sample_interval)
-        with probe:
-            start = time.perf_counter()
-            extra = self._body()
-            self.seconds = time.perf_counter() - start
+        try:
+            with probe:
+                start = time.perf_counter()
+                extra = self._body()
+                self.seconds = time.perf_counter() - start
+        finally:
+            gc.unfreeze()
         self.probe = probe
         self.extra.update(extra or {})
 
@@ -872,6 +910,7 @@ class PreparedRun:
                                     self.probe.anon_peak_delta, dict(self.extra))
             return self.result
         finally:
+            gc.unfreeze()  # when run() never ran
             self.store.remove()
 
 
@@ -1047,8 +1086,12 @@ def prepare_run(case: Case, rows: int, workdir: Path, *, pg_dsn: str | None = No
         store.remove()
         raise
     # every run starts from the same collector state: building the data leaves young
-    # objects that would otherwise make the first collections of the timed part expensive
+    # objects that would otherwise make the first collections of the timed part expensive.
+    # The input data (up to millions of rows kept for the next runs) is then frozen out of
+    # the collector until the run ends, for raw drivers and batchdb alike: otherwise each
+    # full collection the timed part triggers walks the benchmark's own data set.
     gc.collect()
+    gc.freeze()
     return prepared
 
 
@@ -1077,6 +1120,10 @@ def _prepare_upsert(case: Case, n: int, store: Store, cache: DataCache) -> Prepa
     def raw() -> None:
         store.upsert_dicts(data)
 
+    def raw_values() -> None:
+        assert isinstance(store, SQLiteStore)
+        store.upsert_dicts_values(data)
+
     def sqlite_utils_upsert() -> None:
         import sqlite_utils
 
@@ -1091,6 +1138,8 @@ def _prepare_upsert(case: Case, n: int, store: Store, cache: DataCache) -> Prepa
     body: Callable[[], dict[str, Any] | None]
     if case.implementation == "raw":
         body = raw
+    elif case.implementation == "raw-values":
+        body = raw_values
     elif case.implementation == "sqlite-utils":
         body = sqlite_utils_upsert
     else:
@@ -1115,20 +1164,24 @@ def _prepare_candles(case: Case, n: int, store: Store, cache: DataCache) -> Prep
 
     def raw() -> None:
         conn = store.connect()
+        write = store.write_tuples
+        if case.implementation == "raw-values":
+            assert isinstance(store, SQLiteStore)
+            write = store.write_values
         try:
             size = store.batch_size
             buf: list[tuple[Any, ...]] = []
             for market, candles in calls:
                 buf += normalize_upbit_raw(market, TIMEFRAME, candles, int(time.time() * 1000))
                 if len(buf) >= size:
-                    store.write_tuples(conn, buf[:size])
+                    write(conn, buf[:size])
                     del buf[:size]
             if buf:
-                store.write_tuples(conn, buf)
+                write(conn, buf)
         finally:
             store.close(conn)
 
-    if case.implementation == "raw":
+    if case.implementation in ("raw", "raw-values"):
         return PreparedRun(case, n, store, raw, verify)
     manager = BatchDBManager(settings=store.settings())
 

@@ -61,7 +61,6 @@ def _row_bytes(row: Any, values: Collection[Any]) -> int:
     return size
 
 
-_OPERATION_TYPES = {t.value: t for t in OperationType}  # StrEnum: members hash as their value
 _MAX_SHAPES = 4096
 
 
@@ -116,7 +115,7 @@ class BatchDBManager:
         self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
         self._tables: dict[str, TableInfo] = {}
         # validated (table, operation type, row-0 columns) -> what the operation writes
-        self._shapes: dict[tuple[str, OperationType, tuple[str, ...]], _Shape] = {}
+        self._shapes: dict[tuple[str, OperationType | str, tuple[str, ...]], _Shape] = {}
         for table in tables:
             self.declare_table(table)
         self._table_locks: dict[str, asyncio.Lock] = {}
@@ -244,10 +243,10 @@ class BatchDBManager:
         # was validated before is one lookup. Everything else takes the checking path.
         shape = None
         if type(data_rows) is list and data_rows and type(first := data_rows[0]) is dict:
+            # an OperationType is equal to (and hashes as) its name: either finds the shape
             try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
-                shape = self._shapes.get((table_name, _OPERATION_TYPES[operation_type],
-                                          tuple(first)))
-            except (KeyError, TypeError):  # an operation type to parse, or unhashable input
+                shape = self._shapes.get((table_name, operation_type, tuple(first)))
+            except TypeError:  # unhashable input: the checking path names it
                 pass
         if shape is None:
             shape = await self._checked_shape(table_name, operation_type, data_rows)

@@ -42,6 +42,7 @@ __all__ = ["Scheduler", "SchedulerStats"]
 log = logging.getLogger("batchdb.scheduler")
 
 _PRIORITIES = sorted(Priority, reverse=True)  # CRITICAL first
+_CRITICAL = Priority.CRITICAL  # a module constant: an Enum class attribute costs ~90 ns
 _LOWER = {p: tuple(q for q in _PRIORITIES if q < p) for p in Priority}
 _OTHERS = {p: tuple(q for q in _PRIORITIES if q != p) for p in Priority}
 _MB = 1024 * 1024
@@ -335,7 +336,7 @@ class Scheduler:
         if self._stopping or not self._running:
             raise NotRunningError("the manager is not running: call start() or use "
                                   "'async with'")
-        if op.priority is not Priority.CRITICAL and self._over_budget(op):
+        if op.priority is not _CRITICAL and self._over_budget(op):
             return False
         self._enqueue_new(op)
         return True
@@ -361,7 +362,7 @@ class Scheduler:
         self._queued_by_prio[prio] += 1
         self.queued_bytes += op.nbytes
         # dispatch now only if this can make a batch ready before the armed timer
-        if self._paused or self._inflight >= self.max_inflight + (prio is Priority.CRITICAL):
+        if self._paused or self._inflight >= self.max_inflight + (prio is _CRITICAL):
             return  # a finished batch will dispatch
         linger = self._linger[prio]
         if (linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure()
@@ -515,7 +516,7 @@ class Scheduler:
 
     def critical_waiting(self) -> bool:
         """True while a CRITICAL operation is queued."""
-        return self._queued_by_prio[Priority.CRITICAL] > 0
+        return self._queued_by_prio[_CRITICAL] > 0
 
     # ------------------------------------------------------------------ dispatch
     def batch_limit(self, op_type: OperationType) -> int:
@@ -593,7 +594,7 @@ class Scheduler:
         # for a backlog batch to finish before it is handed to the backend
         while self._inflight <= self.max_inflight and not self._paused:
             critical_only = self._inflight == self.max_inflight
-            if critical_only and not self._queued_by_prio[Priority.CRITICAL]:
+            if critical_only and not self._queued_by_prio[_CRITICAL]:
                 break
             batch, deadline = self._pick(time.monotonic(), critical_only)
             if batch is None:

@@ -39,7 +39,7 @@ def test_comparison_on_sqlite_in_spawned_processes(tmp_path: Path) -> None:
 
     expected = bench.cases(["sqlite"], bench.COMPARISON_WORKLOADS)
     assert [r.case for r in report.results] == expected
-    assert len(expected) == 9  # raw + batchdb for 4 workloads, plus sqlite-utils
+    assert len(expected) == 12  # raw + batchdb for 4 workloads, raw-values for 3, sqlite-utils
     for r in report.results:
         assert r.error is None, f"{r.case.name}: {r.error}"
         assert r.rows == bench.workload_rows(r.case.workload, 2000)
@@ -152,7 +152,7 @@ def test_missing_optional_packages_are_reported(tmp_path: Path,
                         lambda m: m not in ("sqlite_utils", "matplotlib") and real(m))
     report = bench.run_comparison(["sqlite"], 1000, tmp_path, rounds=1,
                                   workloads=["upsert_new"], isolate=False)
-    assert [r.case.implementation for r in report.results] == ["raw", "batchdb"]
+    assert [r.case.implementation for r in report.results] == ["raw", "raw-values", "batchdb"]
     assert "sqlite-utils" in report.skipped and "chart" in report.skipped
     assert report.png_path is None and report.json_path is not None
     assert not (tmp_path / "batchdb-bench.png").exists()
