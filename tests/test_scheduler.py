@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ from typing import Any
 import pytest
 
 from batchdb import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
+from batchdb.backend import Backend, Batch
+from batchdb.hookspecs import hookimpl
 
 from .conftest import ManagerFactory, make_table, rows_of, upbit_candles
 
@@ -502,3 +505,147 @@ async def test_later_lower_priority_write_waits_for_an_earlier_higher_one(
     await m.flush()
     assert (await m.wait(ins)).succeeded and (await m.wait(upd)).succeeded
     assert rows_of(db_path, "SELECT k, v, n FROM kv") == [(1, "new", 42)]
+
+
+class _CommitOrder:
+    """A plugin recording each committed batch as (table, queue priority, first id)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, Any]] = []
+
+    @hookimpl
+    def batchdb_batch_committed(self, batch: Batch, seconds: float, backend: Backend) -> None:
+        self.seen.append((batch.table.name, batch.priority.name,
+                          batch.operations[0].operation_id))
+
+
+async def _backlog_held_by_lock(db_path: Path, make_manager: ManagerFactory,
+                                order: _CommitOrder) -> tuple[Any, subprocess.Popen[str]]:
+    """A manager whose first LOW batch is stuck on another process's lock in the writer
+    thread and whose second LOW batch waits behind it (both writers busy)."""
+    make_table(db_path, LOG_DDL)
+    m = make_manager(sqlite={"busy_timeout_ms": 20},
+                     **batch_cfg(max_retries=60, retry_base_delay_seconds=0.01,
+                                 retry_max_delay_seconds=0.05,
+                                 linger_seconds={"CRITICAL": 0, "HIGH": 0, "NORMAL": 0,
+                                                 "LOW": 0}))
+    m.pm.register(order)
+    await m.start()
+    for table in ("log", "kv"):  # read before the writer thread is busy
+        await m.table_info(table)
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db_path), "0.8"],
+                              stdout=subprocess.PIPE, text=True)
+    assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+    return m, locker
+
+
+async def _writer_started_one(m: Any) -> None:
+    """Until the writer thread runs the first batch and the second one waits."""
+    for _ in range(500):
+        if m.backend._writer.waiting == 1:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the writer thread did not start the first batch")
+
+
+async def test_critical_passes_a_waiting_backlog_batch_of_another_table(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """Both writer slots hold LOW batches (one stuck on a lock, one waiting): a CRITICAL
+    write still goes to the writer (one slot more) and commits right after the stuck
+    batch, before the LOW batch that was waiting ahead of it."""
+    order = _CommitOrder()
+    m, locker = await _backlog_held_by_lock(db_path, make_manager, order)
+    try:
+        low = [await m.queue_operation("log", "INSERT", [{"tag": f"low{i}"}], Priority.LOW)
+               for i in range(3)]
+        await _writer_started_one(m)
+        status = await m.get_queue_status()
+        assert status["batches_in_flight"] == 2 and status["queue_sizes"]["LOW"] == 1
+        crit = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "order"}],
+                                       Priority.CRITICAL)
+        assert (await m.get_queue_status())["batches_in_flight"] == 3
+        await asyncio.wait_for(m.flush(), 20)
+    finally:
+        locker.wait(10)
+    assert [(t, p) for t, p, _ in order.seen] == [("log", "LOW"), ("kv", "CRITICAL"),
+                                                  ("log", "LOW"), ("log", "LOW")]
+    assert [op_id for _, _, op_id in order.seen] == [low[0], crit, low[1], low[2]]
+    assert [r[0] for r in rows_of(db_path, "SELECT tag FROM log ORDER BY id")] == [
+        "locker", "low0", "low1", "low2"]
+
+
+async def test_critical_does_not_pass_a_waiting_batch_of_its_own_table(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """Same situation, but the CRITICAL write is on the table of the waiting LOW batch
+    and rewrites its key: it commits after it, so the later submission wins."""
+    order = _CommitOrder()
+    m, locker = await _backlog_held_by_lock(db_path, make_manager, order)
+    try:
+        first = await m.queue_operation("log", "INSERT", [{"tag": "stuck"}], Priority.LOW)
+        waiting = await m.queue_operation("kv", "INSERT", [{"k": 7, "v": "backfill"}],
+                                          Priority.LOW)
+        await _writer_started_one(m)
+        crit = await m.queue_operation("kv", "UPSERT", [{"k": 7, "v": "live"}],
+                                       Priority.CRITICAL)
+        await asyncio.wait_for(m.flush(), 20)
+    finally:
+        locker.wait(10)
+    assert [op_id for _, _, op_id in order.seen] == [first, waiting, crit]
+    assert rows_of(db_path, "SELECT k, v FROM kv") == [(7, "live")]
+
+
+async def test_multi_row_statements_apply_rows_in_order(db_path: Path,
+                                                        make_manager: ManagerFactory) -> None:
+    """INSERT and UPSERT batches are written with multi-row statements (256 rows each, the
+    rest in power-of-two chunks): the result is the one of applying the rows one by one,
+    repeated keys included (the last row of a key wins)."""
+    make_table(db_path, LOG_DDL)
+    m = make_manager()
+    await m.start()
+    rows = [{"k": i % 301, "v": f"v{i}", "n": i} for i in range(777)]  # 3 chunks + 265
+    inserted = [{"k": 1000 + i, "v": "i", "n": i} for i in range(513)]  # 256 + 256 + 1
+    ids = [await m.queue_operation("kv", "UPSERT", rows),
+           await m.queue_operation("kv", "INSERT", inserted)]
+    for op_id in ids:
+        assert (await m.wait(op_id)).succeeded
+    reference = sqlite3.connect(":memory:")
+    reference.executescript(LOG_DDL)
+    reference.executemany("INSERT INTO kv (k, v, n) VALUES (:k, :v, :n) ON CONFLICT (k) DO "
+                          "UPDATE SET v = excluded.v, n = excluded.n", rows)
+    reference.executemany("INSERT INTO kv (k, v, n) VALUES (:k, :v, :n)", inserted)
+    expected = reference.execute("SELECT k, v, n FROM kv ORDER BY k").fetchall()
+    assert rows_of(db_path, "SELECT k, v, n FROM kv ORDER BY k") == expected
+    assert len(expected) == 301 + 513
+
+
+async def test_wide_tables_stay_under_the_variable_limit(db_path: Path,
+                                                         make_manager: ManagerFactory) -> None:
+    """A 300-column table: 256 rows would need 76,800 parameters (SQLite allows 32,766),
+    so the chunks shrink; 1,000 rows commit in one batch."""
+    columns = [f"c{j}" for j in range(300)]
+    make_table(db_path, f"CREATE TABLE wide (id INTEGER PRIMARY KEY, {', '.join(columns)});")
+    m = make_manager()
+    await m.start()
+    rows = [{"id": i, **{c: i * j for j, c in enumerate(columns)}} for i in range(1000)]
+    assert (await m.wait(await m.queue_operation("wide", "INSERT", rows))).succeeded
+    assert rows_of(db_path, "SELECT count(*), sum(c299) FROM wide") == [
+        (1000, sum(i * 299 for i in range(1000)))]
+
+
+async def test_a_bad_value_among_many_rows_is_named_like_one_row(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """A multi-row statement numbers parameters across rows; the error still carries the
+    database's one-row message and the column, and the other operations commit."""
+    make_table(db_path, LOG_DDL)
+    m = make_manager()
+    await m.start()
+    rows = [{"k": i, "v": "ok", "n": i} for i in range(300)]
+    rows[280]["v"] = {"not": "bindable"}
+    bad = await m.queue_operation("kv", "INSERT", rows, Priority.CRITICAL)
+    good = await m.queue_operation("kv", "INSERT", [{"k": 999, "v": "fine", "n": 0}],
+                                   Priority.CRITICAL)
+    with pytest.raises(OperationFailed, match=r"parameter 2: type 'dict' is not supported "
+                                              r"\(column 'v'\)"):
+        await m.wait(bad)
+    assert (await m.wait(good)).succeeded
+    assert rows_of(db_path, "SELECT k FROM kv") == [(999,)]

@@ -284,8 +284,8 @@ class SQLiteBackend(Backend):
         return sql
 
     def _execute(self, table: TableInfo, op: OperationType, columns: tuple[str, ...],
-                 rows: Sequence[tuple[Any, ...]]) -> bool:
-        """Write ``rows`` inside the open transaction; True if multi-row statements ran.
+                 rows: Sequence[tuple[Any, ...]]) -> None:
+        """Write ``rows`` inside the open transaction.
 
         INSERT and UPSERT go in chunks of ``_CHUNK_ROWS`` rows per statement, the rest in
         power-of-two chunks, so a table needs at most a dozen statement texts (all kept in
@@ -296,7 +296,7 @@ class SQLiteBackend(Backend):
         n = len(rows)
         if op not in _MULTI_ROW or n < 2:
             conn.executemany(self._sql(table, op, columns), rows)
-            return False
+            return
         chunk = _CHUNK_ROWS
         while chunk > 1 and chunk * len(columns) > self._max_variables:
             chunk //= 2
@@ -306,7 +306,6 @@ class SQLiteBackend(Backend):
             size = chunk if n - i >= chunk else 1 << ((n - i).bit_length() - 1)
             conn.execute(self._sql(table, op, columns, size), list(flat(rows[i:i + size])))
             i += size
-        return True
 
     def _write(self, batch: Batch) -> BatchResult:
         """Runs in the writer thread: the batch in one transaction, retried while the
@@ -315,7 +314,11 @@ class SQLiteBackend(Backend):
         policy = self.retry_policy
         attempt = 0
         isolate = False
-        multi_row = False
+        # bad data: again operation by operation, one row per statement, so that the error
+        # is the database's own message for that row (a multi-row statement numbers its
+        # parameters across rows)
+        isolate_on_bad_data = len(batch.operations) > 1 or (
+            batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
         while True:
             try:
                 if isolate:
@@ -323,8 +326,7 @@ class SQLiteBackend(Backend):
                 else:
                     rows = batch.rows
                     with self._transaction():
-                        multi_row = self._execute(batch.table, batch.operation_type,
-                                                  batch.columns, rows)
+                        self._execute(batch.table, batch.operation_type, batch.columns, rows)
                     result = BatchResult(len(rows))
                 result.retries = attempt
                 if self._checkpointer is not None:
@@ -336,11 +338,7 @@ class SQLiteBackend(Backend):
                     attempt += 1
                     time.sleep(policy.delay(attempt))
                     continue
-                # bad data: again operation by operation, one row per statement, so the
-                # error is the database's own message for that row (a multi-row statement
-                # numbers its parameters across rows)
-                if kind is ErrorKind.DATA and not isolate and (len(batch.operations) > 1
-                                                                or multi_row):
+                if kind is ErrorKind.DATA and not isolate and isolate_on_bad_data:
                     isolate = True
                     continue
                 if kind is ErrorKind.DATA:

@@ -54,6 +54,12 @@ class WriterThread:
             self._cond.notify()
         return job.future
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not started yet."""
+        with self._cond:
+            return len(self._jobs)
+
     def shutdown(self) -> None:
         """Run the jobs already queued, then stop the thread and wait for it."""
         with self._cond:
