@@ -225,6 +225,7 @@ class Scheduler:
         self._keep_history = config.completed_history
         self._inflight = 0
         self._inflight_tables: dict[str, int] = {}
+        self._inflight_critical = 0
         self._flush_barrier = -1
         self._seq = 0
         self._running = False
@@ -515,8 +516,8 @@ class Scheduler:
             self._dispatch()
 
     def critical_waiting(self) -> bool:
-        """True while a CRITICAL operation is queued."""
-        return self._queued_by_prio[_CRITICAL] > 0
+        """True while a CRITICAL operation is queued or handed to the backend."""
+        return self._queued_by_prio[_CRITICAL] > 0 or self._inflight_critical > 0
 
     # ------------------------------------------------------------------ dispatch
     def batch_limit(self, op_type: OperationType) -> int:
@@ -616,6 +617,7 @@ class Scheduler:
     # ------------------------------------------------------------------ execution
     def _launch(self, batch: Batch) -> None:
         self._inflight += 1
+        self._inflight_critical += batch.priority is _CRITICAL
         name = batch.table.name
         self._inflight_tables[name] = self._inflight_tables.get(name, 0) + 1
         self._idle.clear()
@@ -630,6 +632,7 @@ class Scheduler:
 
     def _release(self, batch: Batch) -> None:
         self._inflight -= 1
+        self._inflight_critical -= batch.priority is _CRITICAL
         name = batch.table.name
         left = self._inflight_tables[name] - 1
         if left:

@@ -563,13 +563,17 @@ async def test_critical_passes_a_waiting_backlog_batch_of_another_table(
         assert status["batches_in_flight"] == 2 and status["queue_sizes"]["LOW"] == 1
         crit = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "order"}],
                                        Priority.CRITICAL)
-        assert (await m.get_queue_status())["batches_in_flight"] == 3
+        status = await m.get_queue_status()
+        assert status["batches_in_flight"] == 3 and status["queue_sizes"]["CRITICAL"] == 0
+        # handed over but not committed: checkpoints and maintenance still hold back
+        assert m.scheduler.critical_waiting()
         await asyncio.wait_for(m.flush(), 20)
     finally:
         locker.wait(10)
     assert [(t, p) for t, p, _ in order.seen] == [("log", "LOW"), ("kv", "CRITICAL"),
                                                   ("log", "LOW"), ("log", "LOW")]
     assert [op_id for _, _, op_id in order.seen] == [low[0], crit, low[1], low[2]]
+    assert not m.scheduler.critical_waiting()
     assert [r[0] for r in rows_of(db_path, "SELECT tag FROM log ORDER BY id")] == [
         "locker", "low0", "low1", "low2"]
 
