@@ -1,22 +1,27 @@
-"""Shared fixtures: managers on real SQLite files under tmp_path."""
+"""Shared fixtures: managers on real SQLite files under tmp_path; one throwaway PostgreSQL
+server for the session, a fresh schema per test on it and managers on that schema."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from batchdb import BatchDBManager
+from tests.pgserver import PostgresServer, with_search_path
 
 
 @pytest.fixture
 def db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh SQLite path; the working directory is tmp_path (no stray settings.toml)."""
     monkeypatch.chdir(tmp_path)
-    for key in [k for k in __import__("os").environ if k.startswith("BATCHDB_")]:
+    for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
         monkeypatch.delenv(key)
     return tmp_path / "test.sqlite3"
 
@@ -81,3 +86,60 @@ def upbit_candles(n: int, market: str = "KRW-BTC", start_minute: int = 0,
         })
     out.reverse()
     return out
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (``tests/postgres``,
+    ``tests/reliability``), stopped at the end; the test is skipped, with the reason,
+    where none can be started."""
+    reason = PostgresServer.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL server can be started here: {reason}")
+    server = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_schema(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh schema for one test, dropped afterwards."""
+    name = f"t_{secrets.token_hex(4)}"
+    pg_server.psql(f"CREATE SCHEMA {name}")
+    yield name
+    with contextlib.suppress(RuntimeError):  # a test may have stopped the server
+        pg_server.psql(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PostgresServer, pg_schema: str) -> str:
+    """The superuser's DSN with the search_path set to this test's schema."""
+    return with_search_path(pg_server.dsn, pg_schema)
+
+
+@pytest.fixture
+async def make_pg_manager(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                          ) -> AsyncIterator[ManagerFactory]:
+    """Build started managers on the test's schema; every one is stopped at the end.
+
+    ``postgres=`` entries are merged over the test DSN; other keyword arguments go to
+    ``BatchDBManager.from_settings`` as they are.
+    """
+    monkeypatch.chdir(tmp_path)  # from_settings reads ./settings.toml if present
+    for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
+        monkeypatch.delenv(key)
+    made: list[BatchDBManager] = []
+
+    def factory(**overrides: Any) -> BatchDBManager:
+        pg = {"dsn": pg_dsn, **overrides.pop("postgres", {})}
+        overrides.setdefault("maintenance", {"enabled": False})
+        manager = BatchDBManager.from_settings(None, backend="postgres", postgres=pg,
+                                               **overrides)
+        made.append(manager)
+        return manager
+
+    yield factory
+    for manager in made:
+        await manager.stop()

@@ -28,9 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-__all__ = ["PostgresServer"]
+__all__ = ["PostgresServer", "sql_exec", "sql_rows", "with_params", "with_search_path"]
 
 _RUN_AS = "postgres"  # the system user the server runs as when we are root
 _SUPERUSER = "postgres"
@@ -65,6 +65,37 @@ def _pid_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def with_params(dsn: str, **params: str) -> str:
+    """``dsn`` (a libpq URI) with more query parameters, e.g. ``application_name``
+    (percent-encoded: libpq does not read ``+`` as a space)."""
+    from urllib.parse import quote, urlencode
+
+    return f"{dsn}{'&' if '?' in dsn else '?'}{urlencode(params, quote_via=quote, safe='')}"
+
+
+def with_search_path(dsn: str, schema: str) -> str:
+    """``dsn`` whose sessions resolve unqualified names in ``schema`` (then public)."""
+    return with_params(dsn, options=f"-c search_path={schema},public")
+
+
+def sql_rows(dsn: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read through a separate, plain psycopg connection (what another client sees)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, params or None)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+
+def sql_exec(dsn: str, *statements: str) -> None:
+    """Run DDL/DML as a user of the database would, outside batchdb."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for stmt in statements:
+            conn.execute(stmt)
 
 
 class PostgresServer:
@@ -333,6 +364,31 @@ class PostgresServer:
                           "-h", "127.0.0.1", "-p", str(self.port), "-U", _SUPERUSER,
                           "-d", dbname or self.dbname, "-c", sql], as_server=False)
         return proc.stdout.strip()
+
+    def create_database(self, prefix: str, template: str | None = None) -> str:
+        """A new database named ``prefix_<random>`` (a copy of ``template`` if given, which
+        nobody may be connected to); returns its name. Names are quoted by psycopg."""
+        import secrets
+
+        import psycopg
+        from psycopg import sql
+
+        name = f"{prefix}_{secrets.token_hex(4)}"
+        stmt = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            stmt += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(stmt)
+        return name
+
+    def drop_database(self, name: str) -> None:
+        """Drop a database, disconnecting its sessions first; no error if it is gone."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                sql.Identifier(name)))
 
     def add_user(self, name: str, password: str) -> str:
         """Create a login role that authenticates by password (SCRAM); return its DSN.
