@@ -318,7 +318,8 @@ class Child:
 
     async def _maintenance(self) -> None:
         weights = {"checkpoint": 14, "analyze": 4, "vacuum": 1}
-        choices = [t for t in self.maintenance_tasks if t in weights]
+        supported = self.manager.backend.maintenance_tasks
+        choices = [t for t in self.maintenance_tasks if t in weights and t in supported]
         while choices:
             await asyncio.sleep(0.02 + self.rng.random() * 0.06)
             task = self.rng.choices(choices, [weights[t] for t in choices])[0]
@@ -339,12 +340,17 @@ class Child:
 
 
 def build_manager(db: str, backend: str) -> BatchDBManager:
-    """The manager of the child: small batches and lingers, so many transactions happen."""
+    """The manager of the child: small batches and lingers, so many transactions happen.
+
+    ``db`` is the database file, or for ``postgres`` the DSN.
+    """
     section: dict[str, Any] = {"path": db}
     batch = {"insert_batch_size": 300, "update_batch_size": 150, "max_concurrent_batches": 3,
              "linger_seconds": {"CRITICAL": 0.0, "HIGH": 0.003, "NORMAL": 0.01, "LOW": 0.03}}
     if backend == "duckdb":
         section["batch_size"] = 2000
+    elif backend == "postgres":  # the backend's batch size wins over the batch section's
+        section = {"dsn": db, "batch_size": 300, "pool_size": 4}
     manager = BatchDBManager.from_settings(None, backend=backend, batch=batch,
                                            maintenance={"enabled": False},
                                            **{backend: section})
@@ -399,7 +405,8 @@ def zygote(args: argparse.Namespace) -> None:
     from /proc as soon as it is dead and its locks are released.
     """
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    build_manager(str(args.logs / "zygote-probe.db"), args.backend)  # import lazy drivers
+    probe = args.db if args.backend == "postgres" else str(args.logs / "zygote-probe.db")
+    build_manager(probe, args.backend)  # import lazy drivers (connects to nothing)
     os.write(1, b"ready\n")
     for line in sys.stdin:
         if not line.strip():
@@ -411,7 +418,7 @@ def zygote(args: argparse.Namespace) -> None:
 def main() -> None:
     """Run one child now, or (``--zygote``) serve forked children to the harness."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--db", required=True)
+    parser.add_argument("--db", required=True, help="database file, or DSN (postgres)")
     parser.add_argument("--logs", required=True, type=Path)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--run", type=int, default=0)

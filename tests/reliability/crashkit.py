@@ -2,13 +2,15 @@
 
 After every kill the database is checked against the child's logs (see ``crash_child``):
 
-- the file opens and passes ``PRAGMA integrity_check`` (SQLite);
+- the file opens and passes ``PRAGMA integrity_check`` (SQLite); on PostgreSQL, once the
+  killed child's sessions are gone from the server, ``pg_amcheck`` finds no corruption in
+  any table or index of the run's database;
 - every acknowledged operation's effect is there, in the state the logs allow;
 - every group of rows (one operation's rows) is in exactly one whole state: all rows of an
   operation or none, never half a batch or half an operation;
-- no row exists that no submitted operation wrote.
+- no row exists that no submitted operation wrote, and no row is there twice.
 
-Then a new child continues on the same file from where the logs say.
+Then a new child continues on the same database from where the logs say.
 """
 
 from __future__ import annotations
@@ -35,16 +37,24 @@ from . import crash_child as cc
 
 __all__ = [
     "CHILD",
+    "CHILD_APPLICATION",
     "CheckResult",
     "CrashRun",
     "ForkedChild",
     "Zygote",
+    "acked_insert",
+    "assert_sound",
     "check_database",
     "load_logs",
+    "pg_integrity",
+    "wait_for_sessions_to_end",
 ]
 
 CHILD = Path(__file__).with_name("crash_child.py")
 Rows = frozenset[tuple[Any, ...]]
+#: PostgreSQL ``application_name`` of the child's sessions (the checker's differ)
+CHILD_APPLICATION = "batchdb-crash-child"
+CHECKER_APPLICATION = "batchdb-crash-check"
 
 
 # ---------------------------------------------------------------------- the processes
@@ -239,9 +249,12 @@ def expected_rows(m: dict[str, Any], w: dict[str, Any] | None) -> Rows:
     return state(m["n"], m["k"], w["n"], w["kind"], w["e"])
 
 
-def read_groups(db: Path, backend: str) -> tuple[dict[str, dict[int, set[tuple[Any, ...]]]],
-                                                 list[str]]:
-    """Rows of each table grouped by the operation that inserted them, and oddities."""
+def read_groups(db: Path | str, backend: str
+                ) -> tuple[dict[str, dict[int, set[tuple[Any, ...]]]], list[str]]:
+    """Rows of each table grouped by the operation that inserted them, and oddities.
+
+    ``db`` is the database file, or the DSN of the run's PostgreSQL database.
+    """
     queries = {
         "events": "SELECT grp, j, upd, val, note FROM events",
         "notes": "SELECT grp, key, j, upd, body, data FROM notes",
@@ -251,7 +264,17 @@ def read_groups(db: Path, backend: str) -> tuple[dict[str, dict[int, set[tuple[A
     groups: dict[str, dict[int, set[tuple[Any, ...]]]] = {t: defaultdict(set) for t in queries}
     odd: list[str] = []
     results: dict[str, list[tuple[Any, ...]]] = {}
-    if not db.exists():
+    if backend == "postgres":
+        import psycopg
+
+        with psycopg.connect(str(db), autocommit=True,
+                             application_name=CHECKER_APPLICATION) as pconn:
+            present = {r[0] for r in pconn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = current_schema()").fetchall()}
+            results = {t: [tuple(r) for r in pconn.execute(q).fetchall()]
+                       for t, q in queries.items() if t in present}
+    elif not Path(db).exists():
         pass  # killed before the database file was created
     elif backend == "duckdb":
         import duckdb
@@ -280,11 +303,64 @@ def read_groups(db: Path, backend: str) -> tuple[dict[str, dict[int, set[tuple[A
                 ts, symbol, timeframe, source, *values = row
                 if (symbol, timeframe, source) != (cc.SYMBOL, cc.TIMEFRAME, "upbit"):
                     odd.append(f"candle with unexpected key/source {row!r}")
-                grp = (ts - epoch) // 60_000 // cc.CANDLE_SLOTS
-                groups[table][grp].add((ts, *values))
+                grp, item = (ts - epoch) // 60_000 // cc.CANDLE_SLOTS, (ts, *values)
             else:
-                groups[table][row[0]].add(tuple(row[1:]))
+                grp, item = row[0], tuple(row[1:])
+            if item in groups[table][grp]:  # a set would hide it: a key written twice
+                odd.append(f"{table} group {grp}: row there twice {_describe([row])}")
+            groups[table][grp].add(item)
     return groups, odd
+
+
+def pg_integrity(dsn: str) -> list[str]:
+    """``pg_amcheck`` of the run's whole database: every table (heap and TOAST) and every
+    B-tree index, with ``--heapallindexed`` (each row is in each index) and
+    ``--parent-check``. ``["ok"]``, or what it reported. It installs the ``amcheck``
+    extension in that database if missing."""
+    from tests.pgserver import PostgresServer
+
+    bin_dir = PostgresServer.bin_directory()
+    tool = None if bin_dir is None else bin_dir / "pg_amcheck"
+    if tool is None or not tool.is_file():
+        return [f"pg_amcheck not found next to initdb ({bin_dir}): cannot check integrity"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGOPTIONS"] = "-c client_min_messages=warning"  # no NOTICE "already exists"
+    proc = subprocess.run([str(tool), "--install-missing", "--heapallindexed",
+                           "--parent-check", "--rootdescend", dsn],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    if proc.returncode == 0 and not proc.stdout.strip():  # it reports on stdout, exits 2
+        return ["ok"]
+    report = (proc.stdout + proc.stderr).strip()
+    return report.splitlines() or [f"pg_amcheck exited with {proc.returncode}"]
+
+
+def wait_for_sessions_to_end(dsn: str, timeout: float = 30.0) -> int:
+    """Wait until no client session but the caller's is connected to the run's database.
+
+    A SIGKILLed child's server sessions outlive it until the server notices the closed
+    socket; until then a COMMIT it had sent may still complete. Once a session is gone
+    from ``pg_stat_activity`` its transaction has committed or been rolled back for good
+    (the server aborts it before it leaves), so the check after a kill waits for this.
+    Returns how many sessions were still there when it started waiting.
+    """
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    first: int | None = None
+    with psycopg.connect(dsn, autocommit=True, application_name=CHECKER_APPLICATION) as conn:
+        while True:
+            left = conn.execute(
+                "SELECT pid, application_name, state, left(query, 80) "
+                "FROM pg_catalog.pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()").fetchall()
+            if first is None:
+                first = len(left)
+            if not left:
+                return first
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(left)} session(s) still in the database "
+                                     f"{timeout}s after the kill: {left[:4]}")
+            time.sleep(0.005)
 
 
 def integrity(db: Path) -> list[str]:
@@ -339,11 +415,18 @@ def snapshot(db: Path, into: Path) -> Path:
     return copy
 
 
-def check_database(db: Path, logs: Logs, backend: str) -> CheckResult:
-    """Compare the database with every state the logs allow (see the module docstring)."""
+def check_database(db: Path | str, logs: Logs, backend: str) -> CheckResult:
+    """Compare the database with every state the logs allow (see the module docstring).
+
+    ``db``: the database file (a snapshot, see :func:`snapshot`), or for ``postgres`` the
+    DSN of the run's database, checked in place once no session is left in it
+    (:func:`wait_for_sessions_to_end`).
+    """
     result = CheckResult()
     if backend == "sqlite":
-        result.integrity = integrity(db)
+        result.integrity = integrity(Path(db))
+    elif backend == "postgres":
+        result.integrity = pg_integrity(str(db))
     groups, odd = read_groups(db, backend)
     result.unexpected.extend(odd)
     specs, acked = logs.specs, logs.acked
@@ -419,10 +502,19 @@ class CrashRun:
     maintenance: str = "checkpoint,analyze,vacuum"
     finish_ops: int = 300
     figures: dict[str, Any] = field(default_factory=dict)
+    #: ``postgres``: the DSN of an empty database of its own (nobody else connects to it)
+    dsn: str | None = None
 
     def __post_init__(self) -> None:
         suffix = "duckdb" if self.backend == "duckdb" else "sqlite3"
-        self.db = self.workdir / f"crash.{suffix}"
+        self.db = self.workdir / f"crash.{suffix}"  # the database file (not for postgres)
+        self.target = str(self.db)  # what the child opens: the file, or the DSN
+        if self.backend == "postgres":
+            if self.dsn is None:
+                raise ValueError("a postgres crash run needs the DSN of a database")
+            from tests.pgserver import with_params
+
+            self.target = with_params(self.dsn, application_name=CHILD_APPLICATION)
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._runs = 0
@@ -430,6 +522,7 @@ class CrashRun:
         self.failure: str | None = None
         self.lost = 0
         self.half = 0
+        self.outliving = 0  # checks that had to wait for sessions of the dead child
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHDB_")}
         self.env["PYTHONDONTWRITEBYTECODE"] = "1"
         self.env["OPENBLAS_NUM_THREADS"] = "1"  # no BLAS threads in the fork server
@@ -444,8 +537,13 @@ class CrashRun:
     def _check(self, when: str) -> CheckResult:
         """Check the database; on a problem, remember it (``failure``) and say so."""
         logs = load_logs(self.logs)
-        result = check_database(snapshot(self.db, self.workdir / "snapshot"), logs,
-                                self.backend)
+        checked: Path | str
+        if self.dsn is not None:  # a server: the state the kill left, once it is final
+            self.outliving += wait_for_sessions_to_end(self.dsn) > 0
+            checked = self.dsn
+        else:
+            checked = snapshot(self.db, self.workdir / "snapshot")
+        result = check_database(checked, logs, self.backend)
         self.lost = max(self.lost, len(result.lost))
         self.half = max(self.half, len(result.half))
         problems = result.problems + [f"operation failed in the child: {line}"
@@ -467,7 +565,7 @@ class CrashRun:
         delays: list[float] = []
         started = time.monotonic()
         result = CheckResult()
-        args = [sys.executable, str(CHILD), "--zygote", "--db", str(self.db), "--logs",
+        args = [sys.executable, str(CHILD), "--zygote", "--db", self.target, "--logs",
                 str(self.logs), "--seed", str(self.seed), "--backend", self.backend,
                 "--maintenance", self.maintenance]
         self._zygote = Zygote(args, self.logs / "zygote.err", self.env)
@@ -522,6 +620,8 @@ class CrashRun:
         logs = load_logs(self.logs)
         self.figures = {
             "backend": self.backend,
+            "integrity_check": {"sqlite": "PRAGMA integrity_check",
+                                "postgres": "pg_amcheck"}.get(self.backend, "none"),
             "seed": self.seed,
             "kills": kills,
             "early_kills": early,
@@ -535,6 +635,29 @@ class CrashRun:
             "half_applied_operations": self.half,
             "failure": self.failure,
             "child_runs": self._runs,
+            **({"checks_that_waited_for_server_sessions": self.outliving}
+               if self.backend == "postgres" else {}),
             "seconds": round(time.monotonic() - started, 1),
         }
         return self.figures
+
+
+# ---------------------------------------------------------------------- for the tests
+def assert_sound(run: CrashRun, kinds: set[str], acknowledged: int) -> None:
+    """A finished run found no problem, killed at least 25 times, and exercised what it
+    claims: operations of ``kinds`` acknowledged, ``acknowledged`` of them at least."""
+    assert run.failure is None, run.failure
+    assert run.figures["kills"] >= 25
+    logs = load_logs(run.logs)
+    done = {logs.specs[n]["kind"] for n in logs.acked}
+    assert done >= kinds, done
+    assert run.figures["operations_acknowledged"] >= acknowledged
+
+
+def acked_insert(run: CrashRun, table: str) -> int:
+    """An acknowledged insert into ``table`` that nothing rewrote later, with >= 2 rows."""
+    logs = load_logs(run.logs)
+    claimed = {s["target"] for s in logs.specs.values()}
+    return next(n for n in sorted(logs.acked)
+                if logs.specs[n]["kind"] == "insert" and logs.specs[n]["table"] == table
+                and n not in claimed and logs.specs[n]["k"] >= 2)
