@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import importlib
 import logging
 import math
+import re
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
+from uuid import UUID
 
 import sqlalchemy as sa
 
@@ -53,7 +57,7 @@ if TYPE_CHECKING:
     from .pool import Pool, PooledConnection
     from .statements import Target
 
-__all__ = ["CommitOutcomePending", "PostgresBackend", "PostgresConnectError"]
+__all__ = ["BadValueError", "CommitOutcomePending", "PostgresBackend", "PostgresConnectError"]
 
 log = logging.getLogger("batchdb.postgres")
 
@@ -79,6 +83,15 @@ _TRANSIENT_CLASSES = ("08",)  # connection exceptions
 #: exception raised by a user's trigger (PL/pgSQL RAISE): a fault of the rows, not the server
 _DATA_CLASSES = ("21", "22", "23", "27", "44", "P0")
 
+#: base types (oids) whose binary COPY dumper takes any Python value and converts it
+#: silently: boolean by truthiness (the text 'false' would be true), bytea through
+#: ``bytes()`` (the int 5 would be five NUL bytes)
+_BOOL_OID = 16
+_BYTEA_OID = 17
+#: number types: a bool is written into them as 1 or 0 (Python's bool is an int)
+_NUMBER_OIDS = frozenset({20, 21, 23, 700, 701, 1700})
+_BYTES = (bytes, bytearray, memoryview)
+
 
 def _require_driver() -> Any:
     """The psycopg module, or one clear error saying how to install it."""
@@ -97,6 +110,10 @@ class PostgresConnectError(BatchDBError):
 
 class CommitOutcomePending(BatchDBError):
     """A batch's earlier COMMIT is still in progress on the server: retry later."""
+
+
+class BadValueError(BatchDBError, ValueError):
+    """A value the column cannot take, found before it was sent; fails its operation."""
 
 
 def _secrets_of(dsn: str) -> list[str]:
@@ -120,11 +137,181 @@ def _secrets_of(dsn: str) -> list[str]:
     return [s for s in sorted(set(found), key=len, reverse=True) if len(s) >= 1]
 
 
-def _dedupe(rows: list[tuple[Any, ...]], key_positions: Sequence[int]) -> list[tuple[Any, ...]]:
-    """The rows with one row per key: the last occurrence wins, as if applied in order."""
-    key = itemgetter(*key_positions)
-    unique = dict(zip(map(key, rows), rows, strict=True))
-    return rows if len(unique) == len(rows) else list(unique.values())
+#: integer types: '7', ' 7 ' and 7 are one key there (the text is parsed by the column)
+_INTEGER_OIDS = frozenset({20, 21, 23})
+_INTEGER_TEXT = re.compile(r"[ \t\n\r\f\v]*[+-]?[0-9]+[ \t\n\r\f\v]*")
+_FLOAT_OIDS = frozenset({700, 701})
+_TEXT_OIDS = frozenset({19, 25, 1043})  # name, text, varchar (not bpchar: it ignores padding)
+
+
+def _key_part(value: Any, base_oid: int | None) -> Any:
+    """A stand-in for a key value: equal stand-ins are one key in the column. Numbers and
+    text in the integer input format are compared as numbers in an integer column,
+    numbers as floats in a float column, str as str in a text column; anything else only
+    equals a value of its own type with the same repr (Python's ``1 == 1.0 == True`` is
+    not the column's: as text they are '1', '1.0' and 't')."""
+    kind = type(value)
+    try:
+        if base_oid in _INTEGER_OIDS:
+            if kind is int or kind is bool:
+                return int(value)
+            if kind is str or kind is Decimal:
+                text = str(value)
+                if _INTEGER_TEXT.fullmatch(text):
+                    return int(text)
+        elif base_oid in _FLOAT_OIDS:
+            if kind is float or kind is int or kind is bool:
+                return float(value)
+        elif base_oid in _TEXT_OIDS and kind is str:
+            return value
+    except (OverflowError, ValueError):
+        pass
+    return kind, repr(value)
+
+
+def _plain_keys(types: set[type], base_oid: int | None) -> bool:
+    """True when Python's equality of values of ``types`` is the column's."""
+    if base_oid in _INTEGER_OIDS:
+        return types <= {int, bool}
+    if base_oid in _FLOAT_OIDS:
+        return types <= {int, float, bool}
+    if base_oid in _TEXT_OIDS:
+        return types <= {str}
+    return len(types) <= 1 and types <= {str, int, bytes, dt.datetime, dt.date, dt.time, UUID}
+
+
+def _dedupe(rows: list[tuple[Any, ...]], key_positions: Sequence[int], target: Target,
+            columns: Sequence[str]) -> tuple[list[int] | None, list[int]]:
+    """Positions of the rows to keep, one per key, the last occurrence winning as if they
+    were applied in order (None: all of them); and of the rows that lose to a later one
+    with their key.
+
+    Keys are compared as the columns compare them, where Python can tell (see
+    :func:`_key_part`); otherwise two rows are kept and the statement decides.
+    """
+    oids = [target.base_oids.get(columns[i]) for i in key_positions]
+    if all(_plain_keys(set(map(type, map(itemgetter(i), rows))), oid)
+           for i, oid in zip(key_positions, oids, strict=True)):
+        keys: Any = map(itemgetter(*key_positions), rows)
+    else:
+        keys = (tuple(map(_key_part, [row[i] for i in key_positions], oids)) for row in rows)
+    last = dict(zip(keys, range(len(rows)), strict=False))
+    if len(last) == len(rows):
+        return None, []
+    kept = sorted(last.values())
+    winners = set(kept)
+    return kept, [r for r in range(len(rows)) if r not in winners]
+
+
+Suspect = tuple[int, str, tuple[Any, ...]]  # (row, NOT NULL column holding NULL, row)
+
+
+def _suspects(rows: list[tuple[Any, ...]], dropped: Sequence[int], target: Target,
+              columns: Sequence[str]) -> list[Suspect]:
+    """Dropped rows holding NULL in a NOT NULL column: applied in order, such a row fails
+    its operation (an UPDATE's only if its key exists), which a later row with its key
+    must not hide."""
+    checked = [(i, c) for i, c in enumerate(columns) if c in target.info.not_null]
+    return [(r, c, rows[r]) for r in dropped for i, c in checked if rows[r][i] is None]
+
+
+def _not_null_violation(target: Target, suspect: Suspect) -> Exception:
+    """The server's error for a NULL in a NOT NULL column, raised for a dropped row."""
+    from psycopg import errors
+
+    r, column, _row = suspect
+    return errors.NotNullViolation(
+        f'null value in column "{column}" of relation "{target.relname}" violates '
+        f"not-null constraint (row {r}, before a later row with its key)")
+
+
+def _screen(rows: list[tuple[Any, ...]], columns: Sequence[str], target: Target) -> bool:
+    """Refuse what binary COPY would convert silently; True if the rows must go as text.
+
+    A bytea column takes bytes, or a str in bytea's input format (sent as text); any other
+    value fails its operation (``bytes(5)`` would be five NUL bytes, and 1.5 as text the
+    bytes ``b'1.5'``). A boolean column takes a bool in binary; anything else goes as text
+    for the server to parse ('false' is false, 'abc' an error) instead of being judged by
+    Python's truthiness. Scans only the rows of tables with such columns.
+    """
+    base = target.base_oids
+    loose = [(i, base.get(c)) for i, c in enumerate(columns)
+             if base.get(c) in (_BOOL_OID, _BYTEA_OID)]
+    if not loose:
+        return False
+    text = False
+    for r, row in enumerate(rows):
+        for i, oid in loose:
+            value = row[i]
+            if value is None:
+                continue
+            if oid == _BYTEA_OID:
+                if isinstance(value, _BYTES):
+                    continue
+                if not isinstance(value, str):
+                    raise BadValueError(
+                        f"a bytea column takes bytes (or text in bytea's input format), not "
+                        f"{type(value).__name__} {_short(value)} "
+                        f"(column {columns[i]!r}, row {r})")
+                text = True
+            elif type(value) is not bool:
+                text = True
+    return text
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _bools_as_ints(rows: list[tuple[Any, ...]], columns: Sequence[str],
+                   target: Target) -> list[tuple[Any, ...]]:
+    """Rows for text COPY with each bool in a number column as 1 or 0, as binary COPY
+    writes it (as text a bool would be 't', which no number column parses)."""
+    where = [i for i, c in enumerate(columns) if target.base_oids.get(c) in _NUMBER_OIDS]
+    if not where:
+        return rows
+    out = rows
+    for r, row in enumerate(rows):
+        if any(type(row[i]) is bool for i in where):
+            if out is rows:
+                out = list(rows)
+            out[r] = tuple(int(v) if i in where and type(v) is bool else v
+                           for i, v in enumerate(row))
+    return out
+
+
+def _locate(raw: Any, exc: BaseException, row: tuple[Any, ...], columns: Sequence[str],
+            oids: Sequence[int] | None) -> str | None:
+    """The column of ``row`` whose value alone raises what ``exc`` is (dumped in binary
+    for the column's type when ``oids`` is given, else as text by the value's type)."""
+    from psycopg import pq
+    from psycopg.adapt import PyFormat, Transformer
+
+    tx = Transformer(raw)
+    for i, value in enumerate(row):
+        if value is None:
+            continue
+        try:
+            if oids is not None:
+                raw.adapters.get_dumper_by_oid(oids[i], pq.Format.BINARY)(
+                    type(value), raw).dump(value)
+            else:
+                tx.get_dumper(value, PyFormat.TEXT).dump(value)
+        except Exception as err:
+            if type(err) is type(exc):
+                return columns[i]
+    return None
+
+
+def _named(exc: BaseException, where: str) -> BaseException:
+    """``exc`` with ``where`` (column and row) added to its message, same type if it can."""
+    try:
+        named = type(exc)(f"{exc} ({where})")
+    except Exception:  # an exception type with other constructor arguments
+        named = BadValueError(f"{type(exc).__name__}: {exc} ({where})")
+    named.__cause__ = exc
+    return named
 
 
 class PostgresBackend(Backend):
@@ -336,9 +523,46 @@ class PostgresBackend(Backend):
         conn.staging[key] = (name, binary)
         return name, binary
 
+    async def _copy(self, raw: AsyncConnection[Any], copy_sql: bytes, target: Target,
+                    columns: Sequence[str], rows: list[tuple[Any, ...]],
+                    positions: Sequence[int] | None, binary: bool) -> None:
+        """COPY ``rows`` into the staging table; a value the driver cannot send is named by
+        its column and its row (``positions`` maps rows to the batch's row numbers)."""
+        from .copy_writer import ReadingCopyWriter
+
+        oids = [target.oids[c] for c in columns] if binary else None
+        if not binary:
+            rows = _bools_as_ints(rows, columns, target)
+        cursor = raw.cursor()
+        async with cursor.copy(copy_sql, writer=ReadingCopyWriter(cursor)) as copy:
+            if oids is not None:
+                copy.set_types(oids)
+            write_row = copy.write_row
+            for r, row in enumerate(rows):
+                try:
+                    await write_row(row)
+                except (TypeError, ValueError, OverflowError, self._pg.DataError,
+                        self._pg.ProgrammingError) as exc:
+                    if isinstance(exc, self._pg.Error) and exc.pgresult is not None:
+                        raise  # the server's answer, which names what it refused
+                    # a value the driver could not convert: name its column and row
+                    column = _locate(raw, exc, row, columns, oids)
+                    n = r if positions is None else positions[r]
+                    where = f"row {n}" if column is None else f"column {column!r}, row {n}"
+                    raise _named(exc, where) from exc
+
     async def _commit_rows(self, conn: PooledConnection, batch: Batch, target: Target,
-                           rows: list[tuple[Any, ...]], text_copy: bool) -> None:
-        """One transaction: COPY ``rows`` into staging, apply them, COMMIT."""
+                           rows: list[tuple[Any, ...]], text_copy: bool,
+                           kept: Sequence[int] | None = None,
+                           dropped: Sequence[int] = ()) -> None:
+        """One transaction: COPY ``rows`` into staging, apply them, COMMIT.
+
+        With ``kept``, only those rows are applied; the ``dropped`` ones (which lose to a
+        later row with their key) are COPYed first and cleared again, so that a value the
+        column cannot take fails its operation even so.
+        """
+        from psycopg import sql
+
         from .statements import copy_statement, write_statement
 
         columns = batch.columns
@@ -356,12 +580,17 @@ class PostgresBackend(Backend):
             xid_row = await cur.fetchone()
             assert xid_row is not None
             xid = int(xid_row[0])
-            async with raw.cursor().copy(copy_sql) as copy:
-                if binary:
-                    copy.set_types([target.oids[c] for c in columns])
-                write_row = copy.write_row
-                for row in rows:
-                    await write_row(row)
+            if dropped:
+                await self._copy(raw, copy_sql, target, columns, [rows[r] for r in dropped],
+                                 dropped, binary)
+                await raw.execute(self._statement(
+                    conn, ("clear", staging), lambda: sql.SQL("DELETE FROM {}").format(
+                        sql.Identifier("pg_temp", staging))))
+            if kept is None:
+                await self._copy(raw, copy_sql, target, columns, rows, None, binary)
+            else:
+                await self._copy(raw, copy_sql, target, columns, [rows[r] for r in kept],
+                                 kept, binary)
             await raw.execute(write_sql)
         except BaseException:
             await _rollback(conn)
@@ -443,20 +672,35 @@ class PostgresBackend(Backend):
         key_pos = [batch.columns.index(k) for k in target.info.primary_key
                    if k in batch.columns]
         deduped = op_type is not OperationType.UPSERT or not key_pos
+        kept: list[int] | None = None
+        dropped: list[int] = []
         if op_type is OperationType.UPDATE and key_pos:
-            rows = _dedupe(rows, key_pos)  # UPDATE … FROM would pick an arbitrary duplicate
+            # UPDATE … FROM would pick an arbitrary one of two rows with one key
+            kept, dropped = _dedupe(rows, key_pos, target, batch.columns)
+            for suspect in _suspects(rows, dropped, target, batch.columns):
+                # that row would have failed if its key exists
+                if await self._key_exists(target, batch.columns, key_pos, suspect[2]):
+                    raise _not_null_violation(target, suspect)
         copy_key = (batch.table.name, batch.columns)
-        text_copy = self._text_fallbacks.get(copy_key, 0) >= TEXT_COPY_AFTER
+        text_copy = (_screen(rows, batch.columns, target)
+                     or self._text_fallbacks.get(copy_key, 0) >= TEXT_COPY_AFTER)
         while True:
             try:
                 async with pool.connection() as conn:
-                    await self._commit_rows(conn, batch, target, rows, text_copy)
+                    await self._commit_rows(conn, batch, target, rows, text_copy, kept,
+                                            dropped)
                 break
             except self._pg.errors.CardinalityViolation:
                 # ON CONFLICT cannot touch a row twice: keep each key's last row, once
                 if deduped:
                     raise
-                rows, deduped = _dedupe(rows, key_pos), True
+                # every row was COPYed (its values parsed) before the conflict was found
+                kept, dropped = _dedupe(rows, key_pos, target, batch.columns)
+                deduped = True
+                suspects = _suspects(rows, dropped, target, batch.columns)
+                if suspects:  # inserted or updated, that row would have failed
+                    raise _not_null_violation(target, suspects[0]) from None
+                dropped = []
             except (TypeError, ValueError, OverflowError) as exc:
                 if text_copy or isinstance(exc, BatchDBError):
                     raise
@@ -480,14 +724,34 @@ class PostgresBackend(Backend):
         self._written.setdefault(target.qualified, target)
         return BatchResult(batch.row_count)
 
+    async def _key_exists(self, target: Target, columns: Sequence[str],
+                          key_pos: Sequence[int], row: tuple[Any, ...]) -> bool:
+        """True if ``row``'s key is in the table now (False if its value cannot even be
+        looked up: then the row's COPY fails and names it). A lost connection raises, so
+        the batch is retried."""
+        from psycopg import sql
+
+        query = sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1").format(
+            target.ident, sql.SQL(" AND ").join(
+                sql.SQL("{} = %s").format(sql.Identifier(columns[i])) for i in key_pos))
+        async with self._require_pool().connection() as conn:
+            try:
+                cur = await conn.raw.execute(query, [row[i] for i in key_pos])
+                return await cur.fetchone() is not None
+            except (self._pg.DataError, self._pg.ProgrammingError, TypeError, ValueError,
+                    OverflowError):
+                await _rollback(conn)
+                return False
+
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """By SQLSTATE: connection loss, shutdown, deadlock, serialization failure and
-        statement timeout are TRANSIENT; data, integrity and trigger errors are DATA;
-        the rest (privileges, missing objects, disk full, …) is RESOURCE."""
+        statement timeout are TRANSIENT; data, integrity and trigger errors, and values
+        the driver cannot send, are DATA; the rest (privileges, missing objects, disk
+        full, …) is RESOURCE."""
         pg = self._pg
         if isinstance(exc, PostgresConnectError | CommitOutcomePending):
             return ErrorKind.TRANSIENT
-        if isinstance(exc, SchemaError):
+        if isinstance(exc, SchemaError | BadValueError):
             return ErrorKind.DATA
         if isinstance(exc, BatchDBError):
             return ErrorKind.RESOURCE
@@ -497,7 +761,8 @@ class PostgresBackend(Backend):
                 # no answer from the server: the connection is gone (or was never there)
                 if isinstance(exc, pg.OperationalError | pg.InterfaceError):
                     return ErrorKind.TRANSIENT
-                return ErrorKind.DATA if isinstance(exc, pg.DataError) else ErrorKind.RESOURCE
+                # raised by the driver itself: a value it cannot send ("cannot adapt type")
+                return ErrorKind.DATA
             if state in _TRANSIENT_STATES or state.startswith(_TRANSIENT_CLASSES):
                 return ErrorKind.TRANSIENT
             if state.startswith(_DATA_CLASSES):

@@ -72,6 +72,7 @@ class Target:
     relname: str
     oids: dict[str, int] = field(default_factory=dict)  # column -> type oid (for binary COPY)
     comparable: frozenset[str] = frozenset()  # columns whose base type has equality
+    base_oids: dict[str, int] = field(default_factory=dict)  # column -> oid, domains resolved
 
     @property
     def ident(self) -> sql.Identifier:
@@ -112,6 +113,7 @@ async def describe(conn: AsyncConnection[Any], name: str) -> Target | None:
         relname=relname,
         oids={c[0]: int(c[1]) for c in cols},
         comparable=frozenset(c[0] for c in cols if int(c[4]) in EQUALITY_TYPES),
+        base_oids={c[0]: int(c[4]) for c in cols},
     )
 
 
