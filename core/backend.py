@@ -7,6 +7,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import itemgetter
 from typing import Any, ClassVar
 
@@ -98,6 +99,23 @@ class Batch:
                 self._rows = _coalesced_rows(ops)
         return self._rows
 
+    def flat_values(self) -> list[Any]:
+        """All values of all rows in one list, row after row in ``columns`` order: what a
+        multi-row statement binds. Rows given as mappings go straight into it, without
+        the tuple per row of :attr:`rows` (a thousand objects fewer for the garbage
+        collector to track per batch of one-row writes)."""
+        if self._rows is None:
+            data = _mapped_rows(self.operations)
+            if data is not None:
+                width = len(self.operations[0].row_columns)
+                try:
+                    flat = list(chain.from_iterable(map(_row_getter(self.columns), data)))
+                    if all(map(width.__eq__, map(len, data))):
+                        return flat
+                except (KeyError, TypeError):
+                    pass
+        return list(chain.from_iterable(self.rows))  # names a malformed row
+
     @property
     def row_count(self) -> int:
         """Rows in the batch."""
@@ -114,21 +132,33 @@ class Batch:
         )
 
 
+def _mapped_rows(ops: list[BatchOperation]) -> list[Any] | None:
+    """The rows of operations that all came as mappings with the same keys (many one-row
+    writes coalesced), in one list; None when they did not, or a list changed length."""
+    first = ops[0]
+    if not first.row_columns or not all(
+            op.values is None and op.row_columns == first.row_columns for op in ops):
+        return None
+    data = [row for op in ops for row in op.data_rows]
+    return data if len(data) == sum(op.n_rows for op in ops) else None
+
+
+def _row_getter(columns: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    if len(columns) > 1:
+        return itemgetter(*columns)
+    column = columns[0]
+    return lambda row: (row[column],)
+
+
 def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
     """Rows of many operations; one conversion pass when they all came as mappings with
-    the same keys (many one-row writes coalesced), else operation by operation."""
-    first = ops[0]
-    width = len(first.row_columns)
-    if width and all(op.values is None and op.row_columns == first.row_columns for op in ops):
-        data = [row for op in ops for row in op.data_rows]
-        if len(data) != sum(op.n_rows for op in ops):
-            data = []  # a list changed after it was queued: found and named below
-        columns = first.columns
-        getter = itemgetter(*columns) if len(columns) > 1 else None
+    the same keys, else operation by operation (which names a malformed row)."""
+    data = _mapped_rows(ops)
+    if data is not None:
+        width = len(ops[0].row_columns)
         try:
-            values = (list(map(getter, data)) if getter is not None
-                      else [(row[columns[0]],) for row in data])
-            if data and all(map(width.__eq__, map(len, data))):
+            values = list(map(_row_getter(ops[0].columns), data))
+            if all(map(width.__eq__, map(len, data))):
                 return values
         except (KeyError, TypeError):
             pass

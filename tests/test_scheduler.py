@@ -653,3 +653,32 @@ async def test_a_bad_value_among_many_rows_is_named_like_one_row(
         await m.wait(bad)
     assert (await m.wait(good)).succeeded
     assert rows_of(db_path, "SELECT k FROM kv") == [(999,)]
+
+
+async def test_wait_answers_for_the_last_completed_history_operations(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager(**batch_cfg(completed_history=100, insert_batch_size=7))
+    await m.start()
+    ids = [await m.queue_operation("kv", "INSERT", [{"k": i, "v": str(i)}]) for i in range(400)]
+    await m.flush()
+    for op_id in ids[-100:]:  # the last 100 finished are all kept...
+        op = await m.wait(op_id)
+        assert op.succeeded and op.operation_id == op_id
+    with pytest.raises(KeyError, match="longer ago than the last 100 operations"):
+        await m.wait(ids[0])  # ...and memory stays bounded: the oldest are forgotten
+    assert len(m.scheduler._history) <= 100 + 100 // 8 + 1
+    assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(400,)]
+
+
+async def test_no_history_kept_when_completed_history_is_zero(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    make_table(db_path, LOG_DDL)
+    m = make_manager(**batch_cfg(completed_history=0))
+    await m.start()
+    done = await m.queue_operation("kv", "INSERT", [{"k": 1, "v": "a"}])
+    await m.flush()
+    with pytest.raises(KeyError, match="unknown operation id"):
+        await m.wait(done)
+    queued = await m.queue_operation("kv", "INSERT", [{"k": 2, "v": "b"}])
+    assert (await m.wait(queued)).succeeded  # a pending operation is always found

@@ -9,8 +9,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -283,9 +282,8 @@ class SQLiteBackend(Backend):
             sql = self._sql_cache[key] = build_sql(table, op, columns, rows)
         return sql
 
-    def _execute(self, table: TableInfo, op: OperationType, columns: tuple[str, ...],
-                 rows: Sequence[tuple[Any, ...]]) -> None:
-        """Write ``rows`` inside the open transaction.
+    def _execute(self, batch: Batch) -> None:
+        """Write the batch's rows inside the open transaction.
 
         INSERT and UPSERT go in chunks of ``_CHUNK_ROWS`` rows per statement, the rest in
         power-of-two chunks, so a table needs at most a dozen statement texts (all kept in
@@ -293,18 +291,21 @@ class SQLiteBackend(Backend):
         """
         conn = self._conn
         assert conn is not None
-        n = len(rows)
+        table, op, columns = batch.table, batch.operation_type, batch.columns
+        n = batch.row_count
         if op not in _MULTI_ROW or n < 2:
-            conn.executemany(self._sql(table, op, columns), rows)
+            conn.executemany(self._sql(table, op, columns), batch.rows)
             return
         chunk = _CHUNK_ROWS
-        while chunk > 1 and chunk * len(columns) > self._max_variables:
+        width = len(columns)
+        while chunk > 1 and chunk * width > self._max_variables:
             chunk //= 2
-        flat = chain.from_iterable
+        values = batch.flat_values()
         i = 0
         while i < n:
             size = chunk if n - i >= chunk else 1 << ((n - i).bit_length() - 1)
-            conn.execute(self._sql(table, op, columns, size), list(flat(rows[i:i + size])))
+            conn.execute(self._sql(table, op, columns, size),
+                         values[i * width:(i + size) * width])
             i += size
 
     def _write(self, batch: Batch) -> BatchResult:
@@ -324,10 +325,9 @@ class SQLiteBackend(Backend):
                 if isolate:
                     result = self._write_isolated(batch)
                 else:
-                    rows = batch.rows
                     with self._transaction():
-                        self._execute(batch.table, batch.operation_type, batch.columns, rows)
-                    result = BatchResult(len(rows))
+                        self._execute(batch)
+                    result = BatchResult(batch.row_count)
                 result.retries = attempt
                 if self._checkpointer is not None:
                     self._after_commit(self._checkpointer)
