@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -105,21 +105,15 @@ class Batch:
         the tuple per row of :attr:`rows` (a thousand objects fewer for the garbage
         collector to track per batch of one-row writes)."""
         if self._rows is None:
-            data = _mapped_rows(self.operations)
-            if data is not None:
-                width = len(self.operations[0].row_columns)
-                try:
-                    flat = list(chain.from_iterable(map(_row_getter(self.columns), data)))
-                    if all(map(width.__eq__, map(len, data))):
-                        return flat
-                except (KeyError, TypeError):
-                    pass
+            flat = _mapped_values(self.operations, flat=True)
+            if flat is not None:
+                return flat
         return list(chain.from_iterable(self.rows))  # names a malformed row
 
     @property
     def row_count(self) -> int:
         """Rows in the batch."""
-        return sum(op.n_rows for op in self.operations)
+        return sum([op.n_rows for op in self.operations])
 
     def split(self) -> tuple[Batch, Batch]:
         """Two halves by operation, to isolate a failing operation."""
@@ -132,36 +126,43 @@ class Batch:
         )
 
 
-def _mapped_rows(ops: list[BatchOperation]) -> list[Any] | None:
-    """The rows of operations that all came as mappings with the same keys (many one-row
-    writes coalesced), in one list; None when they did not, or a list changed length."""
-    first = ops[0]
-    if not first.row_columns or not all(
-            op.values is None and op.row_columns == first.row_columns for op in ops):
+def _mapped_values(ops: list[BatchOperation], flat: bool) -> list[Any] | None:
+    """One conversion pass over operations whose rows all came as mappings with the same
+    keys (many one-row writes coalesced): a tuple per row, or one flat list of values.
+    None when they did not, or a row is malformed: the per-operation path names it.
+    (List comprehensions: this runs in the writer thread, holding the GIL the producers
+    need, and they beat attrgetter, generator and map passes.)"""
+    keys = ops[0].row_columns
+    if not keys or [op for op in ops if op.values is not None
+                    or (op.row_columns is not keys and op.row_columns != keys)]:
         return None
     data = [row for op in ops for row in op.data_rows]
-    return data if len(data) == sum(op.n_rows for op in ops) else None
-
-
-def _row_getter(columns: tuple[str, ...]) -> Callable[[Any], tuple[Any, ...]]:
+    if len(data) != sum([op.n_rows for op in ops]):
+        return None  # a list changed length after it was queued
+    columns = ops[0].columns
+    getter: Callable[[Mapping[str, Any]], tuple[Any, ...]]
     if len(columns) > 1:
-        return itemgetter(*columns)
-    column = columns[0]
-    return lambda row: (row[column],)
+        getter = itemgetter(*columns)
+    else:
+        column = columns[0]
+
+        def getter(row: Mapping[str, Any]) -> tuple[Any, ...]:
+            return (row[column],)
+
+    try:
+        values = list(chain.from_iterable(map(getter, data))) if flat else list(map(getter, data))
+    except (KeyError, TypeError):
+        return None
+    width = len(keys)
+    return None if [row for row in data if len(row) != width] else values
 
 
 def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
     """Rows of many operations; one conversion pass when they all came as mappings with
     the same keys, else operation by operation (which names a malformed row)."""
-    data = _mapped_rows(ops)
-    if data is not None:
-        width = len(ops[0].row_columns)
-        try:
-            values = list(map(_row_getter(ops[0].columns), data))
-            if all(map(width.__eq__, map(len, data))):
-                return values
-        except (KeyError, TypeError):
-            pass
+    values = _mapped_values(ops, flat=False)
+    if values is not None:
+        return values
     rows: list[tuple[Any, ...]] = []
     for op in ops:
         rows.extend(op.tuples())  # names the operation and row that is malformed

@@ -349,7 +349,7 @@ class BatchDBManager:
         """Queue ``op`` now when there is room and return None (no coroutine on the hot path
         of one-row writes); else what to await: the wait for room (or its QueueFull), or
         the once-a-millisecond yield to the event loop."""
-        scheduler = self.scheduler
+        scheduler = self._scheduler or self.scheduler  # (the property raises NotRunning)
         if not scheduler.try_submit(op):
             return self._place_when_room(op)
         if self._queued_hook:

@@ -222,7 +222,7 @@ class BatchOperation:
         width = len(self.row_columns) or len(columns)
         try:
             values = list(map(getter, rows))
-            if all(map(width.__eq__, map(len, rows))):
+            if not [row for row in rows if len(row) != width]:
                 return values
         except (KeyError, TypeError):
             pass

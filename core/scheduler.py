@@ -176,7 +176,8 @@ def _is_async_callable(fn: Any) -> bool:
 
 
 class _History:
-    """The last ``keep`` finished operations by id, for wait() (at most an eighth more).
+    """The last ``keep`` finished operations by id, for wait() (and up to a quarter more,
+    plus two batches: generations of about an eighth of ``keep`` are dropped whole).
 
     Kept in generations of plain dicts dropped whole: an OrderedDict evicting one entry
     per operation cost ~0.5 µs per one-row write.
@@ -196,15 +197,13 @@ class _History:
             return
         generations = self._generations
         newest = generations[-1]
-        for op in ops:
-            newest[op.operation_id] = op
-            if len(newest) >= self._step:
-                self._size += len(newest)
-                newest = {}
-                generations.append(newest)
-                # drop the oldest generation while the others still hold ``keep``
-                while self._size - len(generations[0]) >= self._keep:
-                    self._size -= len(generations.popleft())
+        newest.update([(op.operation_id, op) for op in ops])
+        if len(newest) >= self._step:
+            self._size += len(newest)
+            generations.append({})
+            # drop the oldest generation while the others still hold ``keep``
+            while self._size - len(generations[0]) >= self._keep:
+                self._size -= len(generations.popleft())
 
     def get(self, operation_id: str) -> BatchOperation | None:
         """The finished operation, or None if it is unknown or was forgotten."""
@@ -263,6 +262,9 @@ class Scheduler:
         self.queued_bytes = 0
         self._queued_by_prio = dict.fromkeys(Priority, 0)
         self._budget = config.max_memory_mb * _MB
+        self._max_queue = config.max_queue_size
+        self._limits = {t: self._update_size if t in _KEYED else self._insert_size
+                        for t in OperationType}
         # queued or in-flight operations by id, in submission order (a dict keeps it)
         self._pending: dict[str, BatchOperation] = {}
         self._history = _History(config.completed_history)
@@ -343,7 +345,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ submission
     def _over_budget(self, op: BatchOperation) -> bool:
-        if self.queued_ops >= self.config.max_queue_size:
+        if self.queued_ops >= self._max_queue:
             return True
         # an operation larger than the whole budget gets in once the queue is empty
         return self.queued_bytes > 0 and self.queued_bytes + op.nbytes > self._budget
@@ -409,8 +411,8 @@ class Scheduler:
         if self._paused or self._inflight >= self.max_inflight + (prio is _CRITICAL):
             return  # a finished batch will dispatch
         linger = self._linger[prio]
-        if (linger == 0 or op.enqueued_at + linger < self._timer_at or self._pressure()
-                or lane.rows >= self.batch_limit(op.operation_type)):
+        if (lane.rows >= self._limits[op.operation_type] or linger == 0
+                or op.enqueued_at + linger < self._timer_at or self._pressure()):
             self._dispatch()
 
     async def _wait_for_room(self, op: BatchOperation) -> None:
@@ -565,13 +567,13 @@ class Scheduler:
     # ------------------------------------------------------------------ dispatch
     def batch_limit(self, op_type: OperationType) -> int:
         """Rows per batch for this kind of operation."""
-        return self._update_size if op_type in _KEYED else self._insert_size
+        return self._limits[op_type]
 
     def _pressure(self) -> bool:
         return (
-            self._stopping
-            or self.queued_ops >= self.config.max_queue_size // 2
-            or self.queued_bytes >= self._budget / 2
+            self.queued_bytes >= self._budget / 2
+            or self.queued_ops >= self._max_queue // 2
+            or self._stopping
         )
 
     def _pick(self, now: float, critical_only: bool = False
@@ -611,23 +613,24 @@ class Scheduler:
         head = lane.ops.popleft()
         ops = [head]
         rows = head.n_rows
-        limit = self.batch_limit(head.operation_type)
-        key = (head.operation_type, head.columns)
+        op_type, columns = head.operation_type, head.columns
+        limit = self._limits[op_type]
         q = lane.ops
         while q and rows < limit:
             nxt = q[0]
-            if (nxt.operation_type, nxt.columns) != key or rows + nxt.n_rows > limit:
+            if (nxt.operation_type is not op_type or rows + nxt.n_rows > limit
+                    or (nxt.columns is not columns and nxt.columns != columns)):
                 break
             ops.append(q.popleft())
             rows += nxt.n_rows
         lane.rows -= rows
         if not q:
             del self._lanes[prio][table]
-        nbytes = sum(op.nbytes for op in ops)
+        nbytes = sum([op.nbytes for op in ops])
         self.queued_ops -= len(ops)
         self._queued_by_prio[prio] -= len(ops)
         self.queued_bytes -= nbytes
-        return Batch(self._table_of(table), head.operation_type, head.columns, ops, priority=prio)
+        return Batch(self._table_of(table), op_type, columns, ops, priority=prio)
 
     def _dispatch(self) -> None:
         """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""

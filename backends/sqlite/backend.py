@@ -510,7 +510,7 @@ class _Checkpointer:
         self.wal_frames = 0
         self.last_error: str | None = None
         self._event = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batchdb-sqlite-checkpoint",
                                         daemon=True)
         self._thread.start()
@@ -520,8 +520,9 @@ class _Checkpointer:
         self._event.set()
 
     def stop(self) -> None:
-        """Run a last checkpoint and end the thread."""
-        self._stopping = True
+        """Run a last checkpoint (at once: the wait between checkpoints ends) and end the
+        thread."""
+        self._stopping.set()
         self._event.set()
         self._thread.join()
 
@@ -531,8 +532,8 @@ class _Checkpointer:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             while True:
                 self._event.wait()
-                if not self._stopping:
-                    time.sleep(self.interval)  # let writes accumulate: one copy for many
+                # let writes accumulate (one copy for many), unless stopping
+                self._stopping.wait(self.interval)
                 self._event.clear()
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
@@ -540,7 +541,7 @@ class _Checkpointer:
                     self.checkpoints += 1
                 except sqlite3.Error as exc:  # reported in status; the writer goes on
                     self.last_error = str(exc)
-                if self._stopping:
+                if self._stopping.is_set():
                     return
         finally:
             conn.close()
