@@ -16,6 +16,7 @@ import pytest
 
 from batchdb import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
 from batchdb.backend import Backend, Batch
+from batchdb.backends.sqlite.backend import statement_rows
 from batchdb.hookspecs import hookimpl
 
 from .conftest import ManagerFactory, make_table, rows_of, upbit_candles
@@ -615,14 +616,14 @@ async def test_critical_does_not_pass_a_waiting_batch_of_its_own_table(
 
 async def test_multi_row_statements_apply_rows_in_order(db_path: Path,
                                                         make_manager: ManagerFactory) -> None:
-    """INSERT and UPSERT batches are written with multi-row statements (256 rows each, the
-    rest in power-of-two chunks): the result is the one of applying the rows one by one,
-    repeated keys included (the last row of a key wins)."""
+    """INSERT and UPSERT batches are written with multi-row statements (1,024 rows each,
+    the rest in multiples of 64, of 8, then powers of two): the result is the one of
+    applying the rows one by one, repeated keys included (the last row of a key wins)."""
     make_table(db_path, LOG_DDL)
-    m = make_manager()
+    m = make_manager(**batch_cfg(insert_batch_size=5000))
     await m.start()
-    rows = [{"k": i % 301, "v": f"v{i}", "n": i} for i in range(777)]  # 3 chunks + 265
-    inserted = [{"k": 1000 + i, "v": "i", "n": i} for i in range(513)]  # 256 + 256 + 1
+    rows = [{"k": i % 301, "v": f"v{i}", "n": i} for i in range(2150)]  # 2*1024+64+32+4+2
+    inserted = [{"k": 5000 + i, "v": "i", "n": i} for i in range(1033)]  # 1024 + 8 + 1
     ids = [await m.queue_operation("kv", "UPSERT", rows),
            await m.queue_operation("kv", "INSERT", inserted)]
     for op_id in ids:
@@ -634,12 +635,26 @@ async def test_multi_row_statements_apply_rows_in_order(db_path: Path,
     reference.executemany("INSERT INTO kv (k, v, n) VALUES (:k, :v, :n)", inserted)
     expected = reference.execute("SELECT k, v, n FROM kv ORDER BY k").fetchall()
     assert rows_of(db_path, "SELECT k, v, n FROM kv ORDER BY k") == expected
-    assert len(expected) == 301 + 513
+    assert len(expected) == 301 + 1033
+
+
+@pytest.mark.parametrize("chunk", [1024, 64, 16, 1])
+def test_statement_sizes_cover_every_row_from_a_small_set(chunk: int) -> None:
+    sizes: set[int] = set()
+    for n in range(1, 3 * 1024):
+        parts = []
+        while (done := sum(parts)) < n:
+            parts.append(statement_rows(n - done, chunk))
+        assert sum(parts) == n and max(parts) <= chunk
+        assert len(parts) <= -(-n // chunk) + 5, (n, parts)  # whole chunks + at most 5
+        sizes.update(parts)
+    assert len(sizes) <= 30  # statement texts per table and column set
+    assert [statement_rows(1000 - d, 1024) for d in (0, 960)] == [960, 40]
 
 
 async def test_wide_tables_stay_under_the_variable_limit(db_path: Path,
                                                          make_manager: ManagerFactory) -> None:
-    """A 300-column table: 256 rows would need 76,800 parameters (SQLite allows 32,766),
+    """A 300-column table: 1,024 rows would need 307,200 parameters (SQLite allows 32,766),
     so the chunks shrink; 1,000 rows commit in one batch."""
     columns = [f"c{j}" for j in range(300)]
     make_table(db_path, f"CREATE TABLE wide (id INTEGER PRIMARY KEY, {', '.join(columns)});")

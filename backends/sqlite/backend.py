@@ -38,7 +38,7 @@ _RESOURCE = ("disk is full", "database or disk is full", "readonly", "read-only"
 # faster than executemany of the one-row statement, and releases the GIL once per chunk
 # instead of once per row (which stalled the event loop behind the writer thread)
 _MULTI_ROW = frozenset({OperationType.INSERT, OperationType.UPSERT})
-_CHUNK_ROWS = 256  # rows per statement, a power of two (fewer if the table is wide)
+_CHUNK_ROWS = 1024  # rows per multi-row statement, a power of two (fewer if the table is wide)
 
 
 class SQLiteBackend(Backend):
@@ -285,9 +285,8 @@ class SQLiteBackend(Backend):
     def _execute(self, batch: Batch) -> None:
         """Write the batch's rows inside the open transaction.
 
-        INSERT and UPSERT go in chunks of ``_CHUNK_ROWS`` rows per statement, the rest in
-        power-of-two chunks, so a table needs at most a dozen statement texts (all kept in
-        the connection's statement cache); rows are applied in order, as by executemany.
+        INSERT and UPSERT go in multi-row statements (:func:`statement_rows`); rows are
+        applied in order, as by executemany.
         """
         conn = self._conn
         assert conn is not None
@@ -303,7 +302,7 @@ class SQLiteBackend(Backend):
         values = batch.flat_values()
         i = 0
         while i < n:
-            size = chunk if n - i >= chunk else 1 << ((n - i).bit_length() - 1)
+            size = statement_rows(n - i, chunk)
             conn.execute(self._sql(table, op, columns, size),
                          values[i * width:(i + size) * width])
             i += size
@@ -491,6 +490,24 @@ def _check_writable(path: Path, journal_mode: str) -> None:
 
 
 _WAL_RESET_FRAMES = 1000  # SQLite's own auto-checkpoint threshold
+
+
+def statement_rows(left: int, chunk: int) -> int:
+    """Rows for the next multi-row statement when ``left`` rows remain: whole chunks, then
+    the rest in at most five statements whose sizes come from a small set (multiples of
+    64, of 8, then powers of two), so that a table needs a few dozen statement texts.
+
+    Every statement costs the writer thread the GIL twice (it is released while SQLite
+    steps): a batch of 1,000 one-row writes goes in two statements (960 + 40) where
+    256-row chunks and power-of-two rests took seven, and the producers' event loop pays
+    for each hand-over.
+    """
+    if left >= chunk:
+        return chunk
+    for step in (64, 8):
+        if left >= step:
+            return left - left % step
+    return 1 << (left.bit_length() - 1)
 
 
 class _Checkpointer:
