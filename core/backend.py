@@ -190,6 +190,9 @@ class Backend(ABC):
         #: set by the scheduler: True while a CRITICAL operation waits (housekeeping such
         #: as a checkpoint should wait then); may be called from the backend's threads
         self.urgent: Callable[[], bool] = lambda: False
+        #: set by the scheduler: the most rows it puts in an INSERT/UPSERT batch (a backend
+        #: may size its statements by it)
+        self.batch_rows = 1000
 
     @property
     @abstractmethod

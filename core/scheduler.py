@@ -256,6 +256,7 @@ class Scheduler:
         self.max_inflight = max(1, min(config.max_concurrent_batches, caps.max_writers))
         self._insert_size = caps.insert_batch_size or config.insert_batch_size
         self._update_size = caps.update_batch_size or config.update_batch_size
+        backend.batch_rows = self._insert_size
         self._lanes: dict[Priority, dict[str, _Lane]] = {p: {} for p in Priority}
         self._linger = {p: config.linger_for(p) for p in Priority}
         self.queued_ops = 0

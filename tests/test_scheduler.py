@@ -638,6 +638,34 @@ async def test_multi_row_statements_apply_rows_in_order(db_path: Path,
     assert len(expected) == 301 + 1033
 
 
+async def test_a_full_batch_is_one_statement_and_its_own_transaction(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """Statements are what cost (the writer hands the GIL over at each): a full batch of
+    one-row writes is one multi-row INSERT in autocommit; a larger operation goes in
+    statements of a full batch's rows and the rest, inside BEGIN IMMEDIATE ... COMMIT."""
+    make_table(db_path, LOG_DDL)
+    m = make_manager(**batch_cfg(insert_batch_size=1000))
+    await m.start()
+    await m.queue_operation("kv", "INSERT", [{"k": -1, "v": "x", "n": 0}])
+    await m.flush()  # the table is known and the writer idle before tracing starts
+    traced: list[str] = []
+    m.backend._conn.set_trace_callback(traced.append)  # type: ignore[attr-defined]
+    for i in range(1000):
+        await m.queue_operation("kv", "INSERT", [{"k": i, "v": "x", "n": i}])
+    await m.flush()
+    def statements() -> list[tuple[str, int]]:  # (verb, rows), from the SQL as executed
+        return [(t.split()[0], t.count("),(") + 1 if " VALUES " in t else 0) for t in traced]
+
+    assert statements() == [("INSERT", 1000)]
+    traced.clear()
+    await m.queue_operation("kv", "UPSERT", [{"k": i, "v": "y", "n": i} for i in range(2500)])
+    await m.flush()
+    assert statements() == [
+        ("BEGIN", 0), ("INSERT", 1000), ("INSERT", 1000), ("INSERT", 448), ("INSERT", 48),
+        ("INSERT", 4), ("COMMIT", 0)]
+    assert rows_of(db_path, "SELECT COUNT(*), SUM(v = 'y') FROM kv") == [(2501, 2500)]
+
+
 @pytest.mark.parametrize("chunk", [1024, 64, 16, 1])
 def test_statement_sizes_cover_every_row_from_a_small_set(chunk: int) -> None:
     sizes: set[int] = set()

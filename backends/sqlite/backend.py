@@ -38,7 +38,7 @@ _RESOURCE = ("disk is full", "database or disk is full", "readonly", "read-only"
 # faster than executemany of the one-row statement, and releases the GIL once per chunk
 # instead of once per row (which stalled the event loop behind the writer thread)
 _MULTI_ROW = frozenset({OperationType.INSERT, OperationType.UPSERT})
-_CHUNK_ROWS = 1024  # rows per multi-row statement, a power of two (fewer if the table is wide)
+_CHUNK_ROWS = 1024  # most rows per multi-row statement (fewer if the table is wide)
 
 
 class SQLiteBackend(Backend):
@@ -282,30 +282,51 @@ class SQLiteBackend(Backend):
             sql = self._sql_cache[key] = build_sql(table, op, columns, rows)
         return sql
 
-    def _execute(self, batch: Batch) -> None:
-        """Write the batch's rows inside the open transaction.
+    def _statement_sizes(self, batch: Batch) -> list[int] | None:
+        """Rows per multi-row statement for an INSERT or UPSERT batch; None for other
+        operations and single rows (executemany).
 
-        INSERT and UPSERT go in multi-row statements (:func:`statement_rows`); rows are
-        applied in order, as by executemany.
+        A full batch is one statement; a larger one goes in statements of a full batch's
+        rows (fewer for wide tables), the rest as :func:`statement_rows` sizes it, so a
+        table needs a few dozen statement texts at most. Fewer statements matter beyond
+        SQLite: at every one the writer thread hands the GIL to the event loop and waits
+        to get it back.
         """
+        n = batch.row_count
+        if batch.operation_type not in _MULTI_ROW or n < 2:
+            return None
+        chunk = min(self.batch_rows, _CHUNK_ROWS)
+        while chunk > 1 and chunk * len(batch.columns) > self._max_variables:
+            chunk //= 2
+        sizes = []
+        while n:
+            sizes.append(statement_rows(n, chunk))
+            n -= sizes[-1]
+        return sizes
+
+    def _commit_batch(self, batch: Batch) -> None:
+        """The batch in one transaction, rows in order (as by executemany); a single
+        statement is a transaction by itself (autocommit spares BEGIN and COMMIT, two
+        more hand-overs of the GIL)."""
         conn = self._conn
         assert conn is not None
         table, op, columns = batch.table, batch.operation_type, batch.columns
-        n = batch.row_count
-        if op not in _MULTI_ROW or n < 2:
-            conn.executemany(self._sql(table, op, columns), batch.rows)
+        sizes = self._statement_sizes(batch)
+        if sizes is None:
+            with self._transaction():
+                conn.executemany(self._sql(table, op, columns), batch.rows)
             return
-        chunk = _CHUNK_ROWS
-        width = len(columns)
-        while chunk > 1 and chunk * width > self._max_variables:
-            chunk //= 2
         values = batch.flat_values()
-        i = 0
-        while i < n:
-            size = statement_rows(n - i, chunk)
-            conn.execute(self._sql(table, op, columns, size),
-                         values[i * width:(i + size) * width])
-            i += size
+        if len(sizes) == 1:
+            conn.execute(self._sql(table, op, columns, sizes[0]), values)
+            return
+        width = len(columns)
+        with self._transaction():
+            i = 0
+            for size in sizes:
+                conn.execute(self._sql(table, op, columns, size),
+                             values[i * width:(i + size) * width])
+                i += size
 
     def _write(self, batch: Batch) -> BatchResult:
         """Runs in the writer thread: the batch in one transaction, retried while the
@@ -324,8 +345,7 @@ class SQLiteBackend(Backend):
                 if isolate:
                     result = self._write_isolated(batch)
                 else:
-                    with self._transaction():
-                        self._execute(batch)
+                    self._commit_batch(batch)
                     result = BatchResult(batch.row_count)
                 result.retries = attempt
                 if self._checkpointer is not None:
@@ -495,13 +515,7 @@ _WAL_RESET_FRAMES = 1000  # SQLite's own auto-checkpoint threshold
 def statement_rows(left: int, chunk: int) -> int:
     """Rows for the next multi-row statement when ``left`` rows remain: whole chunks, then
     the rest in at most five statements whose sizes come from a small set (multiples of
-    64, of 8, then powers of two), so that a table needs a few dozen statement texts.
-
-    Every statement costs the writer thread the GIL twice (it is released while SQLite
-    steps): a batch of 1,000 one-row writes goes in two statements (960 + 40) where
-    256-row chunks and power-of-two rests took seven, and the producers' event loop pays
-    for each hand-over.
-    """
+    64, of 8, then powers of two), so that a table needs a few dozen statement texts."""
     if left >= chunk:
         return chunk
     for step in (64, 8):
