@@ -12,7 +12,7 @@ Workloads (``WORKLOADS``), each run by several *implementations* on several *bac
     per 50k rows, ``INSERT … ON CONFLICT DO UPDATE`` from it; PostgreSQL: binary COPY into a
     temporary staging table, ``INSERT … SELECT … ON CONFLICT``). batchdb: 1000-row
     ``queue_operation(UPSERT)`` calls, then ``flush()``. SQLite also runs raw-values (the
-    raw path with multi-row ``VALUES`` statements of 250 rows instead of ``executemany``,
+    raw path with one multi-row ``VALUES`` statement per 1000 rows instead of ``executemany``,
     the technique batchdb's SQLite writer uses) and sqlite-utils ``upsert_all``, the peer
     a Python user would otherwise pick.
 ``upsert_existing``
@@ -416,7 +416,7 @@ _COLS = ", ".join(CANDLE_COLUMNS)
 _SET = ", ".join(f"{c} = excluded.{c}" for c in _VALUES)
 _CONFLICT = f"ON CONFLICT ({', '.join(_KEY)}) DO UPDATE SET {_SET}"
 _CANDLE_GETTER = itemgetter(*CANDLE_COLUMNS)
-VALUES_ROWS = 250  # rows per multi-row VALUES statement of the raw-values path
+VALUES_ROWS = 1000  # rows per multi-row VALUES statement of the raw-values path: a batch
 
 
 @functools.cache
@@ -483,13 +483,17 @@ class Store(ABC):
         """Close a raw connection."""
         conn.close()
 
-    def upsert_dicts(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """The raw bulk path: connect, upsert ``rows`` batch by batch, close."""
+    def upsert_dicts(self, rows: Sequence[Mapping[str, Any]],
+                     write: Callable[[Any, Sequence[Mapping[str, Any]]], None] | None = None
+                     ) -> None:
+        """The raw bulk path: connect, upsert ``rows`` batch by batch (with ``write``,
+        :meth:`write_dicts` by default), close."""
+        write = write or self.write_dicts
         conn = self.connect()
         try:
             size = self.batch_size
             for i in range(0, len(rows), size):
-                self.write_dicts(conn, rows[i:i + size])
+                write(conn, rows[i:i + size])
         finally:
             self.close(conn)
 
@@ -564,23 +568,18 @@ class SQLiteStore(Store):
         conn.execute("COMMIT")
 
     def write_values(self, conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Like :meth:`write_tuples` with multi-row ``VALUES`` statements of up to
-        ``VALUES_ROWS`` rows instead of ``executemany``."""
+        """Like :meth:`write_tuples` with multi-row ``VALUES`` statements instead of
+        ``executemany``: one per batch, as batchdb's writer does."""
         conn.execute("BEGIN IMMEDIATE")
         for i in range(0, len(rows), VALUES_ROWS):
             chunk = rows[i:i + VALUES_ROWS]
             conn.execute(_upsert_values_sql(len(chunk)), list(chain.from_iterable(chunk)))
         conn.execute("COMMIT")
 
-    def upsert_dicts_values(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """:meth:`upsert_dicts` through :meth:`write_values`."""
-        conn = self.connect()
-        try:
-            size = self.batch_size
-            for i in range(0, len(rows), size):
-                self.write_values(conn, list(map(_CANDLE_GETTER, rows[i:i + size])))
-        finally:
-            conn.close()
+    def write_dicts_values(self, conn: sqlite3.Connection,
+                           rows: Sequence[Mapping[str, Any]]) -> None:
+        """:meth:`write_values` from candle dicts."""
+        self.write_values(conn, list(map(_CANDLE_GETTER, rows)))
 
     def insert_one_by_one(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """One ``execute`` per order row, COMMIT every ``batch_size`` rows."""
@@ -1122,7 +1121,7 @@ def _prepare_upsert(case: Case, n: int, store: Store, cache: DataCache) -> Prepa
 
     def raw_values() -> None:
         assert isinstance(store, SQLiteStore)
-        store.upsert_dicts_values(data)
+        store.upsert_dicts(data, store.write_dicts_values)
 
     def sqlite_utils_upsert() -> None:
         import sqlite_utils
