@@ -9,12 +9,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from .models import BatchOperation, OperationType, Priority
+from .models import BatchDBError, BatchOperation, OperationType, Priority
 from .schema import TableInfo
 
 __all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy"]
@@ -167,6 +167,22 @@ def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
     for op in ops:
         rows.extend(op.tuples())  # names the operation and row that is malformed
     return rows
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def with_location(exc: _E, where: str, fallback: type[BatchDBError] = BatchDBError
+                  ) -> _E | BatchDBError:
+    """``exc`` with ``where`` (``column 'price', row 3``) added to its message: of the same
+    type when that type can be built from a message, else ``fallback``; ``exc`` is kept as
+    its cause. For backends naming the value a driver's error is about."""
+    try:
+        named: _E | BatchDBError = type(exc)(f"{exc} ({where})")
+    except Exception:  # an exception type with other constructor arguments
+        named = fallback(f"{type(exc).__name__}: {exc} ({where})")
+    named.__cause__ = exc
+    return named
 
 
 class Backend(ABC):

@@ -46,7 +46,14 @@ from uuid import UUID
 
 import sqlalchemy as sa
 
-from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
+from batchdb.backend import (
+    Backend,
+    Batch,
+    BatchResult,
+    Capabilities,
+    ErrorKind,
+    with_location,
+)
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.schema import TableInfo
 from batchdb.settings import PostgresSettings, redact_dsn
@@ -304,16 +311,6 @@ def _locate(raw: Any, exc: BaseException, row: tuple[Any, ...], columns: Sequenc
     return None
 
 
-def _named(exc: BaseException, where: str) -> BaseException:
-    """``exc`` with ``where`` (column and row) added to its message, same type if it can."""
-    try:
-        named = type(exc)(f"{exc} ({where})")
-    except Exception:  # an exception type with other constructor arguments
-        named = BadValueError(f"{type(exc).__name__}: {exc} ({where})")
-    named.__cause__ = exc
-    return named
-
-
 class PostgresBackend(Backend):
     """A PostgreSQL server through psycopg 3: pooled connections, COPY + set-based writes."""
 
@@ -549,7 +546,7 @@ class PostgresBackend(Backend):
                     column = _locate(raw, exc, row, columns, oids)
                     n = r if positions is None else positions[r]
                     where = f"row {n}" if column is None else f"column {column!r}, row {n}"
-                    raise _named(exc, where) from exc
+                    raise with_location(exc, where, BadValueError) from exc
 
     async def _commit_rows(self, conn: PooledConnection, batch: Batch, target: Target,
                            rows: list[tuple[Any, ...]], text_copy: bool,

@@ -18,7 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
+from batchdb.backend import (
+    Backend,
+    Batch,
+    BatchResult,
+    Capabilities,
+    ErrorKind,
+    with_location,
+)
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
@@ -599,14 +606,7 @@ def _name_value(exc: Exception, table: TableInfo, columns: tuple[str, ...],
         if found is not None:
             row, column = found
             where = f"column {column!r}, row {row}"
-    if not where:
-        return exc
-    try:
-        named = type(exc)(f"{exc} ({where})")
-    except TypeError:  # an exception type with other constructor arguments
-        named = BatchDBError(f"{type(exc).__name__}: {exc} ({where})")
-    named.__cause__ = exc
-    return named
+    return with_location(exc, where) if where else exc
 
 
 def _find_bad_value(exc: Exception, table: TableInfo, columns: tuple[str, ...],
