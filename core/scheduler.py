@@ -176,11 +176,10 @@ def _is_async_callable(fn: Any) -> bool:
 
 
 class _History:
-    """The last ``keep`` finished operations by id, for wait() (and up to a quarter more,
-    plus two batches: generations of about an eighth of ``keep`` are dropped whole).
-
-    Kept in generations of plain dicts dropped whole: an OrderedDict evicting one entry
-    per operation cost ~0.5 µs per one-row write.
+    """The last ``keep`` finished operations by id, for wait(), and up to a quarter more
+    plus two batches: they are kept in generations of plain dicts of about an eighth of
+    ``keep``, each dropped whole (an OrderedDict evicting one entry per operation cost
+    ~0.5 µs per one-row write).
     """
 
     __slots__ = ("_generations", "_keep", "_size", "_step")
