@@ -641,8 +641,9 @@ async def test_multi_row_statements_apply_rows_in_order(db_path: Path,
 async def test_a_full_batch_is_one_statement_and_its_own_transaction(
         db_path: Path, make_manager: ManagerFactory) -> None:
     """Statements are what cost (the writer hands the GIL over at each): a full batch of
-    one-row writes is one multi-row INSERT in autocommit; a larger operation goes in
-    statements of a full batch's rows and the rest, inside BEGIN IMMEDIATE ... COMMIT."""
+    one-row writes is one multi-row INSERT in autocommit, a single row one statement; a
+    larger operation goes in statements of a full batch's rows and the rest, inside
+    BEGIN IMMEDIATE ... COMMIT."""
     make_table(db_path, LOG_DDL)
     m = make_manager(**batch_cfg(insert_batch_size=1000))
     await m.start()
@@ -664,6 +665,12 @@ async def test_a_full_batch_is_one_statement_and_its_own_transaction(
         ("BEGIN", 0), ("INSERT", 1000), ("INSERT", 1000), ("INSERT", 448), ("INSERT", 48),
         ("INSERT", 4), ("COMMIT", 0)]
     assert rows_of(db_path, "SELECT COUNT(*), SUM(v = 'y') FROM kv") == [(2501, 2500)]
+    traced.clear()  # a single row (a live order, say) of any kind: one statement too
+    await m.queue_operation("kv", "UPDATE", [{"k": 7, "v": "z"}], Priority.CRITICAL)
+    await m.queue_operation("kv", "INSERT", [{"k": 9000, "v": "z"}], Priority.CRITICAL)
+    await m.flush()
+    assert [t.split()[0] for t in traced] == ["UPDATE", "INSERT"]
+    assert rows_of(db_path, "SELECT k FROM kv WHERE v = 'z' ORDER BY k") == [(7,), (9000,)]
 
 
 @pytest.mark.parametrize("chunk", [1024, 64, 16, 1])

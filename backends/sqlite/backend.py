@@ -290,8 +290,8 @@ class SQLiteBackend(Backend):
         return sql
 
     def _statement_sizes(self, batch: Batch) -> list[int] | None:
-        """Rows per multi-row statement for an INSERT or UPSERT batch; None for other
-        operations and single rows (executemany).
+        """Rows per statement: one for a single row (any operation), multi-row statements
+        for an INSERT or UPSERT batch; None for other batches (executemany).
 
         A full batch is one statement; a larger one goes in statements of a full batch's
         rows (fewer for wide tables), the rest as :func:`statement_rows` sizes it, so a
@@ -300,7 +300,9 @@ class SQLiteBackend(Backend):
         to get it back.
         """
         n = batch.row_count
-        if batch.operation_type not in _MULTI_ROW or n < 2:
+        if n == 1:  # a live order: one statement, its own transaction
+            return [1]
+        if batch.operation_type not in _MULTI_ROW:
             return None
         chunk = min(self.batch_rows, _CHUNK_ROWS)
         while chunk > 1 and chunk * len(batch.columns) > self._max_variables:
