@@ -80,7 +80,7 @@ SYMBOLS: tuple[str, ...] = ("KRW-BTC", "KRW-ETH", "KRW-XRP", "KRW-SOL", "KRW-DOG
 _START_PRICES = {"KRW-BTC": 95_000_000.0, "KRW-ETH": 4_800_000.0, "KRW-XRP": 3_100.0,
                  "KRW-SOL": 280_000.0, "KRW-DOGE": 480.0}
 _BACKFILL_TIMEFRAMES = ((1, "1m"), (5, "5m"), (15, "15m"), (60, "60m"), (240, "240m"))
-_BACKFILL_PAGE = 2_000
+_BACKFILL_PAGE = 200  # candles per call: the most Upbit serves a request
 _BACKFILL_DEPTH = 10_000
 _BACKTEST_BATCH = 1_000
 _STRATEGIES = ("sma-cross-20-50", "breakout-55", "rsi-mean-revert")
@@ -369,7 +369,8 @@ class DemoWorkload:
         return candles, float(opens[-1])
 
     async def _chart_backfill(self) -> None:
-        """Page through history, 2,000 candles a call, NORMAL; at most 3 pages queued."""
+        """Page through history, 200 candles a call (as Upbit serves them), NORMAL; at most
+        15 pages queued."""
         now_ms = int(time.time() * 1000)
         pending: deque[str] = deque()
         closes = {(s, u): self.prices[s] for s in SYMBOLS for u, _ in _BACKFILL_TIMEFRAMES}
@@ -387,7 +388,7 @@ class DemoWorkload:
                             closes[symbol, unit])
                         pending.append(await self.manager.insert_candles_batch(
                             symbol, timeframe, candles, Priority.NORMAL, self.chart.record))
-                        await self._settle(pending, 3)
+                        await self._settle(pending, 15)
             closes = {(s, u): self.prices[s] for s, u in closes}  # next round: same rows
 
     async def _backtester(self) -> None:
