@@ -46,21 +46,32 @@ def rows_of(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[An
 ManagerFactory = Callable[..., BatchDBManager]
 
 
-@pytest.fixture
-async def make_manager(db_path: Path) -> AsyncIterator[ManagerFactory]:
-    """Build started managers on ``db_path``; every one is stopped at the end."""
+@contextlib.asynccontextmanager
+async def managers(backend: str, section: dict[str, Any]) -> AsyncIterator[ManagerFactory]:
+    """A factory of managers on ``backend``, maintenance off: its ``backend=`` entries are
+    merged over ``section``, other keyword arguments go to ``from_settings`` as they are.
+    Every manager it made is stopped at the end."""
     made: list[BatchDBManager] = []
 
     def factory(**overrides: Any) -> BatchDBManager:
         overrides.setdefault("maintenance", {"enabled": False})
-        sqlite = {"path": str(db_path), **overrides.pop("sqlite", {})}
-        manager = BatchDBManager.from_settings(None, sqlite=sqlite, **overrides)
+        overrides[backend] = {**section, **overrides.get(backend, {})}
+        manager = BatchDBManager.from_settings(None, backend=backend, **overrides)
         made.append(manager)
         return manager
 
-    yield factory
-    for manager in made:
-        await manager.stop()
+    try:
+        yield factory
+    finally:
+        for manager in made:
+            await manager.stop()
+
+
+@pytest.fixture
+async def make_manager(db_path: Path) -> AsyncIterator[ManagerFactory]:
+    """Build managers on ``db_path``; every one is stopped at the end."""
+    async with managers("sqlite", {"path": str(db_path)}) as factory:
+        yield factory
 
 
 def upbit_candles(n: int, market: str = "KRW-BTC", start_minute: int = 0,
@@ -130,16 +141,5 @@ async def make_pg_manager(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)  # from_settings reads ./settings.toml if present
     for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
         monkeypatch.delenv(key)
-    made: list[BatchDBManager] = []
-
-    def factory(**overrides: Any) -> BatchDBManager:
-        pg = {"dsn": pg_dsn, **overrides.pop("postgres", {})}
-        overrides.setdefault("maintenance", {"enabled": False})
-        manager = BatchDBManager.from_settings(None, backend="postgres", postgres=pg,
-                                               **overrides)
-        made.append(manager)
-        return manager
-
-    yield factory
-    for manager in made:
-        await manager.stop()
+    async with managers("postgres", {"dsn": pg_dsn}) as factory:
+        yield factory

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from batchdb.models import BatchDBError, BatchOperation, OperationFailed, Schema
 from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
 from batchdb.schema import TableInfo
 from batchdb.settings import DuckDBSettings
+
+from .conftest import ManagerFactory, managers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,25 +60,11 @@ def rows_of(path: Path, sql: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-ManagerFactory = Callable[..., BatchDBManager]
-
-
 @pytest.fixture
 async def make_manager(duck_path: Path) -> AsyncIterator[ManagerFactory]:
     """Managers on ``duck_path``; every one is stopped at the end."""
-    made: list[BatchDBManager] = []
-
-    def factory(**overrides: Any) -> BatchDBManager:
-        overrides.setdefault("maintenance", {"enabled": False})
-        section = {"path": str(duck_path), **overrides.pop("duckdb", {})}
-        manager = BatchDBManager.from_settings(None, backend="duckdb", duckdb=section,
-                                               **overrides)
-        made.append(manager)
-        return manager
-
-    yield factory
-    for manager in made:
-        await manager.stop()
+    async with managers("duckdb", {"path": str(duck_path)}) as factory:
+        yield factory
 
 
 KV_DDL = "CREATE TABLE kv (k BIGINT PRIMARY KEY, v DOUBLE, s VARCHAR NOT NULL)"
