@@ -95,8 +95,6 @@ _DATA_CLASSES = ("21", "22", "23", "27", "44", "P0")
 #: ``bytes()`` (the int 5 would be five NUL bytes)
 _BOOL_OID = 16
 _BYTEA_OID = 17
-#: number types: a bool is written into them as 1 or 0 (Python's bool is an int)
-_NUMBER_OIDS = frozenset({20, 21, 23, 700, 701, 1700})
 _BYTES = (bytes, bytearray, memoryview)
 
 
@@ -148,6 +146,9 @@ def _secrets_of(dsn: str) -> list[str]:
 _INTEGER_OIDS = frozenset({20, 21, 23})
 _INTEGER_TEXT = re.compile(r"[ \t\n\r\f\v]*[+-]?[0-9]+[ \t\n\r\f\v]*")
 _FLOAT_OIDS = frozenset({700, 701})
+#: number types (and numeric): a bool is written into them as 1 or 0 (Python's bool is an
+#: int)
+_NUMBER_OIDS = _INTEGER_OIDS | _FLOAT_OIDS | {1700}
 _TEXT_OIDS = frozenset({19, 25, 1043})  # name, text, varchar (not bpchar: it ignores padding)
 
 
