@@ -12,6 +12,7 @@ from .models import (
     Priority,
     QueueFull,
     SchemaError,
+    UnknownOperation,
 )
 from .schema import TableInfo, candles_table
 from .settings import BatchConfig, Settings, SettingsError, load_settings
@@ -36,6 +37,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "TableInfo",
+    "UnknownOperation",
     "__version__",
     "candles_table",
     "hookimpl",

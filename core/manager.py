@@ -25,6 +25,7 @@ from .models import (
     OperationType,
     Priority,
     SchemaError,
+    UnknownOperation,
 )
 from .pluginmanager import (
     BackendRegistry,
@@ -124,6 +125,7 @@ class BatchDBManager:
         self._maintenance_task: asyncio.Task[None] | None = None
         self.last_maintenance: dict[str, float | None] = {t: None for t, _ in _MAINTENANCE_SCHEDULE}
         self._started_at: float | None = None
+        self._stopped_at: float | None = None
         self._id_prefix = secrets.token_hex(3)
         self._op_counter = 0
         self._state_lock = asyncio.Lock()
@@ -155,6 +157,7 @@ class BatchDBManager:
                                         committed, failed)
             self._scheduler.start()
             self._started_at = time.monotonic()
+            self._stopped_at = None
             self._maintenance_due = dict.fromkeys(self.last_maintenance, time.monotonic())
             if self.settings.maintenance.enabled:
                 self._maintenance_task = asyncio.get_running_loop().create_task(
@@ -179,6 +182,7 @@ class BatchDBManager:
                                     "written (stop() did not finish)")
                 self._last_scheduler = scheduler  # wait() still answers for its operations
                 self._scheduler = None
+                self._stopped_at = time.monotonic()
                 await self.backend.close()
 
     async def __aenter__(self) -> Self:
@@ -397,6 +401,10 @@ class BatchDBManager:
         scheduler = self._scheduler or self._last_scheduler
         if scheduler is None:
             raise NotRunningError("the manager is not running: call start() or use 'async with'")
+        if scheduler.get(operation_id) is None:
+            raise UnknownOperation(
+                f"unknown operation id {operation_id!r} (never queued by this manager, or "
+                f"finished longer ago than the last {self.config.completed_history} operations)")
         return await scheduler.wait(operation_id)
 
     async def flush(self) -> None:
@@ -410,13 +418,18 @@ class BatchDBManager:
 
     async def get_queue_status(self) -> dict[str, Any]:
         """Queue sizes, memory estimate, statistics and maintenance times (seed keys and more)."""
-        if self._scheduler is None:
-            status: dict[str, Any] = {"running": False, "total_queued_operations": 0,
-                                      "estimated_memory_mb": 0.0}
+        # The same keys in every state: while running the scheduler's figures; after stop()
+        # the last run's totals; before start() those of a scheduler that never ran.
+        scheduler = self._scheduler or self._last_scheduler
+        if scheduler is None:
+            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__)
+        status = scheduler.queue_status()
+        status["running"] = self._scheduler is not None
+        if self._started_at is None:
+            uptime = 0.0
         else:
-            status = self._scheduler.queue_status()
-            status["running"] = True
-            status["uptime_seconds"] = round(time.monotonic() - (self._started_at or 0), 3)
+            uptime = (self._stopped_at or time.monotonic()) - self._started_at
+        status["uptime_seconds"] = round(uptime, 3)
         status["backend"] = self.backend_name
         status["last_maintenance"] = {
             task: None if t is None else datetime.fromtimestamp(t, UTC).isoformat()

@@ -20,6 +20,7 @@ __all__ = [
     "Priority",
     "QueueFull",
     "SchemaError",
+    "UnknownOperation",
 ]
 
 
@@ -37,6 +38,14 @@ class NotRunningError(BatchDBError, RuntimeError):
 
 class QueueFull(BatchDBError):
     """The queue is over its memory or length budget and the backpressure mode is ``raise``."""
+
+
+class UnknownOperation(BatchDBError, KeyError):
+    """``wait()`` was given an operation id the manager does not know (never queued, or
+    finished too long ago to be remembered). A ``KeyError`` too, as it was."""
+
+    def __str__(self) -> str:  # KeyError shows its argument quoted, as a repr
+        return str(self.args[0]) if self.args else ""
 
 
 class OperationFailed(BatchDBError):

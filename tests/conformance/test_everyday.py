@@ -1,0 +1,70 @@
+"""The everyday path as a new user meets it (issue #11), on every backend: the status before
+start and after stop, a clear error for an unknown operation id, maintenance of the tables
+the database holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batchdb import BatchDBError, OperationType
+from batchdb.models import UnknownOperation
+
+from .conftest import BackendEnv
+
+KV = "CREATE TABLE kv (k BIGINT PRIMARY KEY, v DOUBLE PRECISION)"
+
+
+def key_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every key of a nested status dict, as dotted paths (the values left out)."""
+    if not isinstance(value, dict):
+        return set()
+    out: set[str] = set()
+    for key, item in value.items():
+        out.add(prefix + str(key))
+        if key not in ("last_maintenance",):
+            out |= key_paths(item, f"{prefix}{key}.")
+    return out
+
+
+async def test_queue_status_has_the_same_keys_before_start_and_after_stop(
+        env: BackendEnv) -> None:
+    env.execute(KV)
+    manager = env.manager()
+    before = await manager.get_queue_status()
+    # the seed's example 3 works before start() (nothing done yet)
+    assert before["stats"]["total_operations"] == 0
+    assert before["stats"]["successful_operations"] == 0
+    assert before["queue_sizes"] == {"CRITICAL": 0, "HIGH": 0, "NORMAL": 0, "LOW": 0}
+    assert before["running"] is False
+    await manager.start()
+    for i in range(3):
+        await manager.wait(await manager.queue_operation(
+            "kv", OperationType.UPSERT, [{"k": i, "v": float(i)}]))
+    running = await manager.get_queue_status()
+    await manager.stop()
+    after = await manager.get_queue_status()
+    assert key_paths(before) == key_paths(running) == key_paths(after)
+    assert running["running"] is True and after["running"] is False
+    # the run's totals stay after stop()
+    stats = after["stats"]
+    assert stats["total_operations"] == stats["successful_operations"] == 3
+    assert f"{stats['successful_operations'] / stats['total_operations']:.1%}" == "100.0%"
+    assert stats["rows_committed"] == 3
+    assert after["total_queued_operations"] == 0
+    assert after["uptime_seconds"] >= running["uptime_seconds"] > 0
+
+
+async def test_wait_for_an_unknown_operation_id_is_a_clear_batchdb_error(
+        env: BackendEnv) -> None:
+    manager = env.manager()
+    await manager.start()
+    with pytest.raises(UnknownOperation, match="unknown operation id 'unknown-id'") as info:
+        await manager.wait("unknown-id")
+    assert isinstance(info.value, BatchDBError) and isinstance(info.value, KeyError)
+    # KeyError's repr-quoting of its message is not what the user reads
+    assert str(info.value).startswith("unknown operation id 'unknown-id'")
+    await manager.stop()
+    with pytest.raises(UnknownOperation):
+        await manager.wait("unknown-id")
