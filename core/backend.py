@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from abc import ABC, abstractmethod
@@ -17,7 +18,8 @@ from pydantic import BaseModel
 from .models import BatchDBError, BatchOperation, OperationType, Priority
 from .schema import TableInfo
 
-__all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy"]
+__all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy",
+           "note_retries", "retries_of"]
 
 
 class ErrorKind(enum.Enum):
@@ -37,9 +39,10 @@ class RetryPolicy:
     max_delay: float = 2.0
 
     def delay(self, attempt: int) -> float:
-        """Seconds to wait before retry number ``attempt`` (1-based)."""
-        delay = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        return float(delay * random.uniform(0.5, 1.5))
+        """Seconds to wait before retry number ``attempt`` (1-based): the exponential delay
+        with jitter (x0.5 to x1.5), never more than ``max_delay``."""
+        exponential = self.base_delay * 2.0 ** min(max(attempt - 1, 0), 64)
+        return float(min(self.max_delay, exponential * random.uniform(0.5, 1.5)))
 
 
 @dataclass
@@ -183,6 +186,25 @@ def with_location(exc: _E, where: str, fallback: type[BatchDBError] = BatchDBErr
         named = fallback(f"{type(exc).__name__}: {exc} ({where})")
     named.__cause__ = exc
     return named
+
+
+_RETRIES_ATTR = "batchdb_retries"
+
+
+def note_retries(exc: _E, retries: int) -> _E:
+    """Record on ``exc`` that the backend retried its batch ``retries`` times before giving
+    up with it (a failed batch has no :class:`BatchResult` to carry the count); returns
+    ``exc``, for ``raise note_retries(exc, attempt)``."""
+    if retries:
+        with contextlib.suppress(AttributeError, TypeError):  # an exception without __dict__
+            setattr(exc, _RETRIES_ATTR, retries)
+    return exc
+
+
+def retries_of(exc: BaseException) -> int:
+    """The retries a backend recorded on a batch's final error with :func:`note_retries`."""
+    retries = getattr(exc, _RETRIES_ATTR, 0)
+    return retries if type(retries) is int else 0
 
 
 class Backend(ABC):

@@ -24,6 +24,7 @@ from batchdb.backend import (
     BatchResult,
     Capabilities,
     ErrorKind,
+    note_retries,
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
@@ -370,8 +371,9 @@ class SQLiteBackend(Backend):
                     isolate = True
                     continue
                 if kind is ErrorKind.DATA:
-                    raise _name_value(exc, batch.table, batch.columns,
-                                      batch.operations[0]) from exc
+                    raise note_retries(_name_value(exc, batch.table, batch.columns,
+                                                   batch.operations[0]), attempt) from exc
+                note_retries(exc, attempt)  # the scheduler counts them
                 raise
 
     def _after_commit(self, checkpointer: _Checkpointer) -> None:
