@@ -10,10 +10,18 @@ import secrets
 import sqlite3
 import sys
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, overload
 
 import sqlalchemy as sa
 
@@ -34,7 +42,7 @@ from .pluginmanager import (
     create_plugin_manager,
 )
 from .scheduler import Scheduler
-from .schema import TableInfo, candles_table, check_identifier
+from .schema import TableInfo, candles_table, check_identifier, filled_columns
 from .settings import BatchConfig, Settings, load_settings
 
 __all__ = ["BatchDBManager"]
@@ -68,16 +76,58 @@ _MAX_SHAPES = 4096
 class _Shape:
     """A validated (table, operation type, row-0 columns): what its operations write."""
 
-    __slots__ = ("columns", "count", "op_type", "row_bytes", "row_columns", "table")
+    __slots__ = ("columns", "count", "fill", "op_type", "row_bytes", "row_columns", "table")
 
     def __init__(self, table: TableInfo, op_type: OperationType, columns: tuple[str, ...],
-                 row_columns: tuple[str, ...], row_bytes: int) -> None:
+                 row_columns: tuple[str, ...], row_bytes: int,
+                 fill: tuple[str, ...] = ()) -> None:
         self.table = table
         self.op_type = op_type
-        self.columns = columns  # the columns the writer reads from each row
-        self.row_columns = row_columns  # the keys every row must have (row 0's)
+        self.columns = columns + fill  # the columns the writer reads from each row
+        self.row_columns = row_columns + fill  # the keys every row must have (row 0's)
         self.row_bytes = row_bytes
         self.count = 0
+        self.fill = fill  # columns batchdb adds to the rows (see _FilledRows)
+
+
+class _FilledRows(Sequence[Mapping[str, Any]]):
+    """A producer's rows with the columns batchdb fills in (a declared column whose
+    default is ``epoch_ms_now()``, such as ``candles.ingested_at``) set to the time of
+    the write: the database's default would do it, but a table created by an earlier
+    version has none. The rows are copied with the value when first read (in the writer
+    thread, when their batch is written); a row that carries the column keeps its value.
+    """
+
+    __slots__ = ("_copy", "_fill", "_rows")
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], fill: tuple[str, ...]) -> None:
+        self._rows = rows
+        self._fill = fill
+        self._copy: list[Mapping[str, Any]] | None = None
+
+    def _filled(self) -> list[Mapping[str, Any]]:
+        copy = self._copy
+        if copy is None or len(copy) != len(self._rows):
+            extra = dict.fromkeys(self._fill, int(time.time() * 1000))
+            # a row that is not a mapping stays as it is: the writer names it
+            copy = self._copy = [{**extra, **row} if isinstance(row, Mapping) else row
+                                 for row in self._rows]
+        return copy
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Mapping[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> Mapping[str, Any] | Sequence[Mapping[str, Any]]:
+        return self._filled()[index]
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self._filled())
 
 
 class BatchDBManager:
@@ -271,6 +321,8 @@ class BatchDBManager:
             shape.count = 0
             shape.row_bytes = _row_bytes(data_rows[0], data_rows[0].values())
         nbytes = shape.row_bytes * n_rows
+        if shape.fill:
+            data_rows = _FilledRows(data_rows, shape.fill)
         self._op_counter += 1
         op = BatchOperation(f"{self._id_prefix}-{self._op_counter}", shape.table.name,
                             shape.op_type, data_rows, priority, nbytes / _MB, callback, None,
@@ -303,7 +355,8 @@ class BatchDBManager:
         shape = self._shapes.get(key)
         if shape is None:
             shape = _Shape(table, op_type, self._check_shape(table, op_type, columns), columns,
-                           _row_bytes(first, first.values()))
+                           _row_bytes(first, first.values()),
+                           self._fill(table, op_type, columns))
             if len(self._shapes) >= _MAX_SHAPES:
                 self._shapes.clear()
             self._shapes[key] = shape
@@ -323,6 +376,16 @@ class BatchDBManager:
         table.check_columns(columns, need_key=op_type is not OperationType.INSERT,
                             need_value=op_type is OperationType.UPDATE)
         return columns
+
+    def _fill(self, table: TableInfo, op_type: OperationType,
+              columns: tuple[str, ...]) -> tuple[str, ...]:
+        """The columns batchdb adds to rows that lack them (declared ``epoch_ms_now()``
+        defaults, e.g. ``candles.ingested_at``), for writes that store values."""
+        declared = self._declared.get(table.name)
+        if declared is None or op_type is OperationType.DELETE:
+            return ()
+        return tuple(c for c in filled_columns(declared)
+                     if c not in columns and c in table.column_set)
 
     @staticmethod
     def _row0_columns(table: TableInfo, first: Any) -> tuple[str, ...]:

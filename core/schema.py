@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from .models import SchemaError
 
@@ -14,12 +16,41 @@ __all__ = [
     "TableInfo",
     "candles_table",
     "check_identifier",
+    "epoch_ms_now",
+    "filled_columns",
     "metadata",
     "on_conflict_sql",
     "quote_ident",
 ]
 
 metadata = sa.MetaData()
+
+
+class epoch_ms_now(sa.sql.functions.FunctionElement[int]):
+    """The current time in epoch milliseconds, as a column's server default.
+
+    A declared table's column with ``server_default=epoch_ms_now()`` gets the time of the
+    write from the database when a row does not carry it, and batchdb fills it in itself
+    when the rows it writes lack it (so a table created without the default, by an earlier
+    version, still gets it): see :func:`filled_columns`.
+    """
+
+    type = sa.BigInteger()
+    inherit_cache = True
+    name = "epoch_ms_now"
+
+
+@compiles(epoch_ms_now)
+def _epoch_ms_now(element: epoch_ms_now, compiler: SQLCompiler, **kw: object) -> str:
+    # PostgreSQL and DuckDB (which compiles DDL with PostgreSQL's dialect) alike
+    return "CAST(EXTRACT(EPOCH FROM CURRENT_TIMESTAMP) * 1000 AS BIGINT)"
+
+
+@compiles(epoch_ms_now, "sqlite")
+def _epoch_ms_now_sqlite(element: epoch_ms_now, compiler: SQLCompiler, **kw: object) -> str:
+    # julianday() works on every SQLite version (unixepoch('subsec') needs 3.42)
+    return "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
+
 
 _REAL: sa.types.TypeEngine[float] = sa.Double().with_variant(sa.REAL(), "sqlite")
 _BIGINT: sa.types.TypeEngine[int] = sa.BigInteger().with_variant(sa.INTEGER(), "sqlite")
@@ -37,13 +68,22 @@ candles_table = sa.Table(
     sa.Column("volume", _REAL, nullable=False, comment="base-currency volume"),
     sa.Column("quote_volume", _REAL, nullable=True, comment="quote-currency volume"),
     sa.Column("source", sa.Text, nullable=True, comment="where the candle came from"),
-    sa.Column("ingested_at", _BIGINT, nullable=False, comment="epoch ms of the write"),
+    sa.Column("ingested_at", _BIGINT, nullable=False, server_default=epoch_ms_now(),
+              comment="epoch ms of the write"),
     sa.PrimaryKeyConstraint("symbol", "timeframe", "ts", name="candles_pk"),
     sqlite_with_rowid=False,
     sqlite_strict=True,
 )
 
 CANDLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in candles_table.columns)
+
+
+def filled_columns(table: sa.Table) -> tuple[str, ...]:
+    """The columns of a declared table that batchdb fills in when rows lack them: those
+    whose server default is :class:`epoch_ms_now` (``candles.ingested_at``)."""
+    return tuple(c.name for c in table.columns
+                 if isinstance(c.server_default, sa.DefaultClause)
+                 and isinstance(c.server_default.arg, epoch_ms_now))
 
 
 def check_identifier(name: object, what: str = "identifier") -> str:

@@ -102,9 +102,10 @@ async def test_scenario_3_status(seed_dir: Path, capsys: pytest.CaptureFixture[s
 async def test_scenario_4_callback(seed_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manager = BatchDBManager(lambda: sqlite3.connect("market_data.sqlite3"))
     await manager.start()
+    # the seed's candle columns, and only those: batchdb keeps source and ingested_at
     data = [{"symbol": "KRW-XRP", "timeframe": "1d", "ts": 1704067200000 + i * 86_400_000,
              "open_price": 800.0, "high_price": 810.0, "low_price": 790.0, "close_price": 805.0,
-             "volume": 1e6, "quote_volume": 8e8, "source": "test", "ingested_at": 0}
+             "volume": 1e6, "quote_volume": 8e8}
             for i in range(5)]
     seen: list[BatchOperation] = []
 
@@ -121,4 +122,5 @@ async def test_scenario_4_callback(seed_dir: Path, capsys: pytest.CaptureFixture
     assert len(seen) == 1 and seen[0].is_processed and seen[0].error is None
     assert f"배치 완료: {seen[0].operation_id}, " in capsys.readouterr().out
     assert rows_of(seed_dir / "market_data.sqlite3",
-                   "SELECT COUNT(*) FROM candles WHERE symbol = 'KRW-XRP'") == [(5,)]
+                   "SELECT COUNT(*), COUNT(source), MIN(ingested_at) > 1700000000000 "
+                   "FROM candles WHERE symbol = 'KRW-XRP'") == [(5, 0, 1)]
