@@ -56,6 +56,11 @@ class BatchResult:
     rows: int
     errors: dict[int, BaseException] = field(default_factory=dict)
     retries: int = 0  # transient failures the backend retried itself
+    #: UPDATE/DELETE: rows whose key matched, per operation (index into
+    #: ``batch.operations``) where the backend can tell each operation's share ...
+    affected: list[int] | None = None
+    #: ... or only in total for the batch (None: the backend does not report it)
+    changed: int | None = None
 
 
 @dataclass(frozen=True)

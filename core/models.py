@@ -152,6 +152,8 @@ class BatchOperation:
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
+    #: "queued" until the operation ends "committed" or "failed"
+    state: str = "queued"
 
     # Written out rather than generated: the generated __init__ (keyword arguments, two
     # default factories) was a tenth of the cost of a one-row operation. Same parameters,
@@ -181,6 +183,7 @@ class BatchOperation:
         seq: int = 0,
         enqueued_at: float | None = None,
         future: asyncio.Future[BatchOperation] | None = None,
+        state: str = "queued",
     ) -> None:
         self.operation_id = operation_id
         self.table_name = table_name
@@ -194,6 +197,7 @@ class BatchOperation:
         self.processing_time = processing_time
         self.is_processed = is_processed
         self.error = error
+        self.state = state
         self.exception = exception
         self.rows_affected = rows_affected
         self.columns = columns
@@ -256,5 +260,6 @@ class BatchOperation:
 
     @property
     def succeeded(self) -> bool:
-        """True once committed without error."""
-        return self.is_processed and self.error is None
+        """True once committed (the seed's ``is_processed``); False while queued and for a
+        failed operation, whose ``error`` says why."""
+        return self.state == "committed"

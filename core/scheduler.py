@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
-import inspect
 import logging
 import math
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
 from .backend import Backend, Batch, BatchResult, ErrorKind, RetryPolicy, retries_of
+from .callbacks import CALLBACK_STATUS_KEYS, CallbackRunner, is_async_callable
 from .models import (
     BatchOperation,
     NotRunningError,
@@ -128,51 +124,24 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-class _CallbackThread:
-    """One daemon thread running plain callbacks in order.
-
-    Not a ThreadPoolExecutor: the interpreter joins those at exit, so a callback that never
-    returns would keep the whole process from exiting after stop().
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
-            queue.SimpleQueue())
-        threading.Thread(target=self._run, name="batchdb-callback", daemon=True).start()
-
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
-        """Run ``fn`` after the callbacks submitted before it."""
-        future: Future[Any] = Future()
-        self._queue.put((future, fn))
-        return future
-
-    def shutdown(self) -> None:
-        """Let the thread end after the callbacks already submitted."""
-        self._queue.put(None)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            future, fn = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-
-class _Raised:
-    """What a plain callback raised in the callback thread."""
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-def _is_async_callable(fn: Any) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    # an object whose __call__ is a coroutine function counts too
-    call = None if inspect.isroutine(fn) else type(fn).__dict__.get("__call__")
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
+def _count_affected(batch: Batch, result: BatchResult) -> None:
+    """Each UPDATE/DELETE operation's matched rows, as exactly as the backend tells them:
+    per operation, or a batch total that settles it when the batch holds one operation or
+    every key matched. Otherwise (-1) the operation counts the rows it sent."""
+    ops = batch.operations
+    if result.affected is not None:
+        for op, n in zip(ops, result.affected, strict=True):
+            op.rows_affected = n
+        return
+    changed = result.changed
+    if changed is not None and len(ops) == 1:
+        ops[0].rows_affected = changed
+    elif changed is not None and changed == sum([op.n_rows for op in ops]):
+        for op in ops:
+            op.rows_affected = op.n_rows
+    else:
+        for op in ops:
+            op.rows_affected = -1
 
 
 class _History:
@@ -283,16 +252,20 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._callback_tasks: set[asyncio.Task[Any]] = set()
-        self._callback_thread: _CallbackThread | None = None
+        self._callbacks: CallbackRunner | None = None
+        self._async_callables: dict[Any, bool] = {}
         self._recoveries: set[asyncio.Task[None]] = set()
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
-        """Accept operations."""
+        """Accept operations (called on the event loop that will run the callbacks)."""
         self._running = True
         self._stopping = False
+        if self._callbacks is None:
+            self._callbacks = CallbackRunner(asyncio.get_running_loop(),
+                                             self.config.callback_timeout_seconds,
+                                             self._on_callbacks_progress)
 
     def abort(self, reason: str) -> None:
         """Fail every operation still queued (a stop that could not drain): each one gets
@@ -331,12 +304,10 @@ class Scheduler:
             self._timer.cancel()
             self._timer = None
         self._check_flush_waiters()
-        if self._callback_tasks:
-            await asyncio.wait(list(self._callback_tasks),
-                               timeout=self.config.callback_timeout_seconds)
-        if self._callback_thread is not None:
-            self._callback_thread.shutdown()
-            self._callback_thread = None
+        callbacks = self._callbacks
+        if callbacks is not None:
+            await callbacks.drain()  # each callback is bounded by its own timeout
+            callbacks.close()
 
     @property
     def running(self) -> bool:
@@ -345,10 +316,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ submission
     def _over_budget(self, op: BatchOperation) -> bool:
-        if self.queued_ops >= self._max_queue:
+        queued_ops, queued_bytes = self.queued_ops, self.queued_bytes
+        callbacks = self._callbacks
+        if callbacks is not None and callbacks.queued:
+            # finished operations whose callbacks have not run yet count like queued ones:
+            # callbacks slower than the commits slow the producers, they never pile up
+            backlog_ops, backlog_bytes = callbacks.backlog()
+            queued_ops += backlog_ops
+            queued_bytes += backlog_bytes
+        if queued_ops >= self._max_queue:
             return True
         # an operation larger than the whole budget gets in once the queue is empty
-        return self.queued_bytes > 0 and self.queued_bytes + op.nbytes > self._budget
+        return queued_bytes > 0 and queued_bytes + op.nbytes > self._budget
+
+    def _on_callbacks_progress(self) -> None:
+        self._room.set()
 
     async def submit(self, op: BatchOperation) -> None:
         """Queue ``op``, after waiting for room (or raising QueueFull) when over budget.
@@ -418,7 +400,11 @@ class Scheduler:
     async def _wait_for_room(self, op: BatchOperation) -> None:
         deadline = self.config.backpressure_timeout_seconds
         start = time.monotonic()
-        while self._over_budget(op):
+        while True:
+            if self._callbacks is not None:
+                self._callbacks.want_progress()  # wake up when a callback frees room
+            if not self._over_budget(op):
+                break
             if self._stopping:
                 raise NotRunningError("the manager is stopping")
             self._room.clear()
@@ -512,7 +498,7 @@ class Scheduler:
         if op is None:
             raise KeyError(f"unknown operation id {operation_id!r} (never queued, or finished "
                            f"longer ago than the last {self.config.completed_history} operations)")
-        if not op.is_processed:
+        if op.state == "queued":
             if op.future is None:
                 op.future = asyncio.get_running_loop().create_future()
             await asyncio.shield(op.future)
@@ -524,15 +510,17 @@ class Scheduler:
         return op
 
     async def flush(self) -> None:
-        """Return when every operation queued before this call has finished."""
-        if not self._pending:
-            return
-        barrier = self._seq  # the newest operation queued
-        self._flush_barrier = max(self._flush_barrier, barrier)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append((barrier, fut))
-        self._dispatch()
-        await fut
+        """Return when every operation queued before this call has finished and its
+        callback has run (or timed out)."""
+        if self._pending:
+            barrier = self._seq  # the newest operation queued
+            self._flush_barrier = max(self._flush_barrier, barrier)
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._flush_waiters.append((barrier, fut))
+            self._dispatch()
+            await fut
+        if self._callbacks is not None:
+            await self._callbacks.drain()
 
     def _check_flush_waiters(self) -> None:
         if not self._flush_waiters:
@@ -763,6 +751,8 @@ class Scheduler:
 
     def _finish_result(self, batch: Batch, result: BatchResult, seconds: float) -> None:
         self.stats.retries += result.retries
+        if batch.operation_type in _KEYED:
+            _count_affected(batch, result)
         if not result.errors:
             self._finish(batch, None, seconds, result.rows)
             return
@@ -777,6 +767,11 @@ class Scheduler:
 
     def _finish(self, batch: Batch, exc: BaseException | None, seconds: float,
                 written: int = 0) -> None:
+        ops = batch.operations
+        if [op for op in ops if op.state != "queued"]:  # a batch cancelled mid-split
+            ops = [op for op in ops if op.state == "queued"]  # ends once per operation
+            if not ops:
+                return
         stats = self.stats
         now_wall = time.time()
         now = time.monotonic()
@@ -786,15 +781,16 @@ class Scheduler:
             stats.rows_committed += written
         else:
             stats.batches_failed += 1
-            log.error("%d operation(s) on %r failed: %s", len(batch.operations),
-                      batch.table.name, exc)
-        ops = batch.operations
+            log.error("%d operation(s) on %r failed: %s", len(ops), batch.table.name, exc)
         stats.total_operations += len(ops)
         if exc is None:
             stats.successful_operations += len(ops)
             latencies = stats.latencies
+            keyed = batch.operation_type in _KEYED
             for op in ops:
-                op.rows_affected = op.n_rows
+                if not keyed or op.rows_affected < 0:
+                    op.rows_affected = op.n_rows
+                op.state = "committed"
                 op.is_processed = True
                 op.processed_at = now_wall
                 op.processing_time = seconds
@@ -805,7 +801,7 @@ class Scheduler:
             error = f"{type(exc).__name__}: {exc}"
             for op in ops:
                 op.error, op.exception = error, exc
-                op.is_processed = True
+                op.state = "failed"
                 op.processed_at = now_wall
                 op.processing_time = seconds
                 op.values = None
@@ -818,80 +814,39 @@ class Scheduler:
         self._check_flush_waiters()
 
     def _complete(self, ops: list[BatchOperation]) -> None:
-        """Wake the waiters and callbacks of finished operations; keep their records."""
+        """Wake the waiters of finished operations, keep their records and hand their
+        callbacks over, once per batch: the rows are released after the callback."""
         pending = self._pending
+        plain: list[BatchOperation] = []
+        coroutines: list[BatchOperation] = []
         for op in ops:
-            pending.pop(op.operation_id, None)  # (a batch cancelled mid-split ends twice)
-            if op.future is not None and not op.future.done():
-                op.future.set_result(op)
-            if op.callback is not None:
-                self._run_callback(op)
-            op.data_rows = ()  # release the rows: the history keeps only the record
+            pending.pop(op.operation_id, None)
+            future = op.future
+            if future is not None and not future.done():
+                future.set_result(op)
+            callback = op.callback
+            if callback is None:
+                op.data_rows = ()  # release the rows: the history keeps only the record
+            elif self._is_async(callback):
+                coroutines.append(op)
+            else:
+                plain.append(op)
         self._history.add(ops)
+        if (plain or coroutines) and self._callbacks is not None:
+            self._callbacks.run(plain, coroutines)
 
-    def _run_callback(self, op: BatchOperation) -> None:
-        """Coroutine callbacks run as tasks on the loop; plain ones on a callback thread, so
-        that neither a slow nor a hung callback can stall the scheduler. Both get
-        ``callback_timeout_seconds``; their exceptions are logged."""
-        callback = op.callback
-        assert callback is not None
-        if _is_async_callable(callback):
-            try:
-                result = callback(op)
-            except (Exception, asyncio.CancelledError):
-                log.exception("callback of operation %s raised", op.operation_id)
-                return
-            self._watch_callback(op.operation_id, result)
-        else:
-            self._watch_callback(op.operation_id, self._plain_callback(callback, op))
-
-    async def _plain_callback(self, callback: Callable[[BatchOperation], Any],
-                              op: BatchOperation) -> None:
-        if self._callback_thread is None:
-            self._callback_thread = _CallbackThread()
-        executor = self._callback_thread
-
-        def call() -> Any:
-            try:
-                return callback(op)
-            except BaseException as exc:
-                return _Raised(exc)
-
+    def _is_async(self, callback: Any) -> bool:
+        """Whether ``callback`` is a coroutine function, looked up once per callback."""
+        known = self._async_callables
         try:
-            result = await asyncio.wrap_future(executor.submit(call))
-        except asyncio.CancelledError:
-            # timed out: the thread is still inside the callback; later callbacks get a
-            # thread of their own instead of queueing behind it
-            if self._callback_thread is executor:
-                self._callback_thread = None
-                executor.shutdown()
-            raise
-        if isinstance(result, _Raised):
-            log.error("callback of operation %s raised: %r", op.operation_id, result.error)
-        elif inspect.isawaitable(result):  # a plain function that returned a coroutine
-            await result
-
-    def _watch_callback(self, operation_id: str, result: Any) -> None:
-        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
-            task = asyncio.ensure_future(
-                asyncio.wait_for(result, self.config.callback_timeout_seconds)
-            )
-            self._callback_tasks.add(task)
-            task.add_done_callback(self._callback_done(operation_id))
-
-    def _callback_done(self, operation_id: str) -> Callable[[asyncio.Task[Any]], None]:
-        def done(task: asyncio.Task[Any]) -> None:
-            self._callback_tasks.discard(task)
-            if task.cancelled():
-                return
-            exc = task.exception()
-            if isinstance(exc, TimeoutError):
-                log.error("callback of operation %s timed out after %.1fs", operation_id,
-                          self.config.callback_timeout_seconds)
-            elif exc is not None:
-                log.error("callback of operation %s raised: %r", operation_id, exc)
-
-        return done
+            return known[callback]
+        except KeyError:
+            if len(known) > 4096:
+                known.clear()
+            found = known[callback] = is_async_callable(callback)
+            return found
+        except TypeError:  # an unhashable callable
+            return is_async_callable(callback)
 
     # ------------------------------------------------------------------ status
     def queue_status(self) -> dict[str, Any]:
@@ -925,4 +880,6 @@ class Scheduler:
                 "promotions": s.promotions,
             },
             "commit_latency": s.latency_quantiles(),
+            "callbacks": (self._callbacks.status() if self._callbacks is not None
+                          else dict.fromkeys(CALLBACK_STATUS_KEYS, 0)),
         }

@@ -274,11 +274,11 @@ class DuckDBBackend(Backend):
             data = plan.converter.keep_last(data)
         conn.register(self._source, data)
         try:
-            conn.execute(plan.sql).fetchall()
+            out = conn.execute(plan.sql).fetchall()  # [(rows changed,)]
         finally:
             with contextlib.suppress(Exception):
                 conn.unregister(self._source)
-        return BatchResult(batch.row_count)
+        return BatchResult(batch.row_count, changed=int(out[0][0]) if out else None)
 
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         """Start ``batch`` in the writer thread at once; the future holds its result."""

@@ -552,8 +552,9 @@ class PostgresBackend(Backend):
     async def _commit_rows(self, conn: PooledConnection, batch: Batch, target: Target,
                            rows: list[tuple[Any, ...]], text_copy: bool,
                            kept: Sequence[int] | None = None,
-                           dropped: Sequence[int] = ()) -> None:
-        """One transaction: COPY ``rows`` into staging, apply them, COMMIT.
+                           dropped: Sequence[int] = ()) -> int:
+        """One transaction: COPY ``rows`` into staging, apply them, COMMIT; the rows the
+        statement changed.
 
         With ``kept``, only those rows are applied; the ``dropped`` ones (which lose to a
         later row with their key) are COPYed first and cleared again, so that a value the
@@ -589,7 +590,7 @@ class PostgresBackend(Backend):
             else:
                 await self._copy(raw, copy_sql, target, columns, [rows[r] for r in kept],
                                  kept, binary)
-            await raw.execute(write_sql)
+            changed = (await raw.execute(write_sql)).rowcount
         except BaseException:
             await _rollback(conn)
             raise
@@ -605,6 +606,7 @@ class PostgresBackend(Backend):
                             "its outcome is checked before the batch is retried",
                             batch.table.name, xid)
             raise
+        return changed
 
     async def _resolve_uncertain(self, ops: Sequence[BatchOperation]) -> set[int]:
         """Ids of ``ops`` whose earlier, unanswered COMMIT did commit. Operations whose
@@ -685,8 +687,8 @@ class PostgresBackend(Backend):
         while True:
             try:
                 async with pool.connection() as conn:
-                    await self._commit_rows(conn, batch, target, rows, text_copy, kept,
-                                            dropped)
+                    changed = await self._commit_rows(conn, batch, target, rows, text_copy,
+                                                      kept, dropped)
                 break
             except self._pg.errors.CardinalityViolation:
                 # ON CONFLICT cannot touch a row twice: keep each key's last row, once
@@ -720,7 +722,7 @@ class PostgresBackend(Backend):
         if not text_copy:
             self._text_fallbacks.pop(copy_key, None)  # binary worked: count again from 0
         self._written.setdefault(target.qualified, target)
-        return BatchResult(batch.row_count)
+        return BatchResult(batch.row_count, changed=changed)
 
     async def _key_exists(self, target: Target, columns: Sequence[str],
                           key_pos: Sequence[int], row: tuple[Any, ...]) -> bool:

@@ -27,10 +27,12 @@ from batchdb.backend import (
     note_retries,
     with_location,
 )
-from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
+from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
 
+from .coordination import PriorityClaims, describe, open_claims
+from .connections import check_factory_connection, check_file_database
 from .writer import WriterThread
 
 __all__ = ["SQLiteBackend"]
@@ -47,6 +49,22 @@ _RESOURCE = ("disk is full", "database or disk is full", "readonly", "read-only"
 # instead of once per row (which stalled the event loop behind the writer thread)
 _MULTI_ROW = frozenset({OperationType.INSERT, OperationType.UPSERT})
 _CHUNK_ROWS = 1024  # most rows per multi-row statement (fewer if the table is wide)
+# Waiting for the write lock: SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25, 25,
+# 25, 50, 50, then 100 ms at a time, so a writer often slept long after the lock was free
+# and another process's writer took it again. The writer's connection has busy_timeout 0
+# and retries on its own after these sleeps (then every _LOCK_RETRY_MAX s), up to
+# busy_timeout_ms in all.
+_LOCK_RETRY_SLEEPS = (0.0001, 0.0002, 0.0005)
+_LOCK_RETRY_MAX = 0.001
+_LOCK_RETRY_SLOW = 0.005  # after a second of waiting (another program holds the lock long)
+# A batch yields to a higher-priority writer of another process (or of another manager of
+# this process) waiting for the write lock for at most this long, then goes anyway: a stuck
+# or never-ending higher-priority writer slows a lower one, never stops it.
+_YIELD_SECONDS = 0.025
+# Restarting the WAL (see _after_commit): a batch below CRITICAL waits at most this long for
+# the checkpoint that lets the next transaction restart it.
+_RESET_WAIT_SECONDS = 0.25
+_RESET_INLINE_FRAMES = 64  # frames the writer copies itself to complete that checkpoint
 
 
 class SQLiteBackend(Backend):
@@ -69,9 +87,12 @@ class SQLiteBackend(Backend):
         self._readers: asyncio.Queue[aiosqlite.Connection] | None = None
         self._reader_count = 0
         self._all_readers: list[aiosqlite.Connection] = []
+        self._reader_conns: list[sqlite3.Connection] = []  # what the readers were given
         self._sql_cache: dict[tuple[str, OperationType, tuple[str, ...], int], str] = {}
         self._max_variables = 32766  # SQLITE_LIMIT_VARIABLE_NUMBER, read at open()
         self._checkpointer: _Checkpointer | None = None
+        self._claims: PriorityClaims | None = None
+        self._reset_pass: int | None = None  # checkpoint pass the WAL restart waits for
         self.path: str | None = None
 
     @property
@@ -89,6 +110,8 @@ class SQLiteBackend(Backend):
             if not isinstance(conn, sqlite3.Connection):
                 raise BatchDBError("the connection factory must return a sqlite3.Connection, "
                                    f"got {type(conn).__name__}")
+            check_factory_connection(conn, ())
+            check_file_database(conn, "of the connection factory")
         else:
             path = Path(self.settings.path)
             if not path.parent.exists():
@@ -99,9 +122,15 @@ class SQLiteBackend(Backend):
                 conn = sqlite3.connect(path, check_same_thread=False)
             except sqlite3.Error as exc:
                 raise BatchDBError(f"SQLite database {path}: cannot open: {exc}") from exc
+            try:
+                check_file_database(conn, str(path))
+            except BatchDBError:
+                conn.close()
+                raise
         conn.isolation_level = None  # explicit BEGIN IMMEDIATE / COMMIT
         self._tune(conn)
         self._max_variables = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        conn.execute("PRAGMA busy_timeout = 0")  # batches wait for the lock on their own
         return conn
 
     def _tune(self, conn: sqlite3.Connection) -> None:
@@ -122,15 +151,27 @@ class SQLiteBackend(Backend):
                                f"was refused (the file reports {mode})")
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` in the writer thread, in order with the batches."""
+        """Run ``fn`` in the writer thread, in order with the batches, with SQLite's busy
+        handler waiting up to ``busy_timeout_ms`` for locks (batches wait on their own)."""
         if self._writer is None:
             raise BatchDBError("the SQLite backend is not open")
-        return await asyncio.wrap_future(self._writer.submit(fn, *args))
+        return await asyncio.wrap_future(self._writer.submit(self._patiently, fn, *args))
+
+    def _patiently(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn
+        if conn is None:
+            return fn(*args)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+        try:
+            return fn(*args)
+        finally:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # fn closed it
+                conn.execute("PRAGMA busy_timeout = 0")
 
     async def open(self) -> None:
         if self._writer is not None:
             return
-        self._writer = WriterThread("batchdb-sqlite-writer")
+        self._writer = WriterThread("batchdb-sqlite-writer", self._gate)
         try:
             self._conn = await self._call(self._connect)
             self.path = await self._call(self._main_file)
@@ -139,11 +180,21 @@ class SQLiteBackend(Backend):
                 self._checkpointer = _Checkpointer(
                     self.path or "", self.settings.background_checkpoint_seconds,
                     self.settings.busy_timeout_ms)
+            if self.path and os.path.exists(self.path):
+                self._claims = open_claims(self.path)
         except BaseException:
             self._writer.shutdown()
             self._writer = None
             raise
         self._readers = asyncio.Queue()
+        if self.connection_factory is not None:
+            # a factory handing out one connection for all fails now, not at the first read
+            try:
+                async with self._reader():
+                    pass
+            except BaseException:
+                await self.close()
+                raise
 
     def _checkpoint_in_background(self) -> bool:
         return bool(self.settings.background_checkpoint_seconds > 0
@@ -167,6 +218,7 @@ class SQLiteBackend(Backend):
             with contextlib.suppress(Exception):
                 await reader.close()
         self._all_readers.clear()
+        self._reader_conns.clear()
         self._readers = None
         self._reader_count = 0
         if self._writer is not None:
@@ -175,6 +227,9 @@ class SQLiteBackend(Backend):
                 self._conn = None
             await asyncio.get_running_loop().run_in_executor(None, self._writer.shutdown)
             self._writer = None
+        if self._claims is not None:
+            self._claims.close()
+            self._claims = None
 
     @contextlib.asynccontextmanager
     async def _reader(self) -> Any:
@@ -205,6 +260,9 @@ class SQLiteBackend(Backend):
     ) -> Callable[[], sqlite3.Connection]:
         def connect() -> sqlite3.Connection:
             conn = factory()
+            if self.connection_factory is not None:
+                check_factory_connection(conn, (self._conn, *self._reader_conns))
+            self._reader_conns.append(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
             conn.execute(f"PRAGMA mmap_size = {int(self.settings.mmap_size)}")
             return conn
@@ -314,22 +372,24 @@ class SQLiteBackend(Backend):
             n -= sizes[-1]
         return sizes
 
-    def _commit_batch(self, batch: Batch) -> None:
+    def _commit_batch(self, batch: Batch) -> BatchResult:
         """The batch in one transaction, rows in order (as by executemany); a single
         statement is a transaction by itself (autocommit spares BEGIN and COMMIT, two
-        more hand-overs of the GIL)."""
+        more hand-overs of the GIL). UPDATE/DELETE report the rows their keys matched."""
         conn = self._conn
         assert conn is not None
         table, op, columns = batch.table, batch.operation_type, batch.columns
         sizes = self._statement_sizes(batch)
         if sizes is None:
             with self._transaction():
-                conn.executemany(self._sql(table, op, columns), batch.rows)
-            return
+                matched = conn.executemany(self._sql(table, op, columns), batch.rows).rowcount
+                if len(batch.operations) > 1 and matched != batch.row_count:
+                    raise _Recount  # some key matched nothing: which operation's?
+            return BatchResult(batch.row_count, changed=matched)
         values = batch.flat_values()
         if len(sizes) == 1:
-            conn.execute(self._sql(table, op, columns, sizes[0]), values)
-            return
+            matched = conn.execute(self._sql(table, op, columns, sizes[0]), values).rowcount
+            return BatchResult(batch.row_count, changed=matched)
         width = len(columns)
         with self._transaction():
             i = 0
@@ -337,6 +397,7 @@ class SQLiteBackend(Backend):
                 conn.execute(self._sql(table, op, columns, size),
                              values[i * width:(i + size) * width])
                 i += size
+        return BatchResult(batch.row_count)
 
     def _write(self, batch: Batch) -> BatchResult:
         """Runs in the writer thread: the batch in one transaction, retried while the
@@ -352,15 +413,14 @@ class SQLiteBackend(Backend):
             batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
         while True:
             try:
-                if isolate:
-                    result = self._write_isolated(batch)
-                else:
-                    self._commit_batch(batch)
-                    result = BatchResult(batch.row_count)
+                result = self._write_isolated(batch) if isolate else self._commit_batch(batch)
                 result.retries = attempt
                 if self._checkpointer is not None:
                     self._after_commit(self._checkpointer)
                 return result
+            except _Recount:
+                isolate = True  # again operation by operation, each counting its own rows
+                continue
             except Exception as exc:
                 kind = self.classify_error(exc)
                 if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
@@ -394,12 +454,13 @@ class SQLiteBackend(Backend):
         assert conn is not None
         sql = self._sql(batch.table, batch.operation_type, batch.columns)
         errors: dict[int, BaseException] = {}
+        affected = [0] * len(batch.operations)
         rows = 0
         with self._transaction():
             for i, op in enumerate(batch.operations):
                 conn.execute("SAVEPOINT batchdb_op")
                 try:
-                    conn.executemany(sql, op.tuples())
+                    affected[i] = conn.executemany(sql, op.tuples()).rowcount
                 except Exception as exc:
                     if self.classify_error(exc) is not ErrorKind.DATA:
                         raise
@@ -408,7 +469,8 @@ class SQLiteBackend(Backend):
                 else:
                     rows += op.n_rows
                 conn.execute("RELEASE batchdb_op")
-        return BatchResult(rows, errors)
+        keyed = batch.operation_type in (OperationType.UPDATE, OperationType.DELETE)
+        return BatchResult(rows, errors, affected=affected if keyed else None)
 
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         if self._writer is None:
@@ -495,6 +557,11 @@ class SQLiteBackend(Backend):
 
     async def status(self) -> dict[str, Any]:
         return await self._call(self._status)
+
+
+class _Recount(Exception):  # a signal inside the writer, never raised to a caller
+    """An UPDATE/DELETE batch of several operations matched fewer rows than it has: it is
+    rolled back and written again operation by operation, so each gets its own count."""
 
 
 def _check_writable(path: Path, journal_mode: str) -> None:

@@ -153,7 +153,7 @@ async def test_locked_database_waits_retries_then_commits_critical_first(
     assert await m.fetch("SELECT COUNT(*) FROM log") == [(1,)]
     status = await m.get_queue_status()
     assert status["stats"]["failed_operations"] == 0
-    assert not any(m.scheduler.get(op_id).is_processed for op_id in low + crit)  # type: ignore[union-attr]
+    assert all(m.scheduler.get(op_id).state == "queued" for op_id in low + crit)  # type: ignore[union-attr]
     while time.monotonic() - lock.since < 2.5:
         await asyncio.sleep(0.05)
     lock.release()
@@ -234,7 +234,7 @@ async def test_cancelled_stop_fails_queued_operations_clearly(
     release.cancel()
     committed = {k for (k,) in rows_of(db_path, "SELECT k FROM kv")}
     for i, op in enumerate(records):
-        assert op is not None and op.is_processed, f"operation {i} neither committed nor failed"
+        assert op is not None and op.state in ("committed", "failed"), f"operation {i} neither committed nor failed"
         if op.error is None:
             assert i in committed
         else:
