@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self, overload
 
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from .backend import Backend, Batch
 from .models import (
@@ -38,12 +39,19 @@ from .models import (
 from .pluginmanager import (
     BackendRegistry,
     PluginManager,
+    UnknownBackend,
     await_me_maybe,
     create_plugin_manager,
 )
 from .scheduler import Scheduler
 from .schema import TableInfo, candles_table, check_identifier, filled_columns
-from .settings import BatchConfig, Settings, load_settings
+from .settings import (
+    BatchConfig,
+    Settings,
+    SettingsError,
+    describe_section_error,
+    load_settings,
+)
 
 __all__ = ["BatchDBManager"]
 
@@ -146,7 +154,9 @@ class BatchDBManager:
         plugins: Iterable[object] = (),
         tables: Iterable[sa.Table] = (),
     ) -> None:
-        self.settings = settings if settings is not None else Settings()
+        # the same sources whatever the constructor: ./settings.toml (or $BATCHDB_SETTINGS),
+        # then BATCHDB_* variables, then arguments
+        self.settings = settings if settings is not None else load_settings()
         if db_connection_factory is not None:
             if backend not in (None, "sqlite"):
                 raise ValueError("a connection factory selects the sqlite backend")
@@ -158,10 +168,18 @@ class BatchDBManager:
             self.settings.plugins.disabled, plugins
         )
         self.registry = BackendRegistry(self.pm)
-        backend_cls = self.registry.get(self.backend_name)
+        try:
+            backend_cls = self.registry.get(self.backend_name)
+        except UnknownBackend as exc:
+            where = "argument backend" if backend else self.settings.where("backend")
+            raise SettingsError(f"{where}: {exc}") from None
         section = self.settings.backend_section(self.backend_name)
         if not isinstance(section, backend_cls.settings_model):
-            section = backend_cls.settings_model.model_validate(section)
+            try:
+                section = backend_cls.settings_model.model_validate(section)
+            except ValidationError as exc:
+                raise SettingsError(describe_section_error(
+                    exc, self.backend_name, self.settings.where(self.backend_name))) from None
         self.backend: Backend = backend_cls(section, connection_factory=db_connection_factory)
         self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
         self._tables: dict[str, TableInfo] = {}

@@ -14,7 +14,8 @@ from . import hookspecs
 from .backend import Backend
 from .models import BatchDBError
 
-__all__ = ["BackendRegistry", "await_me_maybe", "create_plugin_manager", "plugin_info"]
+__all__ = ["BackendRegistry", "UnknownBackend", "await_me_maybe", "create_plugin_manager",
+           "plugin_info"]
 
 log = logging.getLogger("batchdb.plugins")
 
@@ -24,6 +25,10 @@ async def await_me_maybe(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+class UnknownBackend(BatchDBError, LookupError):
+    """No installed plugin registers a backend of that name (a settings mistake)."""
 
 
 class PluginManager(pluggy.PluginManager):
@@ -96,7 +101,7 @@ class BackendRegistry:
             if name in {"duckdb", "postgres"}:
                 hint = f" (install it with: pip install 'batchdb[{name}]')"
             known = ", ".join(self.names()) or "none"
-            raise BatchDBError(
+            raise UnknownBackend(
                 f"no backend named {name!r} is installed{hint}; installed backends: {known}"
             ) from None
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -30,6 +34,7 @@ __all__ = [
     "SQLiteSettings",
     "Settings",
     "SettingsError",
+    "describe_section_error",
     "explain_settings",
     "load_settings",
     "redact_dsn",
@@ -46,6 +51,19 @@ class SettingsError(BatchDBError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _upper(value: Any) -> Any:
+    """A text value in upper case: SQLite and logging take their keywords in any case."""
+    return value.strip().upper() if isinstance(value, str) else value
+
+
+def _database_path(value: Any) -> Any:
+    """A database file's path: an empty one would open a file named after the current
+    directory (SQLite) or a database in memory that vanishes (DuckDB)."""
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must name a database file (':memory:' for a database in memory)")
+    return value
 
 
 class BatchConfig(_Section):
@@ -68,6 +86,11 @@ class BatchConfig(_Section):
     backpressure: Literal["wait", "raise"] = Field(
         "wait", description="when over budget: producers await room, or get QueueFull"
     )
+
+    @field_validator("backpressure", mode="before")
+    @classmethod
+    def _backpressure_any_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
     backpressure_timeout_seconds: float | None = Field(
         None, gt=0, description="with backpressure=wait: raise QueueFull after this long"
     )
@@ -123,6 +146,16 @@ class SQLiteSettings(_Section):
         "auto-checkpoint in the writer",
     )
 
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, value: Any) -> Any:
+        return _database_path(value)
+
+    @field_validator("journal_mode", "synchronous", mode="before")
+    @classmethod
+    def _pragma_any_case(cls, value: Any) -> Any:
+        return _upper(value)  # SQLite takes "wal" and "normal" as well
+
 
 class DuckDBSettings(_Section):
     """The analytical alternative: one DuckDB file."""
@@ -133,6 +166,11 @@ class DuckDBSettings(_Section):
     )
     threads: int | None = Field(None, ge=1)
     memory_limit: str | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, value: Any) -> Any:
+        return _database_path(value)
 
 
 class PostgresSettings(_Section):
@@ -151,7 +189,10 @@ class PluginsConfig(_Section):
     disabled: list[str] = Field(default_factory=list)
 
 
-_toml_path: ContextVar[Path | None] = ContextVar("batchdb_toml_path", default=None)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_DEFAULT_FILE = object()  # no path given: $BATCHDB_SETTINGS or ./settings.toml, if any
+_toml_path: ContextVar[Path | object | None] = ContextVar("batchdb_toml_path",
+                                                          default=_DEFAULT_FILE)
 
 
 class Settings(BaseSettings):
@@ -165,13 +206,31 @@ class Settings(BaseSettings):
     )
 
     backend: str = Field("sqlite", description="backend plugin name")
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     batch: BatchConfig = Field(default_factory=BatchConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
     sqlite: SQLiteSettings = Field(default_factory=SQLiteSettings)
     duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
+    # where the values came from (set by load_settings), for messages naming the source
+    _file: Path | object | None = PrivateAttr(default=_DEFAULT_FILE)
+    _arguments: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_named(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a backend plugin, e.g. sqlite, duckdb or postgres")
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_known(cls, value: Any) -> Any:
+        level = _upper(value)
+        if isinstance(level, str) and level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
+        return level
 
     @classmethod
     def settings_customise_sources(
@@ -184,9 +243,53 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _toml_path.get()
-        if path is not None:
+        if path is _DEFAULT_FILE:  # Settings() built directly: the same file load_settings reads
+            path = resolve_settings_path(None)
+            if path is not None:
+                check_settings_file(path)
+        if isinstance(path, Path):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @property
+    def file(self) -> Path | None:
+        """The settings file these settings were read from, if any."""
+        if self._file is _DEFAULT_FILE:
+            try:
+                self._file = resolve_settings_path(None)
+            except SettingsError:
+                self._file = None
+        return self._file if isinstance(self._file, Path) else None
+
+    def origin(self, key: str) -> str:
+        """Where the value of ``key`` (dotted: ``sqlite.path``) came from: ``argument``,
+        ``env BATCHDB_…`` (the variable that holds it), ``settings file …`` or
+        ``default``."""
+        parts = key.split(".")
+        if _holds(self._arguments, parts):
+            return "argument"
+        variable = env_variable(parts)
+        if variable is not None:
+            return f"env {variable}"
+        path = self.file
+        if path is not None:
+            with contextlib.suppress(SettingsError):
+                if _holds(_read_toml(path), parts):
+                    return f"settings file {path}"
+        return "default"
+
+    def where(self, key: str) -> str:
+        """``key`` and where its value came from, to begin a message: ``settings file
+        settings.toml: backend``, ``BATCHDB_BACKEND``, ``argument backend`` or
+        ``backend (default)``."""
+        origin = self.origin(key)
+        if origin.startswith("env "):
+            variable = origin.removeprefix("env ")
+            return variable if variable.upper().endswith(key.replace(".", "__").upper()) \
+                else f"{variable} ({key})"
+        if origin == "default":
+            return f"{key} (default)"
+        return f"{origin}: {key}" if origin != "argument" else f"argument {key}"
 
     def backend_section(self, name: str | None = None) -> Any:
         """The settings section of a backend (a model for built-ins, a dict for others)."""
@@ -227,6 +330,61 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise SettingsError(f"settings file {path}: cannot be read: {exc.strerror}") from exc
 
 
+def plugin_names() -> list[str]:
+    """Names of the installed plugins (entry-point group ``batchdb``): each may have a
+    settings section of its own."""
+    return sorted({ep.name for ep in entry_points(group="batchdb")})
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_keys(data: Mapping[str, Any], allow_plugin_tables: bool) -> list[str]:
+    """Messages for the top-level keys of ``data`` that are no setting: a table may be the
+    section of an installed plugin (or, for arguments, of a plugin given in code)."""
+    fields = list(Settings.model_fields)
+    plugins = plugin_names()
+    problems = []
+    for key, value in data.items():
+        if key in Settings.model_fields:
+            continue
+        if isinstance(value, Mapping) and (allow_plugin_tables or key in plugins):
+            continue
+        what = f"unknown section [{key}]" if isinstance(value, Mapping) else (
+            f"unknown setting {key!r}")
+        problems.append(what + _did_you_mean(key, fields + plugins))
+    if problems:
+        sections = [f"[{p}]" for p in plugins if p not in Settings.model_fields]
+        problems[-1] += (f". The settings are {', '.join(fields)}"
+                         + (f"; installed plugins may have a section: {', '.join(sections)}"
+                            if sections else ""))
+    return problems
+
+
+def check_settings_file(path: Path) -> dict[str, Any]:
+    """The TOML of a settings file, after checking that it is TOML and that every top-level
+    key is a setting or the section of an installed plugin (a SettingsError naming the file
+    and the key otherwise)."""
+    data = _read_toml(path)
+    problems = _unknown_keys(data, allow_plugin_tables=False)
+    if problems:
+        raise SettingsError(f"settings file {path}: " + "; ".join(problems))
+    return data
+
+
+def _field_names(loc: tuple[int | str, ...]) -> list[str]:
+    """The setting names where ``loc`` points (for a did-you-mean on an unknown key)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        info: FieldInfo | None = getattr(model, "model_fields", {}).get(part)
+        model = info.annotation if info is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
 def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     where = f"settings file {path}" if path else "settings (no settings file)"
     parts = []
@@ -234,8 +392,25 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
         key = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{key}: {err['msg']}{shown}")
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            message = "unknown setting" + _did_you_mean(str(err["loc"][-1]),
+                                                        _field_names(err["loc"]))
+        parts.append(f"{key}: {message}{shown}")
     return f"{where}: " + "; ".join(parts) + " (values may also come from BATCHDB_* variables)"
+
+
+def describe_section_error(exc: ValidationError, section: str, where: str) -> str:
+    """A plugin's own settings section that its model refuses: one message naming the
+    section's keys and where the section came from."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join([section, *(str(p) for p in err["loc"])])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{key}: {message}{shown}")
+    return f"{where}: " + "; ".join(parts)
 
 
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
@@ -246,14 +421,42 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     """
     toml_path = resolve_settings_path(path)
     if toml_path is not None:
-        _read_toml(toml_path)  # a clear error for a broken file before pydantic sees it
+        check_settings_file(toml_path)  # a clear error for a broken file before pydantic
+    problems = _unknown_keys(overrides, allow_plugin_tables=True)
+    if problems:
+        raise SettingsError("settings arguments: " + "; ".join(problems))
     token = _toml_path.set(toml_path)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        settings._file = toml_path
+        settings._arguments = dict(overrides)
+        return settings
     except ValidationError as exc:
         raise SettingsError(_describe_validation_error(exc, toml_path)) from None
     finally:
         _toml_path.reset(token)
+
+
+def _holds(data: Mapping[str, Any], parts: list[str]) -> bool:
+    """Whether nested ``data`` has a value at ``parts`` (or a scalar above it)."""
+    for part in parts:
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def env_variable(parts: list[str]) -> str | None:
+    """The ``BATCHDB_*`` variable that sets the setting at ``parts``: its own
+    (``BATCHDB_BATCH__INSERT_BATCH_SIZE``) or the one holding its whole section as JSON
+    (``BATCHDB_BATCH``); None if neither is set. Names match in any case, as
+    pydantic-settings reads them."""
+    present = {name.upper(): name for name in os.environ}
+    for depth in range(len(parts), 0, -1):
+        name = present.get("BATCHDB_" + "__".join(parts[:depth]).upper())
+        if name is not None:
+            return name
+    return None
 
 
 def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -277,9 +480,12 @@ def explain_settings(
     rows = []
     dumped = settings.model_dump(mode="json")
     for key, value in _leaves(dumped):
+        variable = env_variable(key.split(".")) if key in env_keys else None
         if key in arg_keys:
             source = "argument"
-        elif key in env_keys:
+        elif variable is not None:
+            source = f"env {variable}"
+        elif key in env_keys:  # (a variable pydantic-settings read by a name not found)
             source = "env BATCHDB_" + key.upper().replace(".", "__")
         elif key in file_keys:
             source = f"file {toml_path}"

@@ -77,7 +77,8 @@ def test_settings_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monk
         ("[batch\ninsert_batch_size = 1", "not valid TOML"),
         ("[batch]\ninsert_batch_size = 0", r"batch\.insert_batch_size: Input should be greater"),
         ('[batch]\ninsert_batch_size = "many"', r"batch\.insert_batch_size: .*integer"),
-        ("[batch]\nbatch_size = 10", r"batch\.batch_size: Extra inputs are not permitted"),
+        ("[batch]\nbatch_size = 10",
+         r"batch\.batch_size: unknown setting \(did you mean '(insert|update)_batch_size'\?\)"),
         ('[batch]\nbackpressure = "drop"', r"batch\.backpressure: Input should be 'wait' or"),
         ('[batch.linger_seconds]\nURGENT = 1', r"priority must be one of"),
         ('[sqlite]\nsynchronous = "SOMETIMES"', r"sqlite\.synchronous"),
@@ -121,3 +122,119 @@ def test_manager_from_settings_applies_overrides(tmp_path: Path) -> None:
     assert m.config.insert_batch_size == 77
     assert m.backend_name == "sqlite"
     assert m.backend.settings.path == str(tmp_path / "a.db")  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- issue #11
+@pytest.mark.parametrize(("text", "message"), [
+    ('bakend = "duckdb"\n', r"unknown setting 'bakend' \(did you mean 'backend'\?\)"),
+    ('[sqllite]\npath = "x.db"\n', r"unknown section \[sqllite\] \(did you mean 'sqlite'\?\)"),
+    ("[mysection]\nx = 1\n", r"unknown section \[mysection\]\. The settings are backend"),
+    ('log_level = "LOUD"\n', r"log_level: must be one of DEBUG, INFO, WARNING, ERROR, "
+                             r"CRITICAL \(in any case\) \(got 'LOUD'\)"),
+    ('[sqlite]\npath = ""\n', r"sqlite\.path: must name a database file.*\(got ''\)"),
+    ('[duckdb]\npath = " "\n', r"duckdb\.path: must name a database file"),
+    ('backend = ""\n', r"backend: must name a backend plugin"),
+])
+def test_misspelt_and_invalid_settings_are_errors_naming_the_file(
+        tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text(text)
+    for load in (lambda: load_settings(), lambda: load_settings(path)):
+        with pytest.raises(SettingsError, match=message) as err:
+            load()
+        assert str(err.value).startswith("settings file settings.toml: ") or str(
+            err.value).startswith(f"settings file {path}: ")
+
+
+def test_sections_of_installed_plugins_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text('[upbit]\nanything = 1\n')  # the upbit plugin's entry point
+    assert load_settings(path).model_extra == {"upbit": {"anything": 1}}
+
+
+def test_misspelt_argument_is_an_error_but_a_plugin_section_in_code_is_not() -> None:
+    with pytest.raises(SettingsError, match=r"settings arguments: unknown setting 'bakend' "
+                                            r"\(did you mean 'backend'\?\)"):
+        load_settings(bakend="duckdb")
+    assert load_settings(tracing={"path": "x"}).backend_section("tracing") == {"path": "x"}
+
+
+def test_log_level_and_sqlite_keywords_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('log_level = "debug"\n[sqlite]\njournal_mode = "wal"\n'
+                    'synchronous = "normal"\n[batch]\nbackpressure = "Raise"\n')
+    s = load_settings(path)
+    assert (s.log_level, s.sqlite.journal_mode, s.sqlite.synchronous, s.batch.backpressure) == (
+        "DEBUG", "WAL", "NORMAL", "raise")
+
+
+async def test_lowercase_journal_mode_opens_a_wal_database(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text(f'[sqlite]\npath = "{tmp_path / "x.sqlite3"}"\njournal_mode = "wal"\n'
+                    'synchronous = "normal"\n[maintenance]\nenabled = false\n')
+    manager = BatchDBManager.from_settings()
+    async with manager:
+        assert (await manager.fetch("PRAGMA journal_mode")) == [("wal",)]
+        assert manager.backend.settings.synchronous == "NORMAL"  # type: ignore[attr-defined]
+
+
+def test_every_constructor_reads_the_file_then_env_then_arguments(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sqlite3
+
+    from batchdb import Settings
+
+    (tmp_path / "settings.toml").write_text(
+        "[batch]\ninsert_batch_size = 2000\nupdate_batch_size = 50\nmax_retries = 5\n")
+    monkeypatch.setenv("BATCHDB_BATCH__UPDATE_BATCH_SIZE", "60")
+
+    def factory() -> sqlite3.Connection:
+        return sqlite3.connect(tmp_path / "seed.sqlite3")
+
+    seed_form = BatchDBManager(factory)
+    from_settings = BatchDBManager.from_settings(batch={"max_retries": 1})
+    for config in (seed_form.config, from_settings.config, Settings().batch,
+                   load_settings().batch):
+        assert (config.insert_batch_size, config.update_batch_size) == (2000, 60)
+    assert seed_form.config.max_retries == 5 and from_settings.config.max_retries == 1
+    assert seed_form.backend_name == "sqlite"
+
+
+def test_the_seed_form_reports_a_broken_settings_file(tmp_path: Path) -> None:
+    import sqlite3
+
+    (tmp_path / "settings.toml").write_text("bakend = 'duckdb'\n")
+    with pytest.raises(SettingsError, match="settings file settings.toml: unknown setting"):
+        BatchDBManager(lambda: sqlite3.connect(tmp_path / "x.db"))
+
+
+def test_config_names_the_variable_that_holds_a_whole_section(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHDB_BATCH", '{"insert_batch_size": 77, "max_retries": 2}')
+    sources = {k: src for k, _, src in explain_settings()}
+    assert sources["batch.insert_batch_size"] == "env BATCHDB_BATCH"
+    assert sources["batch.max_retries"] == "env BATCHDB_BATCH"
+    assert sources["batch.update_batch_size"] == "default"
+    monkeypatch.setenv("BATCHDB_BATCH__MAX_RETRIES", "3")
+    sources = {k: src for k, _, src in explain_settings()}
+    assert sources["batch.max_retries"] == "env BATCHDB_BATCH__MAX_RETRIES"
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("file", "settings file settings.toml: backend: no backend named 'mysql' is installed"),
+    ("env", "BATCHDB_BACKEND: no backend named 'mysql' is installed"),
+    ("argument", "argument backend: no backend named 'mysql' is installed"),
+])
+def test_unknown_backend_is_a_settings_error_naming_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, message: str) -> None:
+    overrides = {}
+    if source == "file":
+        (tmp_path / "settings.toml").write_text('backend = "mysql"\n')
+    elif source == "env":
+        monkeypatch.setenv("BATCHDB_BACKEND", "mysql")
+    else:
+        overrides["backend"] = "mysql"
+    with pytest.raises(SettingsError) as err:
+        BatchDBManager.from_settings(None, **overrides)
+    assert str(err.value).startswith(message)
+    assert "installed backends: duckdb, postgres, sqlite" in str(err.value)
