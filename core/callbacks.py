@@ -115,9 +115,8 @@ class _Worker:
                 if not queue and not runner._closed:
                     ready.wait()
                 continue
-            with lock:
-                self.current = op
-                self.started = _monotonic()
+            self.started = _monotonic()  # before current: the watchdog reads them the other way
+            self.current = op
             callback = op.callback
             assert callback is not None
             try:
@@ -162,7 +161,7 @@ class CallbackRunner:
         self._worker: _Worker | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._want_progress = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # counters kept on the event loop; the workers count their own
         self.queued = 0  # operations handed over, plain and coroutine
@@ -218,15 +217,30 @@ class CallbackRunner:
             self._watchdog = self._loop.call_later(self._watch_every(), self._watch)
 
     def _run_coroutines(self, ops: list[BatchOperation]) -> None:
+        ended = 0
+        nbytes = 0
         for op in ops:
-            callback = op.callback
-            assert callback is not None
             try:
-                coro = callback(op)
+                coro = op.callback(op)  # type: ignore[misc]
             except (Exception, asyncio.CancelledError) as exc:
                 self._ended_on_loop(op, exc, notify=False)
                 continue
-            self._adopt(op, coro, notify=False)
+            if type(coro) is not types.CoroutineType:  # an awaitable of another kind
+                self._adopt(op, coro, notify=False)
+                continue
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration:  # done without suspending: no task
+                op.data_rows = ()
+                ended += 1
+                nbytes += op.nbytes
+                continue
+            except (Exception, asyncio.CancelledError) as exc:
+                self._ended_on_loop(op, exc, notify=False)
+                continue
+            self._start_task(op, coro, waiting_on)
+        self._loop_done += ended
+        self._loop_done_bytes += nbytes
         self._progress()
 
     def _adopt(self, op: BatchOperation, awaitable: Any, notify: bool = True) -> None:
@@ -242,12 +256,20 @@ class CallbackRunner:
             except (Exception, asyncio.CancelledError) as exc:
                 self._ended_on_loop(op, exc, notify)
                 return
-            task = self._loop.create_task(_resume(awaitable, waiting_on))
+            self._start_task(op, awaitable, waiting_on)
+            return
+        self._watch_task(op, task)
+
+    def _start_task(self, op: BatchOperation, coro: Coroutine[Any, Any, Any],
+                    waiting_on: Any) -> None:
+        self._watch_task(op, self._loop.create_task(_resume(coro, waiting_on)))
+
+    def _watch_task(self, op: BatchOperation, task: asyncio.Future[Any]) -> None:
         timer = self._loop.call_later(self.timeout, self._cancel_late, task, op)
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._task_done, op, timer))
 
-    def _cancel_late(self, task: asyncio.Task[Any], op: BatchOperation) -> None:
+    def _cancel_late(self, task: asyncio.Future[Any], op: BatchOperation) -> None:
         if not task.done():
             log.error("callback of operation %s timed out after %.1fs: cancelled",
                       op.operation_id, self.timeout)
@@ -255,7 +277,7 @@ class CallbackRunner:
             task.cancel()
 
     def _task_done(self, op: BatchOperation, timer: asyncio.TimerHandle,
-                   task: asyncio.Task[Any]) -> None:
+                   task: asyncio.Future[Any]) -> None:
         timer.cancel()
         self._tasks.discard(task)
         error = None if task.cancelled() else task.exception()
@@ -280,10 +302,11 @@ class CallbackRunner:
         """Abandon a worker stuck in one callback past the timeout; re-arm while pending."""
         self._watchdog = None
         worker = self._worker
-        if worker is not None and worker.current is not None:
-            with worker.lock:
-                op = worker.current
-                late = op is not None and _monotonic() - worker.started > self.timeout
+        op = worker.current if worker is not None else None
+        late = False
+        if worker is not None and op is not None and _monotonic() - worker.started > self.timeout:
+            with worker.lock:  # still inside that callback? then it is abandoned
+                late = worker.current is op
                 if late:
                     worker.abandoned = True
             if late:

@@ -817,6 +817,7 @@ class Scheduler:
         """Wake the waiters of finished operations, keep their records and hand their
         callbacks over, once per batch: the rows are released after the callback."""
         pending = self._pending
+        known = self._async_callables
         plain: list[BatchOperation] = []
         coroutines: list[BatchOperation] = []
         for op in ops:
@@ -827,10 +828,12 @@ class Scheduler:
             callback = op.callback
             if callback is None:
                 op.data_rows = ()  # release the rows: the history keeps only the record
-            elif self._is_async(callback):
-                coroutines.append(op)
             else:
-                plain.append(op)
+                try:
+                    is_coroutine = known[callback]
+                except (KeyError, TypeError):
+                    is_coroutine = self._is_async(callback)
+                (coroutines if is_coroutine else plain).append(op)
         self._history.add(ops)
         if (plain or coroutines) and self._callbacks is not None:
             self._callbacks.run(plain, coroutines)

@@ -1,0 +1,143 @@
+"""What users do every day, measured against the same workload without the extra:
+
+- ``callbacks``: one-row and 100-row INSERT operations with no callback, a plain callback and
+  an ``async def`` callback, the three variants interleaved round by round in one run
+  (targets: with a callback ≥ 0.8× without for one-row operations, ≥ 0.9× for 100-row ones);
+- ``priorities``: 100-row UPSERTs into one table at one priority, against the same
+  operations at rotating priorities CRITICAL, HIGH, NORMAL, LOW with distinct keys, and with
+  10% of them rewriting a key queued at another priority (targets: ≥ 0.8× and ≥ 0.5×).
+
+Each test's pytest-benchmark time is one round of all its variants; the per-variant medians,
+every round and the ratios are in ``extra_info`` and printed. ``--bench-rows`` sizes them:
+rows/10 one-row operations, rows/100 100-row operations (1M: 100,000 and 10,000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sqlite3
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchdb import BatchDBManager, BatchOperation, OperationType, Priority
+
+ROTATION = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+def _table(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL NOT NULL, s TEXT)")
+    conn.commit()
+    conn.close()
+
+
+async def _timed(path: Path, ops: list[list[dict[str, Any]]], op_type: OperationType,
+                 priority: Callable[[int], Priority],
+                 callback: Callable[[BatchOperation], Any] | None) -> float:
+    """Seconds from the first queue_operation to the end of flush() (callbacks included)."""
+    manager = BatchDBManager.from_settings(None, sqlite={"path": str(path)},
+                                           maintenance={"enabled": False})
+    async with manager:
+        gc.collect()
+        start = time.perf_counter()
+        for i, rows in enumerate(ops):
+            await manager.queue_operation("t", op_type, rows, priority(i), callback)
+        await manager.flush()
+        elapsed = time.perf_counter() - start
+        status = await manager.get_queue_status()
+    assert status["stats"]["failed_operations"] == 0
+    return elapsed
+
+
+def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
+                 variants: dict[str, Callable[[Path], float]], baseline: str) -> dict[str, Any]:
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counter = iter(range(10**9))
+
+    def one_round() -> None:
+        names = list(variants)
+        k = next(counter)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate who goes first
+            path = tmp_path / f"{name}-{k}.sqlite3"
+            _table(path)
+            times[name].append(variants[name](path))
+            path.unlink()
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    info = {
+        "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
+        "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
+        "ratio": {name: round(medians[baseline] / m, 3) for name, m in medians.items()},
+    }
+    benchmark.extra_info.update(info)
+    print()
+    for name in variants:
+        print(f"  {name:<28} {info['rows_per_s'][name]:>10,} rows/s  "
+              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
+    return info
+
+
+@pytest.mark.parametrize("rows_per_op", [1, 100])
+def test_callbacks(benchmark: Any, tmp_path: Path, bench_rows: int, bench_rounds: int,
+                   rows_per_op: int) -> None:
+    """One table, one priority; no callback vs a plain vs an async completion callback."""
+    n_ops = bench_rows // (10 if rows_per_op == 1 else rows_per_op)
+    ops = [[{"id": i * rows_per_op + j, "v": 1.5, "s": "x"} for j in range(rows_per_op)]
+           for i in range(n_ops)]
+    acks: list[str] = []
+
+    def plain(op: BatchOperation) -> None:
+        acks.append(op.operation_id)
+
+    async def coroutine(op: BatchOperation) -> None:
+        acks.append(op.operation_id)
+
+    def variant(callback: Callable[[BatchOperation], Any] | None) -> Callable[[Path], float]:
+        def run(path: Path) -> float:
+            acks.clear()
+            seconds = asyncio.run(_timed(path, ops, OperationType.INSERT,
+                                         lambda i: Priority.NORMAL, callback))
+            assert len(acks) == (0 if callback is None else n_ops)
+            return seconds
+        return run
+
+    info = _interleaved(benchmark, tmp_path, bench_rounds, n_ops * rows_per_op,
+                        {"no callback": variant(None), "plain callback": variant(plain),
+                         "async callback": variant(coroutine)}, "no callback")
+    assert min(info["rows_per_s"].values()) > 0
+
+
+def test_priorities(benchmark: Any, tmp_path: Path, bench_rows: int,
+                    bench_rounds: int) -> None:
+    """One table written at one priority vs at four rotating priorities (distinct keys), and
+    with every tenth operation rewriting the keys of one queued five operations earlier
+    (at another priority: 'the later submission wins' has work to do)."""
+    n_ops = max(bench_rows // 100, 40)
+    distinct = [[{"id": i * 100 + j, "v": 1.5, "s": "x"} for j in range(100)]
+                for i in range(n_ops)]
+    overlapping = [
+        [{"id": (i - 5) * 100 + j, "v": 2.5, "s": "y"} for j in range(100)]
+        if i % 10 == 9 else rows for i, rows in enumerate(distinct)]
+
+    def variant(ops: list[list[dict[str, Any]]],
+                priority: Callable[[int], Priority]) -> Callable[[Path], float]:
+        def run(path: Path) -> float:
+            return asyncio.run(_timed(path, ops, OperationType.UPSERT, priority, None))
+        return run
+
+    def rotating(i: int) -> Priority:
+        return ROTATION[i % 4]
+
+    info = _interleaved(benchmark, tmp_path, bench_rounds, n_ops * 100, {
+        "one priority": variant(distinct, lambda i: Priority.NORMAL),
+        "four priorities, distinct": variant(distinct, rotating),
+        "four priorities, 10% rewrite": variant(overlapping, rotating),
+    }, "one priority")
+    assert min(info["rows_per_s"].values()) > 0
