@@ -31,8 +31,8 @@ from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
 
-from .coordination import PriorityClaims, describe, open_claims
 from .connections import check_factory_connection, check_file_database
+from .coordination import PriorityClaims, describe, open_claims
 from .writer import WriterThread
 
 __all__ = ["SQLiteBackend"]
@@ -111,7 +111,7 @@ class SQLiteBackend(Backend):
                 raise BatchDBError("the connection factory must return a sqlite3.Connection, "
                                    f"got {type(conn).__name__}")
             check_factory_connection(conn, ())
-            check_file_database(conn, "of the connection factory")
+            check_file_database(conn, "the database the connection factory opened")
         else:
             path = Path(self.settings.path)
             if not path.parent.exists():
@@ -123,7 +123,7 @@ class SQLiteBackend(Backend):
             except sqlite3.Error as exc:
                 raise BatchDBError(f"SQLite database {path}: cannot open: {exc}") from exc
             try:
-                check_file_database(conn, str(path))
+                check_file_database(conn, f"{str(path)!r}")
             except BatchDBError:
                 conn.close()
                 raise
@@ -411,9 +411,12 @@ class SQLiteBackend(Backend):
         # parameters across rows)
         isolate_on_bad_data = len(batch.operations) > 1 or (
             batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
+        if self._reset_pass is not None:
+            self._finish_wal_reset()
         while True:
             try:
-                result = self._write_isolated(batch) if isolate else self._commit_batch(batch)
+                result = self._locked(self._write_isolated if isolate else self._commit_batch,
+                                      batch)
                 result.retries = attempt
                 if self._checkpointer is not None:
                     self._after_commit(self._checkpointer)
@@ -436,18 +439,79 @@ class SQLiteBackend(Backend):
                 note_retries(exc, attempt)  # the scheduler counts them
                 raise
 
+    def _locked(self, write: Callable[[Batch], T], batch: Batch) -> T:
+        """``write(batch)``, again after short sleeps while another connection holds the
+        write lock, up to ``busy_timeout_ms`` (the connection's own busy handler is off:
+        see _LOCK_RETRY_SLEEPS). Before each new attempt the batch yields to writers of a
+        higher priority waiting for the same lock (bounded), so that it does not take the
+        lock from under them when it is released."""
+        started: float | None = None
+        tries = 0
+        while True:
+            try:
+                return write(batch)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 5) & 0xFF != 5:  # not SQLITE_BUSY
+                    raise
+                now = time.monotonic()
+                if started is None:
+                    started = now
+                left = self.settings.busy_timeout_ms / 1000 - (now - started)
+                if left <= 0:
+                    raise
+                if tries < len(_LOCK_RETRY_SLEEPS):
+                    pause = _LOCK_RETRY_SLEEPS[tries]
+                else:
+                    pause = _LOCK_RETRY_MAX if now - started < 1.0 else _LOCK_RETRY_SLOW
+                tries += 1
+                time.sleep(min(pause, left))
+                claims = self._claims
+                if claims is not None and batch.priority < Priority.CRITICAL:
+                    until = time.monotonic() + _YIELD_SECONDS
+                    while claims.higher_waiting(batch.priority) and time.monotonic() < until:
+                        time.sleep(_LOCK_RETRY_MAX)
+
+    def _gate(self, priority: int, held: float) -> bool:
+        """The writer thread asks before it starts a batch: True holds it back a little
+        longer (see writer.py). A batch below CRITICAL waits for the checkpoint that lets
+        the WAL restart (_after_commit), and any batch waits while a writer of a higher
+        priority waits for the write lock elsewhere; each wait is bounded."""
+        if (self._reset_pass is not None and priority < Priority.CRITICAL
+                and held < _RESET_WAIT_SECONDS and self._checkpointer is not None
+                and not self._checkpointer.finished(self._reset_pass)):
+            return True
+        claims = self._claims
+        return bool(claims is not None and held < _YIELD_SECONDS
+                    and claims.higher_waiting(priority))
+
     def _after_commit(self, checkpointer: _Checkpointer) -> None:
-        """The background checkpointer copies the WAL beside the writer; once it reports a
-        long WAL, the writer finishes the job between two batches (only the last frames are
-        left, so it is quick) so that its next transaction restarts the WAL from the top.
-        Never while a CRITICAL operation waits, unless the WAL has grown far too long."""
-        checkpointer.wake()
-        frames = checkpointer.wal_frames
-        if frames >= _WAL_RESET_FRAMES and (not self.urgent() or frames >= 16 * _WAL_RESET_FRAMES):
-            assert self._conn is not None
-            with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                checkpointer.wal_frames = 0
+        """The background checkpointer copies the WAL beside the writer. Once it reports a
+        long WAL, the WAL should restart from the top, which the next transaction does only
+        if every frame has been copied back when it begins: the writer asks the
+        checkpointer for a pass at once, and batches below CRITICAL wait for it (the
+        writer's gate); a CRITICAL batch still goes, beside the checkpoint. (The writer used
+        to copy the rest itself, holding its thread for 10-20 ms in a bulk load: the tail of
+        CRITICAL writes queued behind the backlog.)"""
+        if self._reset_pass is None and checkpointer.wal_frames >= _WAL_RESET_FRAMES:
+            checkpointer.wal_frames = 0  # at most one restart per checkpoint pass
+            self._reset_pass = checkpointer.hurry()
+        else:
+            checkpointer.wake()
+
+    def _finish_wal_reset(self) -> None:
+        """The pass the WAL restart waited for is over (or the wait timed out). If it left
+        only a few frames (CRITICAL batches written beside it), copy them here so that the
+        next transaction restarts the WAL; more (a reader held them back, another process's
+        checkpoint was running): leave them, a later pass will do."""
+        checkpointer = self._checkpointer
+        target, self._reset_pass = self._reset_pass, None
+        if checkpointer is None or target is None or not checkpointer.finished(target):
+            return
+        if self.urgent() or checkpointer.left > _RESET_INLINE_FRAMES:
+            return
+        assert self._conn is not None
+        with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _write_isolated(self, batch: Batch) -> BatchResult:
         conn = self._conn
@@ -475,9 +539,23 @@ class SQLiteBackend(Backend):
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         if self._writer is None:
             raise BatchDBError("the SQLite backend is not open")
-        return asyncio.wrap_future(self._writer.submit(self._write, batch,
-                                                       table=batch.table.name,
-                                                       priority=batch.priority))
+        claims = self._claims
+        if claims is None:
+            return asyncio.wrap_future(self._writer.submit(self._write, batch,
+                                                           table=batch.table.name,
+                                                           priority=batch.priority))
+        # the other processes writing the file see this batch from now until it is done
+        # (committed, failed or cancelled)
+        priority = int(batch.priority)
+        claims.claim(priority)
+        try:
+            future = self._writer.submit(self._write, batch, table=batch.table.name,
+                                         priority=batch.priority)
+        except BaseException:
+            claims.release(priority)
+            raise
+        future.add_done_callback(lambda _: claims.release(priority))
+        return asyncio.wrap_future(future)
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         message = str(exc).lower()
@@ -553,7 +631,15 @@ class SQLiteBackend(Backend):
                                        if self._checkpointer else None),
             "background_checkpoint_error": (self._checkpointer.last_error
                                             if self._checkpointer else None),
+            "other_writers": self._other_writers(),
         }
+
+    def _other_writers(self) -> list[str] | None:
+        """The other processes writing this file, with the priorities they write at (None:
+        no coordination, see coordination.py)."""
+        if self._claims is None:
+            return None
+        return [describe(info, lambda p: Priority(p).name) for info in self._claims.others()]
 
     async def status(self) -> dict[str, Any]:
         return await self._call(self._status)
@@ -617,8 +703,12 @@ class _Checkpointer:
         self.busy_timeout_ms = busy_timeout_ms
         self.checkpoints = 0
         self.wal_frames = 0
+        self.left = 0  # frames the last pass could not copy back
         self.last_error: str | None = None
+        self._started = 0  # passes begun
+        self._finished = 0  # passes over (a pass is over before the next one begins)
         self._event = threading.Event()
+        self._hurry = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="batchdb-sqlite-checkpoint",
                                         daemon=True)
@@ -628,10 +718,23 @@ class _Checkpointer:
         """Writes were committed: a checkpoint is due within ``interval``."""
         self._event.set()
 
+    def hurry(self) -> int:
+        """A checkpoint is due now: return the number of the pass that will begin after
+        this call (see :meth:`finished`)."""
+        target = self._started + 1
+        self._hurry.set()
+        self._event.set()
+        return target
+
+    def finished(self, target: int) -> bool:
+        """True once pass number ``target`` is over."""
+        return self._finished >= target
+
     def stop(self) -> None:
         """Run a last checkpoint (at once: the wait between checkpoints ends) and end the
         thread."""
         self._stopping.set()
+        self._hurry.set()
         self._event.set()
         self._thread.join()
 
@@ -641,15 +744,21 @@ class _Checkpointer:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             while True:
                 self._event.wait()
-                # let writes accumulate (one copy for many), unless stopping
-                self._stopping.wait(self.interval)
+                # let writes accumulate (one copy for many), unless hurried or stopping
+                self._hurry.wait(self.interval)
+                self._hurry.clear()
                 self._event.clear()
+                self._started += 1
                 try:
-                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    busy, frames, done = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.wal_frames = frames
+                    self.left = frames - done if not busy and done >= 0 else frames
                     self.checkpoints += 1
                 except sqlite3.Error as exc:  # reported in status; the writer goes on
                     self.last_error = str(exc)
+                    self.left = self.wal_frames
+                self._finished = self._started
                 if self._stopping.is_set():
                     return
         finally:

@@ -6,11 +6,17 @@ wait behind the LOW backlog batch queued ahead of it, while the batches of one t
 commit in the order the scheduler handed them over (what "later submission wins" needs).
 Any other job (opening, describing or creating a table, maintenance, closing) is a barrier:
 it runs in its place, nothing passes it and it passes nothing.
+
+A *gate* may hold a batch back before it starts (the backend's: while a writer of a higher
+priority in another process waits for the file's write lock, or while a checkpoint that
+restarts the WAL finishes). The thread then waits in short steps, and picks again at each
+step, so a batch of a higher priority submitted meanwhile starts at once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -20,8 +26,16 @@ __all__ = ["WriterThread"]
 T = TypeVar("T")
 
 
+#: a batch held back by the gate is looked at again this often (seconds)
+GATE_POLL_SECONDS = 0.0005
+
+Gate = Callable[[int, float], bool]
+"""``gate(priority, seconds_held)``: True holds a batch of ``priority`` back a little longer
+(it has been held ``seconds_held`` so far); it must be quick and bound the hold itself."""
+
+
 class _Job:
-    __slots__ = ("args", "fn", "future", "priority", "table")
+    __slots__ = ("args", "fn", "future", "held_since", "priority", "table")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], table: str | None,
                  priority: int) -> None:
@@ -29,14 +43,16 @@ class _Job:
         self.args = args
         self.table = table  # None: a barrier
         self.priority = priority
+        self.held_since: float | None = None
         self.future: Future[Any] = Future()
 
 
 class WriterThread:
     """A single thread running submitted jobs (see the module's docstring for the order)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, gate: Gate | None = None) -> None:
         self._jobs: list[_Job] = []
+        self._gate = gate
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -69,22 +85,33 @@ class WriterThread:
 
     def _take(self) -> _Job | None:
         with self._cond:
-            while not self._jobs:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            jobs = self._jobs
-            best = 0
-            if jobs[0].table is not None:
-                passed: set[str] = {jobs[0].table}
-                for i in range(1, len(jobs)):
-                    job = jobs[i]
-                    if job.table is None:
-                        break  # a barrier: nothing behind it may run first
-                    if job.table not in passed and job.priority > jobs[best].priority:
-                        best = i
-                    passed.add(job.table)
-            return jobs.pop(best)
+            while True:
+                while not self._jobs:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                jobs = self._jobs
+                best = 0
+                if jobs[0].table is not None:
+                    passed: set[str] = {jobs[0].table}
+                    for i in range(1, len(jobs)):
+                        job = jobs[i]
+                        if job.table is None:
+                            break  # a barrier: nothing behind it may run first
+                        if job.table not in passed and job.priority > jobs[best].priority:
+                            best = i
+                        passed.add(job.table)
+                job = jobs[best]
+                if job.table is not None and self._gate is not None:
+                    now = time.monotonic()
+                    held = 0.0 if job.held_since is None else now - job.held_since
+                    if self._gate(job.priority, held):
+                        if job.held_since is None:
+                            job.held_since = now
+                        # woken early by a submission: pick again (it may pass this one)
+                        self._cond.wait(GATE_POLL_SECONDS)
+                        continue
+                return jobs.pop(best)
 
     def _run(self) -> None:
         while (job := self._take()) is not None:
