@@ -773,24 +773,39 @@ class PostgresBackend(Backend):
         return ErrorKind.DATA  # a value the driver could not convert, a malformed row
 
     # ------------------------------------------------------------------ maintenance
+    async def maintenance_tables(self) -> list[tuple[str, str]]:
+        """(schema, table) of the tables maintenance works on: every table of the schemas
+        on the search_path (a fresh process has written nothing, and ``batchdb maintain``
+        is such a process), then those written elsewhere in this run."""
+        async with self._require_pool().connection() as conn:
+            cur = await conn.raw.execute(_SEARCH_PATH_TABLES)
+            found = [(str(schema), str(relname)) for schema, relname in await cur.fetchall()]
+        for target in self._written.values():
+            if (target.schema, target.relname) not in found:
+                found.append((target.schema, target.relname))
+        return found
+
     async def maintenance(self, task: str) -> dict[str, Any]:
-        """``vacuum``: VACUUM (ANALYZE) of the tables this backend wrote to, with their
-        size before and after; ``analyze``: ANALYZE of them. Without statement timeout."""
+        """``vacuum``: VACUUM (ANALYZE) of the database's tables (those of the schemas on
+        the search_path, where batchdb finds tables by name, and any other this backend
+        wrote to), with their size before and after; ``analyze``: ANALYZE of them. Without
+        statement timeout."""
         if task not in self.maintenance_tasks:
             raise ValueError(f"unknown PostgreSQL maintenance task {task!r}; "
                              f"known: {', '.join(self.maintenance_tasks)}")
         from psycopg import sql
 
-        targets = list(self._written.values())
-        result: dict[str, Any] = {"tables": [t.qualified for t in targets]}
-        if not targets:
+        tables = await self.maintenance_tables()
+        result: dict[str, Any] = {"tables": [f"{s}.{r}" for s, r in tables]}
+        if not tables:
             result["seconds"] = 0.0
             return result
         start = time.perf_counter()
-        names = sql.SQL(", ").join(t.ident for t in targets)
+        idents = [sql.Identifier(schema, relname) for schema, relname in tables]
+        names = sql.SQL(", ").join(idents)
         size_sql = sql.SQL("SELECT COALESCE(sum(pg_catalog.pg_total_relation_size(c.oid)), 0)"
                            " FROM pg_catalog.pg_class c WHERE c.oid = ANY(%s::regclass[])")
-        regclasses = [t.ident.as_string() for t in targets]
+        regclasses = [ident.as_string() for ident in idents]
         async with self._require_pool().connection() as conn:
             raw = conn.raw
             # VACUUM cannot run in a transaction block (the connection is in autocommit) and
@@ -835,6 +850,15 @@ class PostgresBackend(Backend):
             "tables_written": sorted(self._written),
             "commit_outcomes_resolved": dict(self.outcomes_resolved),
         }
+
+
+_SEARCH_PATH_TABLES = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname = ANY (pg_catalog.current_schemas(false))
+ORDER BY array_position(pg_catalog.current_schemas(false), n.nspname), c.relname
+"""
 
 
 async def _rollback(conn: PooledConnection) -> None:

@@ -68,3 +68,27 @@ async def test_wait_for_an_unknown_operation_id_is_a_clear_batchdb_error(
     await manager.stop()
     with pytest.raises(UnknownOperation):
         await manager.wait("unknown-id")
+
+
+async def test_maintenance_in_a_fresh_process_covers_the_tables_of_the_database(
+        env: BackendEnv) -> None:
+    """A manager that has written nothing (``batchdb maintain`` in a new process) still
+    maintains the tables the database holds."""
+    env.execute(KV, "CREATE INDEX kv_v ON kv (v)",
+                *(f"INSERT INTO kv VALUES ({i}, {i}.5)" for i in range(20)))
+    manager = env.manager()
+    await manager.start()
+    results = {task: await manager.maintain(task)
+               for task in manager.backend.maintenance_tasks if task != "integrity_check"}
+    await manager.stop()
+    assert "analyze" in results
+    if env.name == "postgres":
+        for task in ("vacuum", "analyze"):
+            assert "public.kv" in results[task]["tables"], results[task]
+        assert results["vacuum"]["bytes_before"] > 0
+        vacuumed, analyzed = env.query(
+            "SELECT last_vacuum IS NOT NULL, last_analyze IS NOT NULL "
+            "FROM pg_stat_user_tables WHERE relname = 'kv'")[0]
+        assert vacuumed and analyzed
+    elif env.name == "sqlite":
+        assert env.query("SELECT tbl FROM sqlite_stat1 WHERE idx = 'kv_v'") == [("kv",)]
