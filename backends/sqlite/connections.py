@@ -29,7 +29,7 @@ IN_MEMORY = (
 
 
 def check_factory_connection(conn: sqlite3.Connection,
-                             in_use: Iterable[sqlite3.Connection]) -> None:
+                             in_use: Iterable[sqlite3.Connection | None]) -> None:
     """Raise a BatchDBError unless ``conn`` is a connection of its own, usable from the
     calling thread: not one of ``in_use`` (the writer's and readers' connections), and
     not one made in another thread with sqlite3's default ``check_same_thread=True``."""
