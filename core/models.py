@@ -154,6 +154,7 @@ class BatchOperation:
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
     #: "queued" until the operation ends "committed" or "failed"
     state: str = "queued"
+    lane: int = field(default=-1, repr=False)  # the priority whose queue holds it
 
     # Written out rather than generated: the generated __init__ (keyword arguments, two
     # default factories) was a tenth of the cost of a one-row operation. Same parameters,
@@ -198,6 +199,7 @@ class BatchOperation:
         self.is_processed = is_processed
         self.error = error
         self.state = state
+        self.lane = -1
         self.exception = exception
         self.rows_affected = rows_affected
         self.columns = columns

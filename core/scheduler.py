@@ -94,33 +94,60 @@ def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset
     try:
         if op.values is not None:
             where = [op.columns.index(k) for k in primary_key]
-            keys = map(itemgetter(*where), op.values)
+            keys = list(map(itemgetter(*where), op.values))
         else:
-            keys = map(itemgetter(*primary_key), op.data_rows)
+            keys = list(map(itemgetter(*primary_key), op.data_rows))
         if len(primary_key) == 1:
-            return frozenset(map(_canonical, keys))
-        return frozenset(tuple(map(_canonical, key)) for key in keys)
+            return frozenset(_canonical_column(keys))
+        columns = [_canonical_column(list(column)) for column in zip(*keys, strict=True)]
+        return frozenset(zip(*columns, strict=True))
     except (KeyError, TypeError, ValueError, OverflowError):
         return _MALFORMED  # the operation will fail: keep it in order with everything
 
 
+_PLAIN_KEY_TYPES = frozenset({int, bool, float})
+_INDEX_MIN_KEYS = 65536
+_canonical_texts: dict[str, Any] = {}
+
+
+def _canonical_column(values: list[Any]) -> list[Any] | set[Any]:
+    """:func:`_canonical` of one key column's values: numbers as they are, a text's form
+    cached (key texts such as markets and timeframes repeat)."""
+    types = set(map(type, values))
+    if types <= _PLAIN_KEY_TYPES:
+        return values
+    if types == {str}:
+        texts = _canonical_texts
+        if len(texts) > 65536:
+            texts.clear()
+        out = []
+        for value in values:
+            canonical = texts.get(value, texts)
+            if canonical is texts:
+                canonical = texts[value] = _canonical(value)
+            out.append(canonical)
+        return out
+    return list(map(_canonical, values))
+
+
 def _canonical(value: Any) -> Any:
     """A key value as the database may compare it: '7', 7, 7.0 and True are one key for an
-    INTEGER column (type affinity). Erring towards "same key" only promotes more."""
+    INTEGER column (type affinity). Numbers are their own form (as dict keys, 7, 7.0 and True
+    are one key already, and large integers stay exact); numeric text becomes its number,
+    other text is stripped and case-folded. Erring towards "same key" only promotes more."""
     if isinstance(value, str):
+        text = value.strip()
         try:
-            number = float(value.strip())
+            return int(text)
         except ValueError:
-            return value.strip().casefold()  # NOCASE / RTRIM collations: one key
-        if number != number or number in (math.inf, -math.inf):
-            return value.strip().casefold()  # 'nan' is text, and equal to itself
-        value = number
-    if isinstance(value, bool | int | float) and value == value:  # not NaN
+            pass
         try:
-            as_float = float(value)
-        except OverflowError:  # an int beyond float range: only equal to itself
-            return value
-        return int(as_float) if as_float.is_integer() else as_float
+            number = float(text)
+        except ValueError:
+            return text.casefold()  # NOCASE / RTRIM collations: one key
+        if number != number or number in (math.inf, -math.inf):
+            return text.casefold()  # 'nan' is text, and equal to itself
+        return number
     return value
 
 
@@ -185,6 +212,23 @@ class _History:
         return self._size + len(self._generations[-1])
 
 
+class _KeyIndex:
+    """A table's queued operations by key, kept while the table has operations queued at
+    more than one priority: each key's last writer. The ordering across priorities keeps
+    every queued writer of a key in one lane, so that writer's lane is the key's lane.
+
+    A writer taken out of the queues (``lane == -1``) stays until the index is rebuilt: if
+    the last writer of a key is gone, so are all writers of it (one lane, taken in order).
+    Deleting per key at dispatch cost more than the rest of the ordering together."""
+
+    __slots__ = ("last", "limit", "malformed")
+
+    def __init__(self) -> None:
+        self.last: dict[Any, BatchOperation] = {}
+        self.malformed = 0  # queued operations whose keys could not be read
+        self.limit = _INDEX_MIN_KEYS  # rebuild (dropping gone writers) beyond this size
+
+
 class _Lane:
     """Queued operations of one table at one priority."""
 
@@ -236,6 +280,7 @@ class Scheduler:
                         for t in OperationType}
         # queued or in-flight operations by id, in submission order (a dict keeps it)
         self._pending: dict[str, BatchOperation] = {}
+        self._indexes: dict[str, _KeyIndex] = {}
         self._history = _History(config.completed_history)
         self._inflight = 0
         self._inflight_tables: dict[str, int] = {}
@@ -272,6 +317,7 @@ class Scheduler:
         ``reason`` as its error; nothing is dispatched any more."""
         self._stopping = True
         self._running = False
+        self._indexes.clear()
         error = NotRunningError(reason)
         for prio in _PRIORITIES:
             lanes = self._lanes[prio]
@@ -375,10 +421,14 @@ class Scheduler:
         table = op.table_name
         prio = op.priority
         all_lanes = self._lanes
-        for other in _OTHERS[prio]:
-            if table in all_lanes[other]:  # the table has writes queued at another priority
-                prio = self._order_across_priorities(op)
-                break
+        if table in self._indexes:
+            prio = self._order_across_priorities(op)
+        else:
+            for other in _OTHERS[prio]:
+                if table in all_lanes[other]:  # the table has writes queued at another priority
+                    prio = self._order_across_priorities(op)
+                    break
+        op.lane = prio
         self._pending[op.operation_id] = op
         lanes = all_lanes[prio]
         lane = lanes.get(table)
@@ -416,6 +466,81 @@ class Scheduler:
                 await asyncio.wait_for(self._room.wait(), timeout)
 
     def _order_across_priorities(self, op: BatchOperation) -> Priority:
+        """Keep "the later submission wins" across priorities; return the lane for ``op``.
+
+        The rule is :meth:`_order_by_scan`'s; this finds the conflicting operations through
+        the table's key index instead of scanning the queues, so that its cost follows the
+        operation's keys (and what it promotes), not the length of the queues.
+        """
+        table = op.table_name
+        info = self._table_of(table)
+        if not info.primary_key:
+            return op.priority  # rows without identity: nothing can be overwritten
+        pk = info.primary_key
+        index = self._indexes.get(table)
+        if index is None:
+            index = self._indexes[table] = self._build_index(table, pk)
+        own = _keys_of(op, pk)
+        last = index.last
+        if own is None or index.malformed:  # rows with unreadable keys: the slow, safe way
+            target = self._order_by_scan(op)
+            if own is None:
+                index.malformed += 1
+            else:
+                last.update(dict.fromkeys(own, op))
+            return target
+        target = op.priority
+        writers = [w for w in filter(None, map(last.get, own)) if w.lane >= 0]
+        for writer in writers:  # the highest lane holding one of op's keys
+            if writer.lane > target:
+                target = Priority(writer.lane)
+        while writers:  # lower lanes: promote up to their last writer of a promoted key
+            cutoffs: dict[int, int] = {}
+            for writer in writers:
+                if 0 <= writer.lane < target and writer.seq > cutoffs.get(writer.lane, -1):
+                    cutoffs[writer.lane] = writer.seq
+            promoted: list[Any] = []
+            for lane_prio, cutoff in cutoffs.items():
+                src = Priority(lane_prio)
+                queue = self._lanes[src][table].ops
+                moved = []
+                while queue and queue[0].seq <= cutoff:
+                    moved.append(queue.popleft())
+                if moved:
+                    self._move(src, target, table, moved)
+                for queued in moved:
+                    promoted.extend(queued.keys or ())
+            writers = [w for w in filter(None, map(last.get, promoted)) if w.lane >= 0]
+        last.update(dict.fromkeys(own, op))
+        if len(last) > index.limit:
+            self._indexes[table] = rebuilt = self._build_index(table, pk)
+            rebuilt.limit = max(_INDEX_MIN_KEYS, 4 * len(rebuilt.last))
+        return target
+
+    def _build_index(self, table: str, pk: tuple[str, ...]) -> _KeyIndex:
+        index = _KeyIndex()
+        queued = [op for prio in _PRIORITIES if (lane := self._lanes[prio].get(table))
+                  for op in lane.ops]
+        for op in sorted(queued, key=lambda o: o.seq):
+            keys = _keys_of(op, pk)
+            if keys is None:
+                index.malformed += 1
+            else:
+                index.last.update(dict.fromkeys(keys, op))
+        return index
+
+    def _unindex(self, table: str, ops: list[BatchOperation]) -> None:
+        """``ops`` are taken out of the queues; the index goes once the table has nothing
+        queued."""
+        index = self._indexes[table]
+        for op in ops:
+            op.lane = -1
+            if op.keys is _MALFORMED:
+                index.malformed -= 1
+        if not any(table in self._lanes[prio] for prio in _PRIORITIES):
+            del self._indexes[table]
+
+    def _order_by_scan(self, op: BatchOperation) -> Priority:
         """Keep "the later submission wins" across priorities; return the lane for ``op``.
 
         An operation queued earlier at a *higher* priority that writes one of ``op``'s keys
@@ -481,7 +606,12 @@ class Scheduler:
         dst_lane = self._lanes[dst].get(table)
         if dst_lane is None:
             dst_lane = self._lanes[dst][table] = _Lane()
-        dst_lane.ops = deque(heapq.merge(dst_lane.ops, ops, key=lambda o: o.seq))
+        for queued in ops:
+            queued.lane = dst
+        if not dst_lane.ops or dst_lane.ops[-1].seq < ops[0].seq:
+            dst_lane.ops.extend(ops)
+        else:
+            dst_lane.ops = deque(heapq.merge(dst_lane.ops, ops, key=lambda o: o.seq))
         dst_lane.rows += rows
         self._queued_by_prio[src] -= len(ops)
         self._queued_by_prio[dst] += len(ops)
@@ -614,6 +744,8 @@ class Scheduler:
         lane.rows -= rows
         if not q:
             del self._lanes[prio][table]
+        if table in self._indexes:
+            self._unindex(table, ops)
         nbytes = sum([op.nbytes for op in ops])
         self.queued_ops -= len(ops)
         self._queued_by_prio[prio] -= len(ops)

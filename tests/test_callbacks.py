@@ -244,3 +244,28 @@ async def test_a_callback_backlog_counts_against_the_queue_budget(
     await m.flush()
     assert worst <= 51  # the budget, plus the operation that found it full
     assert rows_of(db_path, "SELECT COUNT(*) FROM kv") == [(401,)]
+
+
+async def test_four_priorities_on_one_table_the_later_submission_wins(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """One table written at rotating priorities with keys rewritten across them (the key
+    index path), and an operation with unreadable keys in the middle (the scan path): every
+    key ends as its last submission left it."""
+    make_table(db_path, KV_DDL)
+    m = make_manager(**cfg(linger_seconds={"HIGH": 0.05, "NORMAL": 0.1, "LOW": 0.2}))
+    await m.start()
+    expected: dict[int, str] = {}
+    rotation = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+    for i in range(400):
+        base = (i - 7) * 10 if i % 5 == 4 and i >= 7 else i * 10  # 20% rewrite older keys
+        rows = [{"k": base + j, "v": f"op{i}"} for j in range(10)]
+        await m.queue_operation("kv", "UPSERT", rows, rotation[i % 4])
+        expected.update((base + j, f"op{i}") for j in range(10))
+        if i == 200:
+            bad = await m.queue_operation("kv", "UPSERT", [{"k": [1], "v": "x"}],
+                                          Priority.HIGH)
+    await m.flush()
+    with pytest.raises(OperationFailed):
+        await m.wait(bad)
+    assert dict(rows_of(db_path, "SELECT k, v FROM kv")) == expected
+    assert (await m.get_queue_status())["stats"]["promotions"] > 0
