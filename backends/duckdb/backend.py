@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 
 from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
 from batchdb.models import BatchDBError, OperationType, SchemaError
+from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
 from batchdb.settings import DuckDBSettings
 
@@ -39,6 +41,15 @@ _TRANSIENT_IO = ("could not set lock", "conflicting lock", "resource temporarily
 _RESOURCE_HINTS = ("no space left", "disk is full", "disk full", "out of memory",
                    "could not write file",
                    "read-only", "read only", "permission denied")
+
+
+_EXPLAIN_ANALYZE = re.compile(r"\s*EXPLAIN\s+ANALY[SZ]E\b", re.IGNORECASE)
+_PRAGMA_NAME = re.compile(r"\s*PRAGMA\s+(\w+)", re.IGNORECASE)
+# the pragmas that only report (others set options or checkpoint)
+_QUERY_PRAGMAS = frozenset({"table_info", "show", "show_tables", "show_tables_expanded",
+                            "show_databases", "database_list", "database_size",
+                            "storage_info", "functions", "collations", "version",
+                            "platform", "metadata_info", "user_agent"})
 
 
 def load_drivers() -> tuple[Any, Any]:
@@ -179,8 +190,34 @@ class DuckDBBackend(Backend):
         self._plans.clear()
 
     # ------------------------------------------------------------------ reading
+    def _check_read(self, sql: str) -> None:
+        """Refuse ``sql`` unless each of its statements is a read: the reader cursor is a
+        cursor of the writer's connection, so DuckDB itself would run a write there."""
+        ddb = self._duckdb
+        try:
+            statements = ddb.extract_statements(sql)
+        except ddb.Error:
+            return  # not SQL DuckDB can parse: running it reports the syntax error
+        for stmt in statements:
+            kind = stmt.type
+            if kind == ddb.StatementType.SELECT:
+                continue
+            if kind == ddb.StatementType.EXPLAIN:
+                analyzed = _EXPLAIN_ANALYZE.match(stmt.query)
+                if analyzed is None:
+                    continue  # a plan, not run
+                inner = ddb.extract_statements(stmt.query[analyzed.end():])
+                if all(s.type == ddb.StatementType.SELECT for s in inner):
+                    continue
+            if kind == ddb.StatementType.PRAGMA:
+                name = _PRAGMA_NAME.match(stmt.query)
+                if name is not None and name.group(1).lower() in _QUERY_PRAGMAS:
+                    continue
+            raise not_a_read(sql, f"DuckDB reads it as a {kind.name} statement")
+
     def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self._cursor is not None
+        self._check_read(sql)
         return self._cursor.execute(sql, list(params)).fetchall()
 
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

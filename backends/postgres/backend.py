@@ -55,6 +55,7 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
+from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
 from batchdb.settings import PostgresSettings, redact_dsn
 
@@ -415,13 +416,20 @@ class PostgresBackend(Backend):
 
     # ------------------------------------------------------------------ reading
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run a read query on a pooled connection. Placeholders are psycopg's ``%s``; a
+        """Run a read query on a pooled connection, in a read-only transaction (a write is
+        refused by the server and changes nothing). Placeholders are psycopg's ``%s``; a
         query without any ``%s`` may use ``?`` (the SQLite/DuckDB form) instead."""
         query = _portable_placeholders(sql, len(params)) if params else sql
         async with self._require_pool().connection() as conn:
+            raw = conn.raw
             try:
-                cur = await conn.raw.execute(query, params or None)
+                await raw.execute("BEGIN READ ONLY", prepare=False)
+                cur = await raw.execute(query, params or None)
                 rows = await cur.fetchall() if cur.description is not None else []
+                await raw.execute("COMMIT", prepare=False)
+            except self._pg.errors.ReadOnlySqlTransaction as exc:
+                await _rollback(conn)
+                raise not_a_read(sql, self._scrub(str(exc).strip())) from None
             except BaseException:
                 await _rollback(conn)
                 raise

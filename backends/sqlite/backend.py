@@ -28,10 +28,16 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
+from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
 from batchdb.settings import SQLiteSettings
 
-from .connections import check_factory_connection, check_file_database
+from .connections import (
+    check_factory_connection,
+    check_file_database,
+    make_read_only,
+    refused_as_write,
+)
 from .coordination import PriorityClaims, describe, open_claims
 from .writer import WriterThread
 
@@ -265,13 +271,20 @@ class SQLiteBackend(Backend):
             self._reader_conns.append(conn)
             conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
             conn.execute(f"PRAGMA mmap_size = {int(self.settings.mmap_size)}")
+            make_read_only(conn)
             return conn
 
         return connect
 
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        async with self._reader() as conn, conn.execute(sql, params) as cursor:
-            return [tuple(r) for r in await cursor.fetchall()]
+        async with self._reader() as conn:
+            try:
+                async with conn.execute(sql, params) as cursor:
+                    return [tuple(r) for r in await cursor.fetchall()]
+            except sqlite3.DatabaseError as exc:
+                if refused_as_write(exc):
+                    raise not_a_read(sql, str(exc)) from None
+                raise
 
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:

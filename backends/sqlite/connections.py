@@ -9,7 +9,8 @@ from collections.abc import Iterable
 
 from batchdb.models import BatchDBError
 
-__all__ = ["IN_MEMORY", "NEW_CONNECTION", "check_factory_connection", "check_file_database"]
+__all__ = ["IN_MEMORY", "NEW_CONNECTION", "check_factory_connection", "check_file_database",
+           "make_read_only", "refused_as_write"]
 
 NEW_CONNECTION = (
     "the connection factory must open a new connection each time it is called: batchdb "
@@ -55,3 +56,35 @@ def check_file_database(conn: sqlite3.Connection, where: str) -> str:
                 raise BatchDBError(IN_MEMORY.format(where=where))
             return str(file)
     raise BatchDBError(IN_MEMORY.format(where=where))
+
+
+# what a reader connection may not do beyond writing (PRAGMA query_only refuses writes):
+# open a transaction (BEGIN IMMEDIATE would take the write lock and keep it), attach files
+_NOT_FOR_READERS = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT,
+                              sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH})
+_REFUSED = ("attempt to write a readonly database", "not authorized")
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db: str | None,
+               source: str | None) -> int:
+    if action in _NOT_FOR_READERS:
+        return sqlite3.SQLITE_DENY
+    if (action == sqlite3.SQLITE_PRAGMA and arg2 is not None and arg1 is not None
+            and arg1.lower() == "query_only"):
+        return sqlite3.SQLITE_DENY  # a reader stays read-only
+    return sqlite3.SQLITE_OK
+
+
+def make_read_only(conn: sqlite3.Connection) -> None:
+    """Make ``conn`` a reader: autocommit (sqlite3 opens no transaction of its own, so a
+    statement never leaves one, or a lock, behind), ``PRAGMA query_only``, and an
+    authorizer refusing transactions, savepoints, ATTACH/DETACH and turning query_only
+    off. A write given to ``fetch()`` then fails before it changes or locks anything."""
+    conn.isolation_level = None
+    conn.execute("PRAGMA query_only = ON")
+    conn.set_authorizer(_authorize)
+
+
+def refused_as_write(exc: BaseException) -> bool:
+    """True when ``exc`` is a reader refusing a statement that is not a read."""
+    return isinstance(exc, sqlite3.DatabaseError) and any(r in str(exc) for r in _REFUSED)

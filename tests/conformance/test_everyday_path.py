@@ -4,6 +4,7 @@ write. Each test runs once per backend (see ``conftest.py``) on a real database.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from batchdb import BatchDBManager, BatchOperation, OperationType, Priority
 from batchdb.models import OperationFailed
+from batchdb.reads import ReadOnlyFetchError
 
 from .conftest import BackendEnv
 
@@ -138,3 +140,48 @@ async def test_a_missing_not_null_candle_value_still_fails_alone(env: BackendEnv
     await m.wait(good_id)
     await m.stop()
     assert env.query("SELECT symbol FROM candles") == [("KRW-XRP",)]
+
+
+# ---------------------------------------------------------------------- 3. fetch only reads
+KV = "CREATE TABLE kv (k BIGINT PRIMARY KEY, v DOUBLE PRECISION, s TEXT)"
+WRITES = [
+    "DELETE FROM kv",
+    "DELETE FROM kv WHERE k = ?",
+    "UPDATE kv SET s = 'changed'",
+    "INSERT INTO kv (k, v, s) VALUES (99, 9.9, 'sneaked in')",
+    "CREATE TABLE sneaky (a INTEGER)",
+    "DROP TABLE kv",
+    "WITH gone AS (SELECT 1) DELETE FROM kv",
+]
+
+
+@pytest.mark.parametrize("sql", WRITES)
+async def test_fetch_refuses_a_write_and_later_writes_still_commit(env: BackendEnv,
+                                                                   sql: str) -> None:
+    env.execute(KV, "INSERT INTO kv VALUES (1, 1.0, 'one')")
+    m = await started(env, batch={"max_retries": 0})
+    params = (1,) if "?" in sql else ()
+    with pytest.raises(ReadOnlyFetchError, match=r"fetch\(\) is for reads") as info:
+        await m.fetch(sql, params)
+    assert "queue_operation" in str(info.value)
+    assert await m.fetch("SELECT k, s FROM kv") == [(1, "one")]
+    # nothing is locked: a write right after commits (at once, not after a lock timeout)
+    op_id = await m.queue_operation("kv", "INSERT", [{"k": 2, "v": 2.0, "s": "two"}])
+    await asyncio.wait_for(m.wait(op_id), 10)
+    assert await m.fetch("SELECT k, s FROM kv ORDER BY k") == [(1, "one"), (2, "two")]
+    await m.stop()
+    assert env.query("SELECT k, s FROM kv ORDER BY k") == [(1, "one"), (2, "two")]
+    names = {r[0] for r in env.query(
+        "SELECT table_name FROM information_schema.tables" if env.name != "sqlite"
+        else "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "sneaky" not in names
+
+
+async def test_fetch_still_reads_with_parameters_ctes_and_explain(env: BackendEnv) -> None:
+    env.execute(KV, "INSERT INTO kv VALUES (1, 1.0, 'one')",
+                "INSERT INTO kv VALUES (2, 2.0, 'two')")
+    m = await started(env)
+    assert await m.fetch("SELECT s FROM kv WHERE k = ?", (2,)) == [("two",)]
+    assert await m.fetch("WITH t AS (SELECT k FROM kv) SELECT count(*) FROM t") == [(2,)]
+    assert await m.fetch("EXPLAIN SELECT * FROM kv")
+    await m.stop()
