@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+import typer.core
+from pydantic import ValidationError
 from rich import box
 from rich.console import Console, Group
 from rich.logging import RichHandler
@@ -42,7 +45,7 @@ from .demo import DEMO_TABLES, DemoReport, DemoWorkload
 from .ingest import DEFAULT_CHUNK_SIZE, FileReport, Ingester
 from .manager import BatchDBManager
 from .models import BatchDBError, Priority
-from .pluginmanager import BackendRegistry, create_plugin_manager, plugin_info
+from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
 from .schema import candles_table, quote_ident
 from .settings import (
     Settings,
@@ -55,8 +58,82 @@ from .settings import (
 
 __all__ = ["app", "main"]
 
+def _tidy_param(param: Any) -> None:
+    """A parameter shown as a careful CLI shows it: a flag without a value type (``--help``,
+    not ``--help <bool>``); an argument of many values as ``FILES...`` in the usage line
+    and ``<path>`` in the help (not ``{files}...`` and ``<list[Path]>``)."""
+    if isinstance(param, typer.core.TyperOption):
+        if param.is_flag and param.metavar is None:
+            param.metavar = ""  # what typer shows as the value's type
+    elif isinstance(param, typer.core.TyperArgument) and type(param) is typer.core.TyperArgument:
+        param.__class__ = _Argument
+
+
+class _Argument(typer.core.TyperArgument):
+    def display_type_rich(self, ctx: Any) -> str:
+        shown = str(super().display_type_rich(ctx))
+        element = re.fullmatch(r"<list\[(\w+)\]>", shown)
+        return f"<{element.group(1).lower()}>" if element else shown
+
+    def get_usage_pieces(self, ctx: Any) -> list[str]:
+        name = (self.metavar or self.name or "").upper()
+        name = name if self.required else f"[{name}]"
+        return [name + ("..." if self.nargs != 1 else "")]
+
+
+def _clean_parameter_error(exc: typer.BadParameter) -> None:
+    """An option error in plain words: without pydantic's "Value error," prefix, and with
+    the value given when the message does not show it."""
+    message = str(getattr(exc, "message", "")).removeprefix("Value error, ")
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError) and cause.errors():
+        given = cause.errors()[0].get("input")
+        if given is not None and not isinstance(given, list | tuple) and str(given) not in message:
+            message = f"{message} (got {given!r})"
+    exc.message = message
+
+
+class _Command(typer.core.TyperCommand):
+    """typer's command, its help and its option errors tidied (see _tidy_param)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy_param(param)
+        return params
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except typer.BadParameter as exc:
+            _clean_parameter_error(exc)
+            raise
+
+
+class _Group(typer.core.TyperGroup):
+    """The ``batchdb`` group: tidied help, and ``--version`` alone (``--version false``
+    is an error, not the version)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:
+            _tidy_param(param)
+        return params
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if "--version" in args:
+            at = args.index("--version")
+            others = [a for a in args if a != "--version"]
+            if all(a.startswith("-") for a in args[:at]) and others:
+                raise typer.BadParameter(
+                    f"takes no value and runs no command (got {' '.join(others)!r})",
+                    ctx=ctx, param_hint="'--version'")
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(
     name="batchdb",
+    cls=_Group,
     help="Priority-queued, memory-bounded batch writes to SQLite, DuckDB and PostgreSQL.",
     no_args_is_help=True,
     add_completion=False,
@@ -76,7 +153,13 @@ BackendOption = Annotated[
     typer.Option("--backend", "-b", show_default=False,
                  help="Backend plugin to use instead of the configured one."),
 ]
-PriorityName = Literal["CRITICAL", "HIGH", "NORMAL", "LOW"]
+def _priority_option(value: str) -> str:
+    """``--priority``: a priority's name in any case, shown in capitals like the default."""
+    try:
+        return Priority.parse(value).name
+    except ValueError:
+        names = ", ".join(p.name for p in sorted(Priority, reverse=True))
+        raise typer.BadParameter(f"{value!r} is not one of {names} (in any case)") from None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -126,11 +209,37 @@ def _overrides(backend: str | None) -> dict[str, Any]:
     return {"backend": backend} if backend else {}
 
 
+def _check_backend_option(backend: str | None) -> None:
+    """``--backend NAME`` names an installed backend (a usage error, exit 2, otherwise)."""
+    if backend is None:
+        return
+    try:
+        BackendRegistry(create_plugin_manager()).get(backend)
+    except UnknownBackend as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--backend'") from None
+
+
 def _manager(settings: Path | None, backend: str | None, **overrides: Any) -> BatchDBManager:
     """A manager from the settings file; logging set up from its settings."""
+    _check_backend_option(backend)
     manager = BatchDBManager.from_settings(settings, **_overrides(backend), **overrides)
     _setup_logging(manager.settings.log_level)
+    _check_database_path(manager)
     return manager
+
+
+def _check_database_path(manager: BatchDBManager) -> None:
+    """The file of a file-based backend can be a database: not a directory, and in a
+    directory that exists (a settings mistake: exit 2, naming the key and its source)."""
+    path = _database_file(manager.settings, manager.backend_name)
+    if path is None:
+        return
+    where = manager.settings.where(f"{manager.backend_name}.path")
+    if path.is_dir():
+        raise SettingsError(f"{where}: {path} is a directory, not a database file")
+    if not path.parent.is_dir():
+        raise SettingsError(f"{where}: the directory {path.parent} of the database file "
+                            f"{path} does not exist")
 
 
 def _database_file(settings: Settings, backend: str) -> Path | None:
@@ -226,7 +335,7 @@ def _root(
 
 
 # ---------------------------------------------------------------------- ingest
-@app.command()
+@app.command(cls=_Command)
 def ingest(
     files: Annotated[list[Path], typer.Argument(
         show_default=False, help="Candle files: JSON array (.json), NDJSON (.ndjson/.jsonl) "
@@ -236,8 +345,9 @@ def ingest(
     timeframe: Annotated[str | None, typer.Option(
         "--timeframe", help="Timeframe, e.g. 1m, 1d [default: from each candle's 'unit'].",
     )] = None,
-    priority: Annotated[PriorityName, typer.Option(
-        "--priority", case_sensitive=False, help="Queue priority of the writes.")] = "NORMAL",
+    priority: Annotated[str, typer.Option(
+        "--priority", metavar="<CRITICAL|HIGH|NORMAL|LOW>", callback=_priority_option,
+        help="Queue priority of the writes (any case).")] = "NORMAL",
     source: Annotated[str, typer.Option(
         "--source", help="Candle format, i.e. the normaliser plugin to use.")] = "upbit",
     fmt: Annotated[Literal["auto", "json", "ndjson", "csv"], typer.Option(
@@ -259,15 +369,18 @@ def ingest(
     1 when something failed. SIGINT/SIGTERM stops reading and commits what was read (exit
     code 0 unless something failed before).
     """
+    for name, value in (("--symbol", symbol), ("--timeframe", timeframe), ("--source", source)):
+        if value is not None and not value.strip():
+            raise typer.BadParameter("must not be empty", param_hint=f"'{name}'")
     with _expected_errors():
         manager = _manager(settings, backend)
+        ingester = Ingester(manager, symbol=symbol, timeframe=timeframe,
+                            priority=Priority.parse(priority), source=source, fmt=fmt.lower(),
+                            chunk_size=chunk_size)
         try:
-            ingester = Ingester(manager, symbol=symbol, timeframe=timeframe,
-                                priority=Priority.parse(priority), source=source, fmt=fmt.lower(),
-                                chunk_size=chunk_size)
             ingester.check_source()
         except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
+            raise typer.BadParameter(str(exc), param_hint="'--source'") from None
         code = asyncio.run(_ingest(manager, ingester, files, max_errors))
     raise typer.Exit(code)
 
@@ -378,7 +491,7 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
 
 
 # ---------------------------------------------------------------------- demo
-@app.command()
+@app.command(cls=_Command)
 def demo(
     seconds: Annotated[float, typer.Option(
         "--seconds", min=0.5, help="How long the producers run.")] = 8.0,
@@ -524,7 +637,7 @@ def _demo_report(out: Console, report: DemoReport) -> None:
 
 
 # ---------------------------------------------------------------------- status
-@app.command()
+@app.command(cls=_Command)
 def status(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """Show the database: backend status, tables with row counts, candles per market."""
     with _expected_errors():
@@ -560,10 +673,22 @@ async def _status(manager: BatchDBManager) -> None:
                 continue
             counts[name] = int(rows[0][0])
         per_market: list[tuple[Any, ...]] = []
+        not_ours = None
         if candles_table.name in tables:
-            per_market = await manager.fetch(
-                "SELECT symbol, timeframe, COUNT(*), MIN(ts), MAX(ts) FROM candles "
-                "GROUP BY symbol, timeframe ORDER BY symbol, timeframe")
+            described = await manager.backend.describe_table(candles_table.name)
+            columns = described.columns if described is not None else ()
+            missing = [c for c in ("symbol", "timeframe", "ts") if c not in columns]
+            if missing:  # a table of the user's own called candles
+                not_ours = (f"the table candles is not batchdb's candles table (it has no "
+                            f"column {', '.join(missing)}; its columns: "
+                            f"{', '.join(columns) or 'none'}): no per-market summary")
+            else:
+                try:
+                    per_market = await manager.fetch(
+                        "SELECT symbol, timeframe, COUNT(*), MIN(ts), MAX(ts) FROM candles "
+                        "GROUP BY symbol, timeframe ORDER BY symbol, timeframe")
+                except Exception as exc:  # the user's database: report it, show the rest
+                    not_ours = f"candles per market cannot be read: {exc}"
     finally:
         await manager.stop()
     info = _table(f"backend {manager.backend_name}", show_header=False)
@@ -593,10 +718,12 @@ async def _status(manager: BatchDBManager) -> None:
             candles.add_row(Text(str(symbol)), Text(str(timeframe)), _fmt_int(count),
                             _iso_ms(first), _iso_ms(last))
         out.print(candles)
+    if not_ours is not None:
+        out.print(Text(not_ours, style="yellow"))
 
 
 # ---------------------------------------------------------------------- maintain
-@app.command()
+@app.command(cls=_Command)
 def maintain(
     tasks: Annotated[list[str] | None, typer.Argument(
         show_default=False, help="Tasks to run, e.g. checkpoint analyze vacuum "
@@ -647,10 +774,11 @@ async def _maintain(manager: BatchDBManager,
 
 
 # ---------------------------------------------------------------------- plugins
-@app.command()
+@app.command(cls=_Command)
 def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """List the plugins found through the ``batchdb`` entry points, and the backends."""
     with _expected_errors():
+        _check_backend_option(backend)
         loaded = load_settings(settings, **_overrides(backend))
         _setup_logging(loaded.log_level)
         pm = create_plugin_manager(loaded.plugins.disabled)
@@ -682,19 +810,20 @@ def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> N
                          Text("configured", style="bold") if name == loaded.backend else "")
     out.print(backends)
     if loaded.backend not in registry.names():
-        out.print(Text(f"the configured backend {loaded.backend!r} is not available",
-                       style="bold red"))
-        raise typer.Exit(1)
+        _stderr().print(Text(f"error: {loaded.where('backend')}: the backend "
+                             f"{loaded.backend!r} is not available", style="bold red"))
+        raise typer.Exit(2)
 
 
 # ---------------------------------------------------------------------- config
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
 
 
-@app.command()
+@app.command(cls=_Command)
 def config(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """Show the effective settings and where each value comes from."""
     with _expected_errors():
+        _check_backend_option(backend)
         rows = explain_settings(settings, **_overrides(backend))
         path = resolve_settings_path(settings)
     out = _stdout()
@@ -717,16 +846,17 @@ def config(settings: SettingsOption = None, backend: BackendOption = None) -> No
 
 
 # ---------------------------------------------------------------------- bench
-@app.command()
+@app.command(cls=_Command)
 def bench(
     backends: Annotated[str, typer.Option(
-        "--backends", help="comma-separated backends to compare: sqlite,duckdb,postgres "
-        "(postgres needs BATCHDB_BENCH_PG_DSN)")] = "sqlite,duckdb,postgres",
-    rows: Annotated[int, typer.Option("--rows", min=1, help="rows per workload")] = 1_000_000,
-    rounds: Annotated[int, typer.Option("--rounds", min=1, help="runs per case (median)")] = 3,
+        "--backends", help="Comma-separated backends to compare: sqlite,duckdb,postgres "
+        "(postgres needs BATCHDB_BENCH_PG_DSN).")] = "sqlite,duckdb,postgres",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Rows per workload.")] = 1_000_000,
+    rounds: Annotated[int, typer.Option("--rounds", min=1,
+                                        help="Runs per case (the median is reported).")] = 3,
     out: Annotated[Path, typer.Option(
-        "--out", help="folder for batchdb-bench.json (pytest-benchmark format) and "
-        "batchdb-bench.png")] = Path("bench-results"),
+        "--out", file_okay=False, help="Folder for batchdb-bench.json (pytest-benchmark format) "
+        "and batchdb-bench.png.")] = Path("bench-results"),
 ) -> None:
     """Raw drivers vs batchdb on this machine: rows/s, ratio to raw, peak memory."""
     from .bench import render_table, rich_progress, run_comparison
@@ -738,7 +868,7 @@ def bench(
             with rich_progress(console) as progress:
                 report = run_comparison(names, rows, out, progress, rounds=rounds)
         except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
+            raise typer.BadParameter(str(exc), param_hint="'--backends'") from None
     console.print(render_table(report))
     console.print(f"JSON: {report.json_path}"
                   + (f"   chart: {report.png_path}" if report.png_path else ""))

@@ -22,11 +22,14 @@ import asyncio
 import codecs
 import contextlib
 import csv
+import io
+import itertools
 import json
+import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
@@ -50,6 +53,7 @@ __all__ = [
     "detect_format",
     "read_chunks",
     "timeframe_from_unit",
+    "upbit_error_response",
 ]
 
 Format = Literal["auto", "json", "ndjson", "csv"]
@@ -120,6 +124,9 @@ class Chunk:
     indices: list[int | None] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
     bytes_read: int = 0
+    #: what the file turned out to be when that differs from its detected format (a .json
+    #: file holding one pretty-printed object: "json object")
+    found: str | None = None
 
     @property
     def records(self) -> int:
@@ -140,12 +147,13 @@ _RUN = 1000  # values a reader collects before handing them over
 
 
 class _Counter:
-    """Bytes read so far from the file being streamed."""
+    """Bytes read so far from the file being streamed (and what the reader found it is)."""
 
-    __slots__ = ("bytes",)
+    __slots__ = ("bytes", "found")
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.found: str | None = None  # e.g. "json object": the format, once read
 
 
 def detect_format(path: str | Path, declared: str = "auto") -> str:
@@ -356,10 +364,48 @@ def _not_object(value: Any) -> str:
     return f"not a JSON object (got {type(value).__name__})"
 
 
+def _one_document(first: bytes, fh: IO[bytes], counter: _Counter) -> tuple[Any, Iterable[bytes]]:
+    """A file whose first line opens a JSON value it does not close (a pretty-printed
+    object, say an API response saved by a tool) is read whole: (the value, no lines), or
+    (None, its lines) when it is not one JSON document either."""
+    head = first.removeprefix(codecs.BOM_UTF8).strip()
+    if head[:1] not in (b"{", b"["):
+        return None, fh
+    try:
+        value = from_json(head)
+    except ValueError:
+        value = None
+    else:
+        try:
+            whole = fh.tell() >= os.fstat(fh.fileno()).st_size
+        except (OSError, ValueError):  # (io.UnsupportedOperation) not a file
+            whole = False
+        return (value if whole else None), fh  # more lines: NDJSON
+    rest = fh.read()
+    try:
+        value = json.loads(first.removeprefix(codecs.BOM_UTF8) + rest)
+    except ValueError:  # (UnicodeDecodeError too) not one document: line by line
+        return None, io.BytesIO(rest)
+    counter.bytes += len(rest)
+    return value, ()
+
+
 def _ndjson_records(fh: IO[bytes], path: Path, counter: _Counter) -> Iterator[Record]:
     name = str(path)
     run = Run([], [], [])
-    for line_no, raw in enumerate(fh, 1):
+    first = fh.readline()
+    document, rest = _one_document(first, fh, counter)
+    if isinstance(document, list):
+        counter.bytes += len(first)
+        counter.found = "json"
+        yield Run([1] * len(document), list(range(len(document))), document)
+        return
+    if document is not None:  # one JSON object: one candle (or an error naming it)
+        counter.bytes += len(first)
+        counter.found = "json object"
+        yield Run([1], [None], [document])
+        return
+    for line_no, raw in enumerate(itertools.chain((first,) if first else (), rest), 1):
         counter.bytes += len(raw)
         if line_no == 1:
             raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -555,6 +601,7 @@ def read_chunks(
                                    f"{exc.strerror or exc}")
         # what was read before a broken part still goes in, then the error is raised
         chunk.bytes_read = counter.bytes
+        chunk.found = counter.found
         if chunk.records:
             yield chunk
         if error is not None:
@@ -697,6 +744,8 @@ class Ingester:
                 if chunk is None:
                     break
                 report.bytes_read = chunk.bytes_read
+                if chunk.found is not None:
+                    report.format = chunk.found
                 await self._ingest_chunk(report, chunk, first)
                 first = first and not chunk.candles
                 if self.on_progress is not None:
@@ -712,6 +761,19 @@ class Ingester:
         if self.on_progress is not None:
             self.on_progress(report)
         return report
+
+    def _drop_error_responses(self, report: FileReport, chunk: Chunk) -> None:
+        """Upbit API error responses among the candles (``{"error": {"name": ...,
+        "message": ...}}``, saved by a collector) are reported as what they are, not as
+        candles lacking fields."""
+        found = [i for i, candle in enumerate(chunk.candles) if "error" in candle]
+        for i in reversed(found):
+            text = upbit_error_response(chunk.candles[i])
+            if text is None:
+                continue
+            self._bad(report, BadRecord(report.path, chunk.lines[i], chunk.indices[i],
+                                        f"an Upbit API error response, not a candle: {text}"))
+            del chunk.candles[i], chunk.lines[i], chunk.indices[i]
 
     def _file_error(self, report: FileReport, reason: str) -> None:
         report.error = reason
@@ -731,9 +793,18 @@ class Ingester:
         report.candles_read += chunk.records
         for bad in chunk.bad:
             self._bad(report, bad)
+        if self.source == "upbit":
+            self._drop_error_responses(report, chunk)
         if not chunk.candles:
             return
         name = report.path
+        if first and self.source == "upbit" and not any(
+                any(f in c for f in UPBIT_REQUIRED_FIELDS) for c in chunk.candles):
+            report.failed += len(chunk.candles)
+            keys = ", ".join(map(str, list(chunk.candles[0])[:12])) or "none"
+            raise IngestError(name, "not Upbit candles: no object has a candle field "
+                                    f"({', '.join(UPBIT_REQUIRED_FIELDS)}); the first one "
+                                    f"has: {keys}")
         if first and self.symbol is None and not any(
                 isinstance(c.get("market"), str) and c["market"] for c in chunk.candles):
             report.failed += len(chunk.candles)
@@ -832,6 +903,16 @@ class Ingester:
             # the operation finished long ago (beyond the manager's completed_history)
             with contextlib.suppress(OperationFailed, KeyError):
                 await self.manager.wait(self._pending.popleft())
+
+
+def upbit_error_response(value: Mapping[str, Any]) -> str | None:
+    """``name: message`` of an Upbit API error response (``{"error": {"name": ...,
+    "message": ...}}``), or None if ``value`` is not one."""
+    error = value.get("error")
+    if not isinstance(error, Mapping) or "candle_date_time_utc" in value:
+        return None
+    parts = [str(error[k]) for k in ("name", "message") if error.get(k) not in (None, "")]
+    return ": ".join(parts) or json.dumps(error, ensure_ascii=False)[:200]
 
 
 def _candle_message(exc: ValueError) -> str:

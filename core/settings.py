@@ -22,6 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as SourceError
 
 from .models import BatchDBError, Priority
 
@@ -400,6 +401,20 @@ def _describe_validation_error(exc: ValidationError, path: Path | None) -> str:
     return f"{where}: " + "; ".join(parts) + " (values may also come from BATCHDB_* variables)"
 
 
+def _describe_source_error(exc: SourceError) -> str:
+    """A variable holding a section or a list that is not JSON, named."""
+    found = re.search(r'field "([^"]+)"', str(exc))
+    field = found.group(1) if found else ""
+    prefix = f"BATCHDB_{field}".upper()
+    names = sorted(n for n in os.environ if n.upper() == prefix
+                   or n.upper().startswith(prefix + "__")) if field else []
+    cause = exc.__cause__
+    why = f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+    return (f"{', '.join(names) or 'a BATCHDB_* variable'}: not valid JSON ({why}); a "
+            "section or a list is given as JSON, e.g. BATCHDB_BATCH='{\"max_retries\": 2}' "
+            "or BATCHDB_PLUGINS__DISABLED='[\"upbit\"]'")
+
+
 def describe_section_error(exc: ValidationError, section: str, where: str) -> str:
     """A plugin's own settings section that its model refuses: one message naming the
     section's keys and where the section came from."""
@@ -433,6 +448,8 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         return settings
     except ValidationError as exc:
         raise SettingsError(_describe_validation_error(exc, toml_path)) from None
+    except SourceError as exc:  # a BATCHDB_* variable pydantic-settings cannot parse
+        raise SettingsError(_describe_source_error(exc)) from None
     finally:
         _toml_path.reset(token)
 

@@ -160,8 +160,8 @@ def test_settings_env_variable_and_unknown_backend(tmp_path: Path, settings_file
     assert "gone.toml (from $BATCHDB_SETTINGS): not found" in gone.stderr
     nope = run("ingest", str(DATA / "upbit_mixed.ndjson"), "--backend", "nope",
                env={"BATCHDB_SETTINGS": str(settings_file)})
-    assert nope.exit_code == 1
-    assert "no backend named 'nope' is installed" in nope.stderr
+    assert nope.exit_code == 2
+    assert "Invalid value for '--backend': no backend named 'nope' is installed" in nope.output
     assert "Traceback" not in nope.output
 
 
@@ -397,3 +397,205 @@ def test_bench_command_rejects_unknown_backend(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "mongo" in proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------- issue #11
+COMMANDS = ["ingest", "demo", "status", "maintain", "plugins", "config", "bench"]
+
+
+def _help(*args: str) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_reads_like_a_careful_cli(command: str | None) -> None:
+    text = _help(*([command] if command else []))
+    usage = next(line.strip() for line in text.splitlines() if "Usage:" in line)
+    assert "<bool>" not in text  # flags take no value
+    assert "<list[" not in text and "{" not in usage
+    assert "Show this message and exit." in text
+    expected = {"ingest": "Usage: batchdb ingest [OPTIONS] FILES...",
+                "maintain": "Usage: batchdb maintain [OPTIONS] [TASKS]...",
+                None: "Usage: batchdb [OPTIONS] COMMAND [ARGS]..."}
+    if command in expected:
+        assert usage == expected[command]
+    if command == "ingest":
+        assert "<CRITICAL|HIGH|NORMAL|LOW>" in text and "[default: NORMAL]" in text
+        assert "files...      <path>" in text
+
+
+def test_version_takes_no_value() -> None:
+    assert run("--version").stdout.strip() == f"batchdb {__version__}"
+    for extra in (["false"], ["status"], ["--help", "x"]):
+        result = run("--version", *extra)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--version': takes no value" in result.output
+        assert __version__ not in result.stdout
+
+
+def test_option_errors_read_plainly(settings_file: Path) -> None:
+    ndjson = str(DATA / "upbit_mixed.ndjson")
+    cases = [
+        (["ingest", ndjson, "--priority", "urgent"],
+         "Invalid value for '--priority': 'urgent' is not one of CRITICAL, HIGH, NORMAL, LOW"),
+        (["ingest", ndjson, "--format", "xml"],
+         "Invalid value for '--format': 'xml' is not one of"),
+        (["ingest", ndjson, "--source", "binance"],
+         "Invalid value for '--source': no plugin normalises candles from source 'binance'"),
+        (["ingest", ndjson, "--symbol", " "], "Invalid value for '--symbol': must not be empty"),
+        (["ingest", ndjson, "--chunk-size", "0"], "Invalid value for '--chunk-size': "),
+        (["bench", "--backends", "foo", "--rows", "10"], "Invalid value for '--backends': "),
+        (["status", "--backend", "nosuch"], "Invalid value for '--backend': no backend named "
+                                            "'nosuch' is installed"),
+        (["config", "--backend", "nosuch"], "Invalid value for '--backend': "),
+        (["plugins", "--backend", "nosuch"], "Invalid value for '--backend': "),
+    ]
+    for args, message in cases:
+        result = run(*args, "-s", str(settings_file)) if args[0] != "bench" else run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        text = " ".join(result.output.replace("│", " ").split())
+        assert message in text, (args, text)
+        assert "Value error" not in text and "Traceback" not in text
+    chunk = run("ingest", ndjson, "--chunk-size", "0", "-s", str(settings_file))
+    assert "(got '0')" in chunk.output
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("command", [["ingest", str(DATA / "upbit_mixed.ndjson")],
+                                     ["demo", "--seconds", "1"], ["status"], ["maintain"]])
+def test_settings_mistakes_exit_2_naming_the_key_and_the_file(tmp_path: Path,
+                                                              command: list[str]) -> None:
+    conf = tmp_path / "settings.toml"  # ./settings.toml: the working directory is tmp_path
+    cases = [
+        ('backend = "mysql"\n', "settings file settings.toml: backend: no backend named "
+                                "'mysql' is installed"),
+        (f'[sqlite]\npath = "{tmp_path / "nodir" / "x.db"}"\n',
+         f"settings file settings.toml: sqlite.path: the directory {tmp_path / 'nodir'} "
+         "of the database file"),
+        ('[sqlite]\npath = ""\n', "settings file settings.toml: sqlite.path: must name a "
+                                   "database file"),
+        (f'[sqlite]\npath = "{tmp_path}"\n', f"sqlite.path: {tmp_path} is a directory"),
+        ('bakend = "duckdb"\n[sqllite]\npath = "x.db"\n',
+         "settings file settings.toml: unknown setting 'bakend' (did you mean 'backend'?); "
+         "unknown section [sqllite] (did you mean 'sqlite'?)"),
+        ('log_level = "LOUD"\n', "log_level: must be one of DEBUG, INFO, WARNING"),
+    ]
+    for text, message in cases:
+        _write(conf, text)
+        result = run(*command)
+        assert result.exit_code == 2, (text, result.output)
+        assert message in " ".join(result.stderr.split()), (text, result.stderr)
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "nodir").exists()
+    conf.unlink()
+    env = run(*command, env={"BATCHDB_BACKEND": "mysql"})
+    assert env.exit_code == 2 and "BATCHDB_BACKEND: no backend named 'mysql'" in env.stderr
+
+
+def test_config_of_misspelt_settings_exits_2(tmp_path: Path) -> None:
+    _write(tmp_path / "settings.toml", 'bakend = "duckdb"\n')
+    result = run("config")
+    assert result.exit_code == 2
+    assert "unknown setting 'bakend' (did you mean 'backend'?)" in " ".join(
+        result.stderr.split())
+    (tmp_path / "settings.toml").unlink()
+    bad_json = run("config", env={"BATCHDB_BATCH": "{bad"})
+    assert bad_json.exit_code == 2 and "Traceback" not in bad_json.output
+    assert "BATCHDB_BATCH: not valid JSON" in bad_json.stderr
+    section = run("config", "--settings", str(_write(tmp_path / "ok.toml", "")),
+                  env={"BATCHDB_BATCH": '{"max_retries": 2}'})
+    rows = {t[0]: t[1:] for t in map(str.split, section.stdout.splitlines()) if t}
+    assert rows["batch.max_retries"] == ["2", "env", "BATCHDB_BATCH"]
+
+
+def _foreign_candles(backend: str, tmp_path: Path, dsn: str | None) -> dict[str, str]:
+    """A database whose candles table is the user's own (not batchdb's); the env for it."""
+    if backend == "sqlite":
+        path = tmp_path / "user.sqlite3"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE candles (a, b)")
+            conn.execute("INSERT INTO candles VALUES (1, 2)")
+        return {"BATCHDB_BACKEND": "sqlite", "BATCHDB_SQLITE__PATH": str(path)}
+    if backend == "duckdb":
+        duckdb = pytest.importorskip("duckdb")
+        path = tmp_path / "user.duckdb"
+        conn = duckdb.connect(str(path))
+        conn.execute("CREATE TABLE candles (a INTEGER, b INTEGER)")
+        conn.execute("INSERT INTO candles VALUES (1, 2)")
+        conn.close()
+        return {"BATCHDB_BACKEND": "duckdb", "BATCHDB_DUCKDB__PATH": str(path)}
+    assert dsn is not None
+    from tests.pgserver import sql_exec
+
+    sql_exec(dsn, "CREATE TABLE candles (a int, b int)")
+    sql_exec(dsn, "INSERT INTO candles VALUES (1, 2)")
+    return {"BATCHDB_BACKEND": "postgres", "BATCHDB_POSTGRES__DSN": dsn}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "duckdb", "postgres"])
+def test_no_command_shows_a_traceback_for_a_foreign_candles_table(
+        request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> None:
+    dsn = request.getfixturevalue("pg_dsn") if backend == "postgres" else None
+    env: dict[str, str | None] = {**_foreign_candles(backend, tmp_path, dsn)}
+    status = run("status", env=env)
+    assert status.exit_code == 0, status.output
+    text = " ".join(status.stdout.split())
+    assert "the table candles is not batchdb's candles table (it has no column symbol, " \
+           "timeframe, ts; its columns: a, b)" in text
+    assert "candles 1" in text
+    for args in (["ingest", str(DATA / "upbit_mixed.ndjson")], ["maintain"],
+                 ["demo", "--seconds", "1"], ["plugins"], ["config"]):
+        result = run(*args, env=env)
+        assert "Traceback" not in result.output, (args, result.output)
+        assert result.exit_code in (0, 1), (args, result.output)
+    ingest = run("ingest", str(DATA / "upbit_mixed.ndjson"), env=env)
+    assert "table 'candles' has no column(s) 'symbol'" in ingest.stderr
+
+
+def test_ingest_an_upbit_error_response_and_single_objects(settings_file: Path,
+                                                           tmp_path: Path) -> None:
+    error = {"error": {"name": "too_many_requests", "message": "Too many API requests."}}
+    compact = _write(tmp_path / "error.json", json.dumps(error))
+    pretty = _write(tmp_path / "error_pretty.json", json.dumps(error, indent=2))
+    candle = json.loads((DATA / "upbit_krw-btc_1m.json").read_text())[0]
+    one = _write(tmp_path / "one.json", json.dumps(candle, indent=2))
+    other = _write(tmp_path / "other.json", json.dumps({"foo": 1, "bar": 2}, indent=2))
+    result = run("ingest", str(compact), str(pretty), str(one), str(other),
+                 "-s", str(settings_file))
+    assert result.exit_code == 1, result.output
+    err = " ".join(result.stderr.split())
+    for path in (compact, pretty):
+        assert (f"{path}:1: an Upbit API error response, not a candle: too_many_requests: "
+                "Too many API requests.") in err
+    assert "give --symbol" not in err and "candle_date_time_utc'" not in err
+    assert (f"{other}: not Upbit candles: no object has a candle field "
+            "(candle_date_time_utc, ") in err and "the first one has: foo, bar" in err
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert "one.json json object 1 1 0" in " ".join(lines)
+    assert query(db_of(tmp_path), "SELECT symbol, COUNT(*) FROM candles GROUP BY 1") == [
+        (candle["market"], 1)]
+
+
+def test_ingest_csv_with_utc_z_emits_no_warning(settings_file: Path, tmp_path: Path) -> None:
+    import warnings
+
+    text = (DATA / "upbit_krw-sol_5m.csv").read_text().splitlines()
+    header, rows = text[0].split(","), [line.split(",") for line in text[1:]]
+    utc = header.index("candle_date_time_utc")
+    for row in rows:
+        row[utc] += "Z"
+    path = _write(tmp_path / "export.csv", "\n".join(",".join(r) for r in [header, *rows]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run("ingest", str(path), "-s", str(settings_file))
+    assert result.exit_code == 0, result.output
+    assert [str(w.message) for w in caught] == []
+    assert "UserWarning" not in result.output
+    assert query(db_of(tmp_path), "SELECT MIN(ts), MAX(ts), COUNT(*) FROM candles") == [
+        (1704153600000, 1704160800000, 25)]

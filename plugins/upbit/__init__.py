@@ -7,6 +7,7 @@ Dates are converted for the whole batch in one numpy call: a per-row
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from itertools import repeat
 from typing import Any
@@ -66,18 +67,30 @@ def _numbers(values: list[Any], field: str) -> list[float]:
     return result
 
 
+_UTC = ("Z", "z")
+_ZONE_WARNING = "no explicit representation of timezones"
+
+
 def _timestamps(values: list[Any]) -> list[int]:
     if set(map(type, values)) != {str}:  # numpy would read a number as epoch milliseconds
         for i, v in enumerate(values):
             if not isinstance(v, str):
                 raise ValueError(
                     f"candle {i}: 'candle_date_time_utc' is not an ISO date-time: {v!r}")
+    if values and (values[0][-1:] in _UTC or values[-1][-1:] in _UTC):
+        # Upbit's CSV export writes UTC with a trailing Z: numpy reads the time as UTC
+        # either way, but warns about a zone on every batch (and refuses a lowercase z)
+        values = [v[:-1] if v[-1:] in _UTC else v for v in values]
     try:
-        arr = np.array(values, dtype="datetime64[ms]")
+        with warnings.catch_warnings():  # an explicit offset (+09:00): converted to UTC
+            warnings.filterwarnings("ignore", _ZONE_WARNING, UserWarning)
+            arr = np.array(values, dtype="datetime64[ms]")
     except (ValueError, TypeError):
         for i, v in enumerate(values):
             try:
-                np.datetime64(v, "ms")
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", _ZONE_WARNING, UserWarning)
+                    np.datetime64(v, "ms")
                 if not isinstance(v, str):
                     raise TypeError
             except (ValueError, TypeError):
