@@ -507,6 +507,9 @@ def demo(
     A trading bot writes orders (CRITICAL), a monitor upserts live candles (HIGH), a chart
     viewer backfills history (NORMAL) and a backtester writes results (LOW), all at once.
     """
+    if db is not None and not db.parent.is_dir():
+        raise typer.BadParameter(f"the directory {db.parent} of {db} does not exist",
+                                 param_hint="'--db'")
     with _expected_errors():
         overrides: dict[str, Any] = {}
         if db is not None:

@@ -370,6 +370,13 @@ def check_settings_file(path: Path) -> dict[str, Any]:
     and the key otherwise)."""
     data = _read_toml(path)
     problems = _unknown_keys(data, allow_plugin_tables=False)
+    plugins = data.get("plugins")
+    disabled = plugins.get("disabled") if isinstance(plugins, Mapping) else None
+    if isinstance(disabled, list):
+        installed = plugin_names()
+        problems += [f"plugins.disabled: no plugin named {name!r} is installed"
+                     f"{_did_you_mean(name, installed)}; installed: {', '.join(installed)}"
+                     for name in disabled if isinstance(name, str) and name not in installed]
     if problems:
         raise SettingsError(f"settings file {path}: " + "; ".join(problems))
     return data

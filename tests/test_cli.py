@@ -599,3 +599,11 @@ def test_ingest_csv_with_utc_z_emits_no_warning(settings_file: Path, tmp_path: P
     assert "UserWarning" not in result.output
     assert query(db_of(tmp_path), "SELECT MIN(ts), MAX(ts), COUNT(*) FROM candles") == [
         (1704153600000, 1704160800000, 25)]
+
+
+def test_demo_db_in_a_missing_directory_names_the_option(tmp_path: Path) -> None:
+    result = run("demo", "--db", str(tmp_path / "nodir" / "x.db"), "--seconds", "1")
+    assert result.exit_code == 2
+    assert "Invalid value for '--db': the directory" in " ".join(
+        result.output.replace("│", " ").split())
+    assert not (tmp_path / "nodir").exists()

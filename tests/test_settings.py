@@ -238,3 +238,14 @@ def test_unknown_backend_is_a_settings_error_naming_its_source(
         BatchDBManager.from_settings(None, **overrides)
     assert str(err.value).startswith(message)
     assert "installed backends: duckdb, postgres, sqlite" in str(err.value)
+
+
+def test_a_misspelt_disabled_plugin_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text('[plugins]\ndisabled = ["upbt"]\n')
+    with pytest.raises(SettingsError, match=r"settings file .*: plugins\.disabled: no plugin "
+                                            r"named 'upbt' is installed \(did you mean "
+                                            r"'upbit'\?\)"):
+        load_settings(path)
+    path.write_text('[plugins]\ndisabled = ["upbit"]\n')
+    assert load_settings(path).plugins.disabled == ["upbit"]
