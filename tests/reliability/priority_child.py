@@ -17,6 +17,10 @@ writes, prints one JSON line of results and exits. Roles:
   as 1000-row UPSERTs, then ``count`` CRITICAL one-row INSERTs, one every ``interval``,
   each awaited with ``wait()``; reports the latencies and the LOW operations still queued
   when the last CRITICAL committed.
+- ``ordered``: ``count`` CRITICAL one-row orders, one every ``interval``; right after each
+  is queued (its batch is then announced to the other processes), reads the highest
+  ``seq`` of the ``commit_log`` table (filled by the parent's triggers) from a connection
+  of its own; reports ``[order_id, seq]`` per order.
 - ``hold``: queues one CRITICAL order and waits for it (the parent holds the write lock:
   this child then waits for its turn until it is killed).
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -137,6 +142,19 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
                                                          rows, priority))
             for op_id in ids:
                 await manager.wait(op_id)
+        elif role == "ordered":
+            probe = sqlite3.connect(cfg["path"])
+            rounds = []
+            first = int(cfg.get("first", 0))
+            for i in range(int(cfg["count"])):
+                await asyncio.sleep(float(cfg["interval"]))
+                op_id = await manager.queue_operation("orders", OperationType.INSERT,
+                                                      [order(first + i)], Priority.CRITICAL)
+                seen = probe.execute("SELECT coalesce(max(seq), 0) FROM commit_log")
+                rounds.append([first + i, seen.fetchone()[0]])
+                await manager.wait(op_id)
+            probe.close()
+            result["rounds"] = rounds
         elif role == "hold":
             op_id = await manager.queue_operation("orders", OperationType.INSERT,
                                                   [order(int(cfg.get("first", 0)))],
