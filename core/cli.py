@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import os
 import re
 import signal
 import time
@@ -79,6 +81,10 @@ class _Argument(typer.core.TyperArgument):
         name = (self.metavar or self.name or "").upper()
         name = name if self.required else f"[{name}]"
         return [name + ("..." if self.nargs != 1 else "")]
+
+    def get_error_hint(self) -> str:  # "Missing argument 'FILES...'", as in the usage line
+        name = (self.metavar or self.name or "").upper()
+        return f"'{name}{'...' if self.nargs != 1 else ''}'"
 
 
 def _clean_parameter_error(exc: typer.BadParameter) -> None:
@@ -866,6 +872,13 @@ def bench(
 
     console = _stdout()
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    try:  # before minutes of benchmarking: the results must have somewhere to go
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write to the folder {out}: "
+                                 f"{exc.strerror or exc}", param_hint="'--out'") from None
     with _expected_errors():
         try:
             with rich_progress(console) as progress:

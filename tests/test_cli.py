@@ -607,3 +607,22 @@ def test_demo_db_in_a_missing_directory_names_the_option(tmp_path: Path) -> None
     assert "Invalid value for '--db': the directory" in " ".join(
         result.output.replace("│", " ").split())
     assert not (tmp_path / "nodir").exists()
+
+
+def test_missing_files_and_an_unwritable_bench_folder_are_usage_errors(tmp_path: Path) -> None:
+    missing = run("ingest")
+    assert missing.exit_code == 2 and "Missing argument 'FILES...'" in missing.output
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    outs = [blocker / "sub"]
+    if not os.access(readonly, os.W_OK):  # (root may write anyway: nothing to refuse)
+        outs.append(readonly / "x")
+    for out in outs:
+        result = run("bench", "--backends", "sqlite", "--rows", "10", "--out", str(out))
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.replace("│", " ").split())
+        assert f"Invalid value for '--out': cannot write to the folder {out}" in text
+        assert "Traceback" not in result.output
