@@ -743,9 +743,15 @@ def maintain(
     """Run maintenance tasks now and show what they did."""
     with _expected_errors():
         manager = _manager(settings, backend, maintenance={"enabled": False})
+        known = manager.backend.maintenance_tasks
+        unknown = [t for t in tasks or () if t not in known]
+        if unknown:  # before anything runs: an argument mistake
+            raise typer.BadParameter(
+                f"backend {manager.backend_name!r} has no maintenance task "
+                f"{', '.join(map(repr, unknown))}; it has: {', '.join(known) or 'none'}",
+                param_hint="'TASKS...'")
         _require_database(manager)
-        chosen = list(tasks) if tasks else [
-            t for t in manager.backend.maintenance_tasks if t != "integrity_check"]
+        chosen = list(tasks) if tasks else [t for t in known if t != "integrity_check"]
         results = asyncio.run(_maintain(manager, chosen))
     out = _stdout()
     table = _table(f"maintenance on {manager.backend_name}")
