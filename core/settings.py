@@ -146,6 +146,12 @@ class SQLiteSettings(_Section):
         "writes go on, instead of inside a writer's COMMIT; 0 leaves it to SQLite's "
         "auto-checkpoint in the writer",
     )
+    check_types: bool = Field(
+        True,
+        description="check values against the declared column types of ordinary (non-STRICT) "
+        "tables, as DuckDB and PostgreSQL do: text in a REAL column fails its operation "
+        "instead of being stored as text; false keeps SQLite's flexible typing",
+    )
 
     @field_validator("path", mode="before")
     @classmethod
@@ -346,6 +352,8 @@ def _unknown_keys(data: Mapping[str, Any], allow_plugin_tables: bool) -> list[st
     """Messages for the top-level keys of ``data`` that are no setting: a table may be the
     section of an installed plugin (or, for arguments, of a plugin given in code)."""
     fields = list(Settings.model_fields)
+    if all(key in Settings.model_fields for key in data):
+        return []  # (the common case, without reading the entry points)
     plugins = plugin_names()
     problems = []
     for key, value in data.items():
