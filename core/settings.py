@@ -146,6 +146,12 @@ class SQLiteSettings(_Section):
         "writes go on, instead of inside a writer's COMMIT; 0 leaves it to SQLite's "
         "auto-checkpoint in the writer",
     )
+    check_types: bool = Field(
+        True,
+        description="check values against the declared column types of ordinary (non-STRICT) "
+        "tables, as DuckDB and PostgreSQL do: text in a REAL column fails its operation "
+        "instead of being stored as text; false keeps SQLite's flexible typing",
+    )
 
     @field_validator("path", mode="before")
     @classmethod

@@ -138,6 +138,16 @@ class ArrowConverter:
         if all(v is None or isinstance(v, str | uuid.UUID) for v in values):
             return self.pa.array([None if v is None else str(v) for v in values],
                                  type=self.pa.string())
+        target = self.types[index]
+        pa = self.pa
+        if (target is not None and (pa.types.is_integer(target) or pa.types.is_floating(target)
+                                    or pa.types.is_string(target)
+                                    or pa.types.is_large_string(target))
+                and all(v is None or isinstance(v, str | int | float) for v in values)):
+            # numbers and text in one column (as SQLite and PostgreSQL take them): all as
+            # text, for DuckDB to cast to a number column (repr keeps a float exact)
+            as_text = pa.types.is_string(target) or pa.types.is_large_string(target)
+            return pa.array([_number_text(v, as_text) for v in values], type=pa.string())
         raise self._error(index, _short(exc)) from None
 
     def _error(self, index: int, detail: str) -> ConversionError:
@@ -250,6 +260,14 @@ class ArrowConverter:
         self._check_not_null(data.columns, nan_only=False)
         rows = last.column("__row_max").combine_chunks()
         return data.take(rows.take(pc.sort_indices(rows)))
+
+def _number_text(value: Any, as_text: bool) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):  # as DuckDB takes a lone bool in a text / number column
+        return str(value).lower() if as_text else str(int(value))
+    return repr(value) if isinstance(value, float) else str(value)
+
 
 def _first_fraction(values: Sequence[Any]) -> Any:
     for v in values:

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
-from batchdb.backend import Backend, Batch, BatchResult, Capabilities, ErrorKind
+from batchdb.backend import (
+    Backend,
+    Batch,
+    BatchResult,
+    Capabilities,
+    ErrorKind,
+    with_location,
+)
 from batchdb.models import BatchDBError, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
@@ -50,6 +57,18 @@ _QUERY_PRAGMAS = frozenset({"table_info", "show", "show_tables", "show_tables_ex
                             "show_databases", "database_list", "database_size",
                             "storage_info", "functions", "collations", "version",
                             "platform", "metadata_info", "user_agent"})
+
+
+_SOURCE_COLUMN = re.compile(r"source column c(\d+)\b")
+
+
+def _name_source_column(exc: Exception, columns: tuple[str, ...]) -> Exception:
+    """DuckDB names a value it cannot cast by the Arrow column (``c1``): add the table's
+    column name."""
+    match = _SOURCE_COLUMN.search(str(exc))
+    if match is None or int(match.group(1)) >= len(columns):
+        return exc
+    return with_location(exc, f"column {columns[int(match.group(1))]!r}")
 
 
 def load_drivers() -> tuple[Any, Any]:
@@ -312,6 +331,8 @@ class DuckDBBackend(Backend):
         conn.register(self._source, data)
         try:
             out = conn.execute(plan.sql).fetchall()  # [(rows changed,)]
+        except self._duckdb.ConversionException as exc:
+            raise _name_source_column(exc, batch.columns) from exc
         finally:
             with contextlib.suppress(Exception):
                 conn.unregister(self._source)

@@ -39,6 +39,7 @@ from .connections import (
     refused_as_write,
 )
 from .coordination import PriorityClaims, describe, open_claims
+from .types import TypeChecks, check_rows, check_values
 from .writer import WriterThread
 
 __all__ = ["SQLiteBackend"]
@@ -94,6 +95,7 @@ class SQLiteBackend(Backend):
         self._reader_count = 0
         self._all_readers: list[aiosqlite.Connection] = []
         self._reader_conns: list[sqlite3.Connection] = []  # what the readers were given
+        self._types = TypeChecks(settings.check_types)  # values vs. declared column types
         self._sql_cache: dict[tuple[str, OperationType, tuple[str, ...], int], str] = {}
         self._max_variables = 32766  # SQLITE_LIMIT_VARIABLE_NUMBER, read at open()
         self._checkpointer: _Checkpointer | None = None
@@ -393,13 +395,19 @@ class SQLiteBackend(Backend):
         assert conn is not None
         table, op, columns = batch.table, batch.operation_type, batch.columns
         sizes = self._statement_sizes(batch)
+        # values of the wrong type for an ordinary table's columns (see types.py)
+        checks = self._types.of(conn, table, columns) if op is not OperationType.DELETE else ()
         if sizes is None:
+            if checks:
+                check_rows(checks, batch.rows, len(columns), table.name)
             with self._transaction():
                 matched = conn.executemany(self._sql(table, op, columns), batch.rows).rowcount
                 if len(batch.operations) > 1 and matched != batch.row_count:
                     raise _Recount  # some key matched nothing: which operation's?
             return BatchResult(batch.row_count, changed=matched)
         values = batch.flat_values()
+        if checks:
+            check_values(checks, values, len(columns), table.name)
         if len(sizes) == 1:
             matched = conn.execute(self._sql(table, op, columns, sizes[0]), values).rowcount
             return BatchResult(batch.row_count, changed=matched)
@@ -533,11 +541,16 @@ class SQLiteBackend(Backend):
         errors: dict[int, BaseException] = {}
         affected = [0] * len(batch.operations)
         rows = 0
+        checks = (self._types.of(conn, batch.table, batch.columns)
+                  if batch.operation_type is not OperationType.DELETE else ())
         with self._transaction():
             for i, op in enumerate(batch.operations):
                 conn.execute("SAVEPOINT batchdb_op")
                 try:
-                    affected[i] = conn.executemany(sql, op.tuples()).rowcount
+                    op_rows = op.tuples()
+                    if checks:
+                        check_rows(checks, op_rows, len(batch.columns), batch.table.name)
+                    affected[i] = conn.executemany(sql, op_rows).rowcount
                 except Exception as exc:
                     if self.classify_error(exc) is not ErrorKind.DATA:
                         raise

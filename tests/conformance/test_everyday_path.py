@@ -185,3 +185,56 @@ async def test_fetch_still_reads_with_parameters_ctes_and_explain(env: BackendEn
     assert await m.fetch("WITH t AS (SELECT k FROM kv) SELECT count(*) FROM t") == [(2,)]
     assert await m.fetch("EXPLAIN SELECT * FROM kv")
     await m.stop()
+
+
+# ---------------------------------------------------------------------- 2. wrong types
+# an ordinary table (on SQLite: not STRICT, so SQLite itself would store anything)
+TV = "CREATE TABLE tv (k BIGINT PRIMARY KEY, r DOUBLE PRECISION, i BIGINT, t TEXT)"
+
+
+@pytest.mark.parametrize(("column", "value"), [("r", "not-a-number"), ("i", "abc"),
+                                               ("r", "0x1G"), ("i", "")])
+async def test_a_value_of_the_wrong_type_fails_its_operation_alone(
+        env: BackendEnv, column: str, value: Any) -> None:
+    env.execute(TV)
+    m = await started(env)
+    before = await m.queue_operation("tv", "INSERT", [{"k": 1, "r": 1.0, "i": 1, "t": "a"}])
+    bad = await m.queue_operation("tv", "INSERT", [{"k": 2, "r": 2.0, "i": 2, "t": "b"},
+                                                   {"k": 3, "r": 3.0, "i": 3, "t": "c",
+                                                    column: value}])
+    after = await m.queue_operation("tv", "INSERT", [{"k": 4, "r": 4.0, "i": 4, "t": "d"}])
+    # PostgreSQL names it its own way: "COPY ..., line 2, column r: ..."
+    with pytest.raises(OperationFailed, match=rf"column '?{column}'?\b") as info:
+        await m.wait(bad)
+    await m.wait(before)
+    await m.wait(after)
+    await m.stop()
+    if env.name == "sqlite":
+        assert "row 1" in str(info.value)
+    assert env.query("SELECT k FROM tv ORDER BY k") == [(1,), (4,)]
+
+
+async def test_values_sqlite_converts_to_the_column_type_are_kept(env: BackendEnv) -> None:
+    env.execute(TV)
+    m = await started(env)
+    await m.wait(await m.queue_operation("tv", "UPSERT", [
+        {"k": 1, "r": "1.5", "i": "12", "t": "x"},
+        {"k": 2, "r": " 2.5 ", "i": " 7 ", "t": 5},
+        {"k": 3, "r": 3, "i": True, "t": None},
+        {"k": 4, "r": None, "i": None, "t": 1.5}]))
+    await m.stop()
+    assert env.query("SELECT k, r, i, t FROM tv ORDER BY k") == [
+        (1, 1.5, 12, "x"), (2, 2.5, 7, "5"), (3, 3.0, 1, None), (4, None, None, "1.5")]
+
+
+async def test_an_update_with_a_value_of_the_wrong_type_fails_alone(env: BackendEnv) -> None:
+    env.execute(TV, "INSERT INTO tv VALUES (1, 1.0, 1, 'a')",
+                "INSERT INTO tv VALUES (2, 2.0, 2, 'b')")
+    m = await started(env)
+    bad = await m.queue_operation("tv", "UPDATE", [{"k": 1, "r": "not-a-number"}])
+    good = await m.queue_operation("tv", "UPDATE", [{"k": 2, "r": 2.5}])
+    with pytest.raises(OperationFailed, match=r"column '?r'?\b"):
+        await m.wait(bad)
+    await m.wait(good)
+    await m.stop()
+    assert env.query("SELECT k, r FROM tv ORDER BY k") == [(1, 1.0), (2, 2.5)]

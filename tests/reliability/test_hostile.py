@@ -15,7 +15,11 @@ applied one by one, in submission order, each in its own savepoint, by plain ``s
 on a copy of the same database, with SQL written here. So the expected semantics are
 SQLite's documented ones (NaN is stored as NULL: a NOT NULL column refuses it, a nullable
 one gets NULL; a STRICT column refuses what it cannot convert losslessly; a non-STRICT
-column applies type affinity). For each case:
+column applies type affinity), plus batchdb's type check of non-STRICT tables (``[sqlite]
+check_types``): an operation is refused when SQLite would store one of its values with a
+storage class its column's type does not take (text that is not a number in an INTEGER,
+REAL or NUMERIC column, bytes in a TEXT column) — asked of SQLite itself, by storing the
+value in a probe column of the same declared type. For each case:
 
 - an operation the call must refuse raises ValueError/SchemaError naming the problem and
   queues nothing;
@@ -98,6 +102,9 @@ SPECS: dict[str, Spec] = {
 
 
 # ---------------------------------------------------------------------- the template
+_LOOSE_TABLES = frozenset({"loose", WEIRD})  # not STRICT: batchdb checks their types
+
+
 def _template_rows() -> dict[str, list[dict[str, Any]]]:
     return {
         "s": [{"id": i, "name": f"s{i}", "score": i / 2, "data": bytes([i]), "n": i,
@@ -178,6 +185,50 @@ class Expected:
     shape: tuple[int, str] | None = None  # malformed row: (index, what is wrong)
     columns: tuple[str, ...] = ()
     bad_row: int | None = None  # the first row the database refuses
+    # values a non-STRICT column's type does not take: (row, column) pairs
+    mistyped: frozenset[tuple[int, str]] = frozenset()
+
+
+# the declared types of the non-STRICT tables, by what their values must be stored as
+# (a column without a type takes anything)
+_STORED_AS = {"INTEGER": ("integer", "real", "null"), "REAL": ("integer", "real", "null"),
+              "NUMERIC": ("integer", "real", "null"),
+              "TEXT": ("integer", "real", "text", "null")}
+_PROBE = sqlite3.connect(":memory:", check_same_thread=False)
+_PROBE.executescript("".join(f"CREATE TABLE probe_{t} (v {t});" for t in _STORED_AS))
+
+
+def storage_class(declared: str, value: Any) -> str | None:
+    """The storage class SQLite gives ``value`` in an ordinary column of type ``declared``
+    (None: sqlite3 cannot bind it, and says so itself)."""
+    try:
+        _PROBE.execute(f"INSERT INTO probe_{declared} VALUES (?)", (value,))
+    except (sqlite3.Error, OverflowError, UnicodeError):
+        return None
+    (kind,) = _PROBE.execute(f"SELECT typeof(v) FROM probe_{declared}").fetchone()
+    _PROBE.execute(f"DELETE FROM probe_{declared}")
+    return str(kind)
+
+
+def mistyped(spec: Spec, columns: tuple[str, ...],
+             tuples: list[tuple[Any, ...]]) -> frozenset[tuple[int, str]]:
+    """The values of a non-STRICT table's rows stored with a class their column's type
+    does not take, or that cannot be stored at all in a checked column."""
+    if spec.name not in _LOOSE_TABLES:
+        return frozenset()
+    out = set()
+    for j, column in enumerate(columns):
+        declared = spec.types[column]
+        if declared not in _STORED_AS:
+            continue
+        for i, row in enumerate(tuples):
+            stored = storage_class(declared, row[j])
+            if stored is None:
+                if isinstance(row[j], str | bytes) and declared != "TEXT":
+                    out.add((i, column))  # text batchdb refuses before binding it
+            elif stored not in _STORED_AS[declared]:
+                out.add((i, column))
+    return frozenset(out)
 
 
 
@@ -194,6 +245,14 @@ def apply_reference(conn: sqlite3.Connection, op: Op) -> Expected:
         row_columns = tuple(op.rows[0])
         columns = spec.pk if op_type is OperationType.DELETE else row_columns
         tuples = [tuple(row[c] for c in columns) for row in op.rows]
+    if op_type is not OperationType.DELETE:
+        wrong = mistyped(spec, tuple(columns), tuples)
+        if any(storage_class(spec.types[c], tuples[i][tuple(columns).index(c)]) is not None
+               for i, c in wrong):
+            # batchdb refuses the operation before SQLite sees it
+            return Expected(False, columns=tuple(columns), mistyped=wrong)
+    else:
+        wrong = frozenset()
     sql = _statement(spec, op_type, tuple(columns))
     conn.execute("SAVEPOINT ref")
     try:
@@ -209,7 +268,8 @@ def apply_reference(conn: sqlite3.Connection, op: Op) -> Expected:
                 break
         conn.execute("ROLLBACK TO ref")
         conn.execute("RELEASE ref")
-        return Expected(False, error=exc, columns=tuple(columns), bad_row=bad_row)
+        return Expected(False, error=exc, columns=tuple(columns), bad_row=bad_row,
+                        mistyped=wrong)
     conn.execute("RELEASE ref")
     return Expected(True)
 
@@ -247,11 +307,21 @@ _NAMES_BY_BATCHDB = ("Python int too large to convert to SQLite INTEGER",
                      "surrogates not allowed", "datatype mismatch")
 
 
+_MISTYPED = re.compile(r"ColumnTypeError: table .* column '(.*)' \(.*\), row (\d+): .* does "
+                       r"not fit")
+
+
 def _check_failure(op: Op, want: Expected, message: str) -> None:
     """The error of a failed operation names what was wrong."""
     if want.shape is not None:
         check_shape_message(op, want.shape, message)
         return
+    refused = _MISTYPED.search(message)
+    if refused is not None:  # batchdb's type check: a value the reference found mistyped
+        where = (int(refused.group(2)), refused.group(1))
+        assert where in want.mistyped, (where, want, message)
+        return
+    assert not want.mistyped or want.error is not None, (want, message)
     assert want.error is not None
     expected = str(want.error)
     assert expected in message, f"the database said {expected!r}, batchdb says {message!r}"
