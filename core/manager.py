@@ -292,8 +292,11 @@ class BatchDBManager:
                 if info is None and name in self._declared:
                     info = await self.backend.create_table(self._declared[name])
                 elif info is None:
-                    raise SchemaError(f"unknown table {name!r}: it is neither in the database "
-                                      "nor declared")
+                    raise SchemaError(
+                        f"unknown table {name!r}: it is neither in the database nor "
+                        "declared; create it, or declare it (a SQLAlchemy Table, created on "
+                        "first use) with BatchDBManager(..., tables=[table]) or "
+                        "manager.declare_table(table)")
                 self._tables[name] = info
         return info
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from batchdb import BatchDBManager, BatchOperation, OperationType, Priority
+from batchdb import BatchDBManager, BatchOperation, OperationType, Priority, SchemaError
 
 from .conftest import rows_of, upbit_candles
 
@@ -75,6 +75,27 @@ async def test_scenario_2_priorities(seed_dir: Path) -> None:
     path = seed_dir / "market_data.sqlite3"
     assert rows_of(path, "SELECT order_id, side, price FROM orders") == [("o-1", "bid", 1.5)]
     assert rows_of(path, "SELECT COUNT(*), SUM(pnl) FROM backtest_results") == [(100, 2475.0)]
+
+
+async def test_scenario_2_on_a_fresh_database_says_how_to_declare_the_tables(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    order_data = [{"order_id": "o-1", "market": "KRW-BTC", "side": "bid", "price": 1.5,
+                   "volume": 2.0, "created_at": 1}]
+    manager = BatchDBManager(lambda: sqlite3.connect("market_data.sqlite3"))
+    await manager.start()
+
+    # 실거래봇: 최우선
+    with pytest.raises(SchemaError) as info:
+        await manager.queue_operation(
+            "orders", OperationType.INSERT, order_data, Priority.CRITICAL
+        )
+
+    await manager.stop()
+    message = str(info.value)
+    assert message.startswith("unknown table 'orders': it is neither in the database nor "
+                              "declared")
+    assert "tables=[table]" in message and "manager.declare_table(table)" in message
 
 
 async def test_scenario_3_status(seed_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
