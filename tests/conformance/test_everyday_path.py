@@ -91,6 +91,26 @@ async def test_candles_upsert_with_the_seed_columns_only(env: BackendEnv, existi
     assert all(before - 1000 <= s <= middle + 1000 for s in stamps[2:]), (before, stamps, middle)
 
 
+@pytest.mark.parametrize("existing", [False, True], ids=["new-table", "old-table"])
+async def test_a_candle_update_stamps_ingested_at_with_its_time(env: BackendEnv,
+                                                               existing: bool) -> None:
+    if existing:
+        env.execute(OLD_CANDLES)
+    m = await started(env)
+    await m.wait(await m.queue_operation("candles", "INSERT", seed_candles(2)))
+    (first,) = {r[0] for r in await m.fetch("SELECT ingested_at FROM candles")}
+    time.sleep(0.01)
+    before = now_ms()
+    await m.wait(await m.queue_operation("candles", "UPDATE", [
+        {"symbol": "KRW-XRP", "timeframe": "1d", "ts": 1704067200000, "close_price": 1.0}]))
+    await m.wait(await m.queue_operation("candles", "DELETE", [
+        {"symbol": "KRW-XRP", "timeframe": "1d", "ts": 1704067200000 + 86_400_000}]))
+    after = now_ms()
+    await m.stop()
+    ((close, stamp),) = env.query("SELECT close_price, ingested_at FROM candles")
+    assert close == 1.0 and stamp > first and before - 1000 <= stamp <= after + 1000
+
+
 async def test_the_candles_table_gives_ingested_at_a_default(env: BackendEnv) -> None:
     """Other programs writing the table batchdb created need not know the bookkeeping."""
     m = await started(env)
