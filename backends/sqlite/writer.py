@@ -30,11 +30,13 @@ T = TypeVar("T")
 GATE_POLL_SECONDS = 0.0005
 
 #: after a batch of this priority (CRITICAL) the thread pauses HAND_OVER_SECONDS before it
-#: takes the next job. Its completion is the event loop's to deliver (wait() returning), and
-#: the loop needs the GIL for it: without the pause this thread went straight on to the next
-#: LOW batch, building and binding its values with the GIL held, and the loop got the GIL
-#: back only when SQLite started stepping or after the 5 ms switch interval. Measured behind
-#: a 1M-row backlog: commit-to-wait() p99 3.2-3.7 ms without, 1.5-1.9 ms with.
+#: takes the next job, when a batch of a lower priority waits (idle, the thread lets go of
+#: the GIL anyway; CRITICAL after CRITICAL is not slowed). The batch's completion is the
+#: event loop's to deliver (wait() returning), and the loop needs the GIL for it: without
+#: the pause this thread went straight on to the next LOW batch, building and binding its
+#: values with the GIL held, and the loop got the GIL back only when SQLite started
+#: stepping or after the 5 ms switch interval. Measured behind a 1M-row backlog:
+#: commit-to-wait() p99 3.2-3.7 ms without, 1.5-1.9 ms with.
 HAND_OVER_PRIORITY = 3
 HAND_OVER_SECONDS = 0.0002
 
@@ -132,5 +134,6 @@ class WriterThread:
                 job.future.set_exception(exc)
             else:
                 job.future.set_result(result)
-            if job.priority >= HAND_OVER_PRIORITY and job.table is not None:
-                time.sleep(HAND_OVER_SECONDS)
+            if (job.priority >= HAND_OVER_PRIORITY and job.table is not None
+                    and [j for j in self._jobs if j.priority < HAND_OVER_PRIORITY]):
+                time.sleep(HAND_OVER_SECONDS)  # (a racy look at the list: a hint only)
