@@ -540,22 +540,34 @@ class PostgresBackend(Backend):
         if not binary:
             rows = _bools_as_ints(rows, columns, target)
         cursor = raw.cursor()
-        async with cursor.copy(copy_sql, writer=ReadingCopyWriter(cursor)) as copy:
-            if oids is not None:
-                copy.set_types(oids)
-            write_row = copy.write_row
-            for r, row in enumerate(rows):
-                try:
-                    await write_row(row)
-                except (TypeError, ValueError, OverflowError, self._pg.DataError,
-                        self._pg.ProgrammingError) as exc:
-                    if isinstance(exc, self._pg.Error) and exc.pgresult is not None:
-                        raise  # the server's answer, which names what it refused
-                    # a value the driver could not convert: name its column and row
-                    column = _locate(raw, exc, row, columns, oids)
-                    n = r if positions is None else positions[r]
-                    where = f"row {n}" if column is None else f"column {column!r}, row {n}"
-                    raise with_location(exc, where, BadValueError) from exc
+        try:
+            async with cursor.copy(copy_sql, writer=ReadingCopyWriter(cursor)) as copy:
+                if oids is not None:
+                    copy.set_types(oids)
+                write_row = copy.write_row
+                for r, row in enumerate(rows):
+                    try:
+                        await write_row(row)
+                    except (TypeError, ValueError, OverflowError, self._pg.DataError,
+                            self._pg.ProgrammingError) as exc:
+                        if isinstance(exc, self._pg.Error) and exc.pgresult is not None:
+                            raise  # the server's answer, which names what it refused
+                        # a value the driver could not convert: name its column and row
+                        column = _locate(raw, exc, row, columns, oids)
+                        n = r if positions is None else positions[r]
+                        where = (f"row {n}" if column is None
+                                 else f"column {column!r}, row {n}")
+                        raise with_location(exc, where, BadValueError) from exc
+        except self._pg.DataError as exc:
+            # the server names the value it refused by the COPY's line (from 1) and the
+            # column: say it as the other backends do, by the row of the batch
+            found = _COPY_CONTEXT.search(exc.diag.context or "") if exc.pgresult else None
+            if found is None or not 1 <= int(found.group(1)) <= len(rows):
+                raise
+            r = int(found.group(1)) - 1
+            n = r if positions is None else positions[r]
+            raise with_location(exc, f"column {found.group(2)!r}, row {n}",
+                                BadValueError) from exc
 
     async def _commit_rows(self, conn: PooledConnection, batch: Batch, target: Target,
                            rows: list[tuple[Any, ...]], text_copy: bool,
@@ -880,6 +892,9 @@ async def _rollback(conn: PooledConnection) -> None:
     except Exception:
         with contextlib.suppress(Exception):
             await raw.close()
+
+
+_COPY_CONTEXT = re.compile(r"COPY [^,]+, line (\d+), column ([^:]+):")
 
 
 def _portable_placeholders(query: str, n_params: int) -> str:
