@@ -13,6 +13,10 @@
   committed with the bot beside it are compared with its solo run (target: bot p99 ≤ 25 ms,
   each bulk ≥ 0.5x solo).
 
+- ``four_priorities``: the bot (CRITICAL), a monitor (HIGH, one-row writes every 10 ms,
+  each awaited), a chart (NORMAL, 200-row upserts every 20 ms) and a backtester (LOW,
+  1000-row upserts) as four processes on one file; the backtester also runs alone.
+
 Every process is a fresh ``python tests/reliability/priority_child.py``; each round uses a
 fresh database. ``extra_info`` holds every round; the printed lines give medians and runs.
 """
@@ -162,6 +166,41 @@ def bot_beside_bulk(workdir: Path, rows: int, bulk: int) -> dict[str, Any]:
             "bulk_ratio": ratios}
 
 
+def four_priorities(workdir: Path, rows: int) -> dict[str, Any]:
+    """One round: the backtester alone, then the bot (CRITICAL), a monitor (HIGH, one-row
+    writes every 10 ms), a chart (NORMAL, 200-row upserts every 20 ms) and the backtester
+    (LOW, 1000-row upserts without pause), each its own process (fresh database each)."""
+    duration = BOT_WRITES * BOT_INTERVAL + 0.4
+    path = workdir / "four.sqlite3"
+    backtester = {"role": "bulk", "path": str(path), "priority": "LOW", "rows": rows,
+                  "duration": duration}
+    _remove(path)
+    make_database(path, rows)
+    try:
+        [solo] = run_processes([backtester])
+    finally:
+        _remove(path)
+    make_database(path, rows)
+    try:
+        bot, monitor, chart, low = run_processes([
+            {"role": "bot", "path": str(path), "priority": "CRITICAL", "count": BOT_WRITES,
+             "interval": BOT_INTERVAL, "delay": 0.2, "first": 0},
+            {"role": "bot", "path": str(path), "priority": "HIGH", "count": BOT_WRITES,
+             "interval": BOT_INTERVAL, "delay": 0.2, "first": 10_000_000},
+            {"role": "bulk", "path": str(path), "priority": "NORMAL", "rows": rows,
+             "duration": duration, "op_rows": 200, "pause": 0.02},
+            backtester])
+    finally:
+        _remove(path)
+    monitor_q = quantiles(monitor["latencies"])
+    return {**quantiles(bot["latencies"]), "count": len(bot["latencies"]),
+            "monitor_high": monitor_q,
+            "chart_rows_per_s": round(chart["rows_in_window"] / chart["seconds"]),
+            "bulk_rows_per_s_solo": [round(solo["rows_in_window"] / solo["seconds"])],
+            "bulk_rows_per_s_with_bot": [round(low["rows_in_window"] / low["seconds"])],
+            "bulk_ratio": [round(low["rows_in_window"] / max(1, solo["rows_in_window"]), 3)]}
+
+
 def _report(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {"runs": runs}
     for key in ("p50_ms", "p99_ms", "max_ms"):
@@ -208,10 +247,24 @@ def test_bot_beside_bulk(benchmark: Any, bench_rows: int, bench_rounds: int,
     assert all(r["count"] == BOT_WRITES and len(r["bulk_ratio"]) == bulk for r in runs)
 
 
+def test_four_priorities(benchmark: Any, bench_rows: int, bench_rounds: int,
+                         priority_workdir: Path) -> None:
+    """Four processes at four priorities on one file: the bot's CRITICAL latency, the
+    monitor's HIGH latency (its linger, 10 ms, included), the chart's and the backtester's
+    rows/s (the backtester against its solo run)."""
+    runs: list[dict[str, Any]] = []
+    benchmark.pedantic(lambda: runs.append(four_priorities(priority_workdir, bench_rows)),
+                       rounds=bench_rounds, iterations=1)
+    benchmark.extra_info.update(_report("four_priorities", runs))
+    assert all(r["count"] == BOT_WRITES and r["chart_rows_per_s"] > 0 for r in runs)
+
+
 if __name__ == "__main__":  # quick runs without pytest: python test_priority.py ROWS WHAT
     work = Path(os.environ.get("TMPDIR", "/tmp"))
     n, what = int(sys.argv[1]), sys.argv[2]
     if what == "backlog":
         print(critical_behind_backlog(work, n))
+    elif what == "four":
+        print(four_priorities(work, n))
     else:
         print(bot_beside_bulk(work, n, int(what)))

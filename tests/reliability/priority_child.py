@@ -7,9 +7,9 @@ writes, prints one JSON line of results and exits. Roles:
 
 - ``bot``: ``count`` one-row INSERTs into ``orders`` at ``priority``, one every ``interval``
   seconds, each awaited with ``wait()``; reports every latency (queue call to wait() return).
-- ``bulk``: 1000-row UPSERTs over ``rows`` existing candles (new prices each pass) at
-  ``priority`` until ``start_at + duration``, at most ``inflight`` operations outstanding;
-  reports the rows committed inside the window.
+- ``bulk``: 1000-row (``op_rows``) UPSERTs over ``rows`` existing candles (new prices each
+  pass) at ``priority`` until ``start_at + duration``, at most ``inflight`` operations
+  outstanding, ``pause`` seconds between two; reports the rows committed inside the window.
 - ``backlog``: queues ``ops`` operations of ``op_rows`` rows into ``bulk`` (key ``k``, the
   operation's number in ``b``) at once, then waits for them.
 - ``orders``: like ``bot`` with ``count`` writes back to back, order ids from ``first``.
@@ -117,20 +117,23 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
             result["latencies"] = latencies
         elif role == "bulk":
             rows, inflight = int(cfg["rows"]), int(cfg.get("inflight", 4))
+            op_rows, pause = int(cfg.get("op_rows", 1000)), float(cfg.get("pause", 0.0))
             end = float(cfg["start_at"]) + float(cfg["duration"])
             committed = 0
             pending: list[str] = []
             i = variant = 0
             while time.time() < end:
-                batch = [candle((i + j) % rows, variant + 1.0) for j in range(1000)]
-                i += 1000
+                batch = [candle((i + j) % rows, variant + 1.0) for j in range(op_rows)]
+                i += op_rows
                 if i >= rows:
                     i, variant = 0, variant + 1
                 pending.append(await manager.queue_operation(
                     "candles", OperationType.UPSERT, batch, priority))
                 if len(pending) >= inflight:
                     await manager.wait(pending.pop(0))
-                    committed += 1000
+                    committed += op_rows
+                if pause:
+                    await asyncio.sleep(pause)
             result["rows_in_window"] = committed
             result["seconds"] = float(cfg["duration"])
         elif role == "backlog":
