@@ -185,6 +185,10 @@ async def test_batches_below_critical_wait_for_the_wal_restart_checkpoint(
     assert gate(LOW, 0.0) and gate(HIGH, 0.0)
     assert not gate(CRITICAL, 0.0)  # a CRITICAL batch goes beside the checkpoint
     assert not gate(LOW, sqlite_backend._RESET_WAIT_SECONDS)  # bounded
+    pending = backend._reset_pass  # type: ignore[attr-defined]
+    op = await manager.queue_operation("kv", "INSERT", [{"k": 1, "v": "x"}], Priority.CRITICAL)
+    await manager.wait(op)  # written beside the checkpoint, which it leaves pending
+    assert backend._reset_pass == pending  # type: ignore[attr-defined]
     backend._reset_pass = checkpointer.hurry()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while gate(LOW, 0.0) and time.monotonic() < deadline:
@@ -194,4 +198,4 @@ async def test_batches_below_critical_wait_for_the_wal_restart_checkpoint(
     await manager.flush()
     assert backend._reset_pass is None  # type: ignore[attr-defined]
     await manager.stop()
-    assert rows_of(database, "SELECT k FROM kv") == [(2,)]
+    assert rows_of(database, "SELECT k FROM kv ORDER BY k") == [(1,), (2,)]

@@ -432,8 +432,8 @@ class SQLiteBackend(Backend):
         # parameters across rows)
         isolate_on_bad_data = len(batch.operations) > 1 or (
             batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
-        if self._reset_pass is not None:
-            self._finish_wal_reset()
+        if self._reset_pass is not None and batch.priority < Priority.CRITICAL:
+            self._finish_wal_reset()  # (a CRITICAL batch goes beside the checkpoint)
         while True:
             try:
                 result = self._locked(self._write_isolated if isolate else self._commit_batch,
