@@ -142,6 +142,28 @@ def test_the_gate_holds_a_batch_back_while_it_says_so_and_passes_a_higher_one() 
         writer.shutdown()
 
 
+def test_the_gate_never_holds_a_batch_a_higher_one_waits_behind() -> None:
+    """A CRITICAL batch of the same table may not pass a held LOW one (table order), so
+    the LOW batch goes at once: the hold would hold the CRITICAL one too."""
+    asked = threading.Event()
+
+    def gate(priority: int, seconds: float) -> bool:
+        asked.set()
+        return priority < CRITICAL and seconds < 30
+
+    ran: list[str] = []
+    writer = WriterThread("test-gate", gate)
+    try:
+        low = writer.submit(ran.append, "low", table="a", priority=LOW)
+        assert asked.wait(10)
+        critical = writer.submit(ran.append, "critical", table="a", priority=CRITICAL)
+        critical.result(10)
+        low.result(10)
+        assert ran == ["low", "critical"]
+    finally:
+        writer.shutdown()
+
+
 def test_the_gate_bounds_the_hold_itself() -> None:
     writer = WriterThread("test-gate", lambda priority, seconds: seconds < 0.05)
     try:

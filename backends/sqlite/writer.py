@@ -113,7 +113,10 @@ class WriterThread:
                             best = i
                         passed.add(job.table)
                 job = jobs[best]
-                if job.table is not None and self._gate is not None:
+                # never hold a batch back that a higher one waits behind (same table: it
+                # may not pass): the higher one's priority is the held one's too
+                if (job.table is not None and self._gate is not None
+                        and not [j for j in jobs if j.priority > job.priority]):
                     now = time.monotonic()
                     held = 0.0 if job.held_since is None else now - job.held_since
                     if self._gate(job.priority, held):
