@@ -542,7 +542,9 @@ class SQLiteStore(Store):
         return conn
 
     def _files(self) -> list[Path]:
-        return [self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))]
+        # -batchdb: the file through which the processes writing the database coordinate
+        return [self.path, *(self.path.with_name(self.path.name + s)
+                             for s in ("-wal", "-shm", "-batchdb"))]
 
     def remove(self) -> None:
         for f in self._files():
