@@ -241,38 +241,52 @@ def test_status_lists_the_other_writers_and_a_killed_waiter_blocks_nobody(
 
 def test_sigkill_at_random_moments_leaves_the_file_sound_and_nobody_blocked(
         tmp_path: Path, children: list[Child]) -> None:
-    """Four writers at four priorities, killed one at a time with SIGKILL at seeded random
-    moments and restarted on the same file: after every kill the file passes
-    ``integrity_check``; at the end, fresh writers at every priority all finish (none waits
-    for a dead process's sign) and every one of their writes is there."""
+    """Four writers at four priorities (the LOW one a bulk writer, so that kills land inside
+    its transactions too), each SIGKILLed, then two of them again, in a seeded random order
+    at seeded random moments, and restarted on the same file: after every kill the file passes
+    ``integrity_check`` and every writer, survivors and the restarted one, goes on
+    committing (none waits for the dead process's sign); at the end, fresh writers at every
+    priority all finish and every one of their writes is there."""
     path = tmp_path / "kill.sqlite3"
     make_database(path)
     rng = random.Random(1603)
     generation = 0
+    firsts: dict[int, int] = {}
 
     def writer(p: int) -> Child:
         nonlocal generation
         generation += 1
-        child = start(children, {"role": "orders", "path": str(path),
-                                 "priority": PRIORITY_NAMES[p], "count": 1_000_000,
-                                 "first": generation * 1_000_000,
-                                 "interval": 0.0 if p == 0 else 0.001, "batch": QUICK})
+        firsts[p] = generation * 1_000_000
+        cfg: dict[str, Any] = (
+            {"role": "bulk", "rows": 10_000_000, "duration": 3600.0, "inflight": 2}
+            if p == 0 else
+            {"role": "orders", "count": 1_000_000, "first": firsts[p], "interval": 0.001})
+        child = start(children, {**cfg, "path": str(path), "priority": PRIORITY_NAMES[p],
+                                 "batch": QUICK})
         child.go()
         return child
 
+    def progress(p: int) -> int:
+        if p == 0:
+            return int(rows(path, "SELECT count(*) FROM candles")[0][0])
+        return _orders_between(path, firsts[p])
+
     running = [writer(p) for p in range(PRIORITIES)]
-    for _ in range(8):
-        time.sleep(rng.uniform(0.05, 0.6))
-        victim = rng.randrange(PRIORITIES)
+    for victim in rng.sample(range(PRIORITIES), PRIORITIES) + rng.sample(range(PRIORITIES), 2):
+        time.sleep(rng.uniform(0.05, 0.5))
         running[victim].kill()
         assert integrity(path) == ["ok"]
         running[victim] = writer(victim)
+        seen = {p: progress(p) for p in range(PRIORITIES)}
+        deadline = time.monotonic() + 60
+        while (any(progress(p) <= seen[p] for p in range(PRIORITIES))
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert all(progress(p) > seen[p] for p in range(PRIORITIES)), (victim, seen)
     for child in running:
         child.kill()
     assert integrity(path) == ["ok"]
     assert claimed(path) == {}
-    before = rows(path, "SELECT count(*) FROM orders")[0][0]
-    assert before > 0
     final = [start(children, {"role": "orders", "path": str(path),
                               "priority": PRIORITY_NAMES[p], "count": 50,
                               "first": 900_000_000 + p * 1000, "batch": QUICK})
@@ -284,3 +298,13 @@ def test_sigkill_at_random_moments_leaves_the_file_sound_and_nobody_blocked(
     assert rows(path, "SELECT count(*) FROM orders WHERE order_id >= 900000000") == [(200,)]
     assert integrity(path) == ["ok"]
     assert os.path.exists(coordination_path(str(path)))
+
+
+def _orders_between(path: Path, first: int) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        found = conn.execute("SELECT count(*) FROM orders WHERE order_id BETWEEN ? AND ?",
+                             (first, first + 999_999)).fetchone()
+        return int(found[0])
+    finally:
+        conn.close()
