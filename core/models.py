@@ -148,7 +148,7 @@ class BatchOperation:
     row_columns: tuple[str, ...] = field(default=(), repr=False)
     n_rows: int = field(default=0, repr=False)
     nbytes: int = field(default=0, repr=False)
-    keys: frozenset[Any] | None = field(default=None, repr=False)
+    keys: list[Any] | None = field(default=None, repr=False)
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
@@ -180,7 +180,7 @@ class BatchOperation:
         row_columns: tuple[str, ...] = (),
         n_rows: int = 0,
         nbytes: int = 0,
-        keys: frozenset[Any] | None = None,
+        keys: list[Any] | None = None,
         seq: int = 0,
         enqueued_at: float | None = None,
         future: asyncio.Future[BatchOperation] | None = None,

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -74,10 +75,10 @@ class SchedulerStats:
         return {"p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
 
 
-_MALFORMED: frozenset[Any] = frozenset({object()})
+_MALFORMED: list[Any] = [object()]  # an operation's keys that could not be read
 
 
-def _keys_of(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset[Any] | None:
+def _keys_of(op: BatchOperation, primary_key: tuple[str, ...]) -> list[Any] | None:
     """The primary-key values an operation writes (cached), or None if its rows are bad.
 
     Rows that do not carry the key (an INSERT relying on AUTOINCREMENT) have no identity
@@ -88,9 +89,11 @@ def _keys_of(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset[Any]
     return None if op.keys is _MALFORMED else op.keys
 
 
-def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset[Any]:
+def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> list[Any]:
+    """The keys as a list (repeats allowed): building a set of them cost more than the
+    index it feeds."""
     if not set(primary_key) <= set(op.columns):
-        return frozenset()
+        return []
     try:
         if op.values is not None:
             where = [op.columns.index(k) for k in primary_key]
@@ -98,9 +101,9 @@ def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> frozenset
         else:
             keys = list(map(itemgetter(*primary_key), op.data_rows))
         if len(primary_key) == 1:
-            return frozenset(_canonical_column(keys))
+            return _canonical_column(keys)
         columns = [_canonical_column(list(column)) for column in zip(*keys, strict=True)]
-        return frozenset(zip(*columns, strict=True))
+        return list(zip(*columns, strict=True))
     except (KeyError, TypeError, ValueError, OverflowError):
         return _MALFORMED  # the operation will fail: keep it in order with everything
 
@@ -110,7 +113,7 @@ _INDEX_MIN_KEYS = 65536
 _canonical_texts: dict[str, Any] = {}
 
 
-def _canonical_column(values: list[Any]) -> list[Any] | set[Any]:
+def _canonical_column(values: list[Any]) -> list[Any]:
     """:func:`_canonical` of one key column's values: numbers as they are, a text's form
     cached (key texts such as markets and timeframes repeat)."""
     types = set(map(type, values))
@@ -127,7 +130,10 @@ def _canonical_column(values: list[Any]) -> list[Any] | set[Any]:
                 canonical = texts[value] = _canonical(value)
             out.append(canonical)
         return out
-    return list(map(_canonical, values))
+    out = list(map(_canonical, values))
+    for _ in map(hash, out):  # an unhashable value (TypeError): the rows are malformed
+        pass
+    return out
 
 
 def _canonical(value: Any) -> Any:
@@ -487,7 +493,7 @@ class Scheduler:
             if own is None:
                 index.malformed += 1
             else:
-                last.update(dict.fromkeys(own, op))
+                last.update(zip(own, repeat(op)))
             return target
         target = op.priority
         writers = [w for w in filter(None, map(last.get, own)) if w.lane >= 0]
@@ -511,7 +517,7 @@ class Scheduler:
                 for queued in moved:
                     promoted.extend(queued.keys or ())
             writers = [w for w in filter(None, map(last.get, promoted)) if w.lane >= 0]
-        last.update(dict.fromkeys(own, op))
+        last.update(zip(own, repeat(op)))
         if len(last) > index.limit:
             self._indexes[table] = rebuilt = self._build_index(table, pk)
             rebuilt.limit = max(_INDEX_MIN_KEYS, 4 * len(rebuilt.last))
@@ -526,7 +532,7 @@ class Scheduler:
             if keys is None:
                 index.malformed += 1
             else:
-                index.last.update(dict.fromkeys(keys, op))
+                index.last.update(zip(keys, repeat(op)))
         return index
 
     def _unindex(self, table: str, ops: list[BatchOperation]) -> None:
@@ -696,8 +702,17 @@ class Scheduler:
 
     def _pick(self, now: float, critical_only: bool = False
               ) -> tuple[Batch | None, float | None]:
-        """The next batch to run, or the time until one becomes ready."""
-        forced = self._pressure()
+        """The next batch to run, or the time until one becomes ready.
+
+        A lane is ready when its batch is full, its linger is over, a flush() covers it or
+        the scheduler stops; the highest priority with a ready lane goes first. Under memory
+        or queue-length pressure with no lane ready, the fullest lane goes: it frees the
+        most room per batch (forcing the highest priority's few rows out first cut batches
+        in pieces whenever producers outran the database at several priorities).
+        """
+        stopping = self._stopping
+        pressure = stopping or self._pressure()
+        fullest: tuple[int, Priority, str, _Lane] | None = None
         next_deadline: float | None = None
         busy = self._inflight_tables if not self._ordered else {}
         for prio in _PRIORITIES[:1] if critical_only else _PRIORITIES:
@@ -711,7 +726,7 @@ class Scheduler:
                     continue
                 head = lane.ops[0]
                 ready = (
-                    forced
+                    stopping
                     or head.seq <= self._flush_barrier
                     or now - head.enqueued_at >= linger
                     or lane.rows >= self.batch_limit(head.operation_type)
@@ -723,8 +738,12 @@ class Scheduler:
                     deadline = head.enqueued_at + linger
                     if next_deadline is None or deadline < next_deadline:
                         next_deadline = deadline
+                    if pressure and (fullest is None or lane.rows > fullest[0]):
+                        fullest = (lane.rows, prio, table, lane)
             if best is not None:
                 return self._take(prio, *best), None
+        if fullest is not None:
+            return self._take(*fullest[1:]), None
         return None, next_deadline
 
     def _take(self, prio: Priority, table: str, lane: _Lane) -> Batch:
