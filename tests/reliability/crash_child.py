@@ -339,6 +339,13 @@ class Child:
         print("done", flush=True)
 
 
+#: the child's max_queue_size: operations committed but not yet acknowledged (callbacks
+#: that have not run) count against it, so at a kill the acknowledgements lag the commits by
+#: at most this plus what is in flight (ACK_LAG_BOUND)
+QUEUE_BOUND = 2000
+ACK_LAG_BOUND = QUEUE_BOUND + (3 + 1) * 300  # + max_concurrent_batches (+1 CRITICAL) batches
+
+
 def build_manager(db: str, backend: str) -> BatchDBManager:
     """The manager of the child: small batches and lingers, so many transactions happen.
 
@@ -346,6 +353,7 @@ def build_manager(db: str, backend: str) -> BatchDBManager:
     """
     section: dict[str, Any] = {"path": db}
     batch = {"insert_batch_size": 300, "update_batch_size": 150, "max_concurrent_batches": 3,
+             "max_queue_size": QUEUE_BOUND,
              "linger_seconds": {"CRITICAL": 0.0, "HIGH": 0.003, "NORMAL": 0.01, "LOW": 0.03}}
     if backend == "duckdb":
         section["batch_size"] = 2000

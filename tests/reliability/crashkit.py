@@ -380,6 +380,7 @@ class CheckResult:
 
     acked_checked: int = 0
     groups_checked: int = 0
+    committed_unacked: int = 0  # operations whose effect is in the database, not acknowledged
     lost: list[str] = field(default_factory=list)
     half: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -446,6 +447,7 @@ def check_database(db: Path | str, logs: Logs, backend: str) -> CheckResult:
             result.unexpected.append(f"operation {spec['n']} claimed group {target}, "
                                      "which was not acknowledged (harness error)")
     seen: dict[str, set[int]] = {t: set() for t in groups}
+    latest = max((spec["run"] for spec in specs.values()), default=None)
     for m, spec in specs.items():
         if spec["target"] is not None:
             continue
@@ -466,6 +468,13 @@ def check_database(db: Path | str, logs: Logs, backend: str) -> CheckResult:
         seen[table].add(m)
         result.groups_checked += 1
         result.acked_checked += (m in acked) + (w is not None and w["n"] in acked)
+        # the last child's committed operations it had not acknowledged when it died
+        if (actual and m not in acked and spec["run"] == latest
+                and actual == expected_rows(spec, None)):
+            result.committed_unacked += 1
+        if (actual and w is not None and w["n"] not in acked and w["run"] == latest
+                and actual == expected_rows(spec, w) != expected_rows(spec, None)):
+            result.committed_unacked += 1
         if any(actual == rows for _, rows in allowed):
             continue
         names = "; ".join(name for name, _ in allowed)
@@ -522,6 +531,7 @@ class CrashRun:
         self.failure: str | None = None
         self.lost = 0
         self.half = 0
+        self.ack_lag = 0  # the most operations of one child committed but not acknowledged
         self.outliving = 0  # checks that had to wait for sessions of the dead child
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHDB_")}
         self.env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -548,6 +558,10 @@ class CrashRun:
         self.half = max(self.half, len(result.half))
         problems = result.problems + [f"operation failed in the child: {line}"
                                       for line in logs.failed[:5]]
+        self.ack_lag = max(self.ack_lag, result.committed_unacked)
+        if result.committed_unacked > cc.ACK_LAG_BOUND:
+            problems.append(f"the acknowledgements lag the commits by "
+                            f"{result.committed_unacked} operations (bound {cc.ACK_LAG_BOUND})")
         if problems and self.failure is None:
             self.failure = (f"after {when} (seed {self.seed}):\n  "
                             + "\n  ".join(problems[:12]))
@@ -632,6 +646,7 @@ class CrashRun:
             "acknowledged_ops_checked": acked_checked,
             "groups_checked_last": result.groups_checked,
             "operations_lost": self.lost,
+            "max_committed_unacknowledged": self.ack_lag,
             "half_applied_operations": self.half,
             "failure": self.failure,
             "child_runs": self._runs,

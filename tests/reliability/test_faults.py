@@ -234,7 +234,8 @@ async def test_cancelled_stop_fails_queued_operations_clearly(
     release.cancel()
     committed = {k for (k,) in rows_of(db_path, "SELECT k FROM kv")}
     for i, op in enumerate(records):
-        assert op is not None and op.state in ("committed", "failed"), f"operation {i} neither committed nor failed"
+        assert op is not None and op.state in ("committed", "failed"), (
+            f"operation {i} neither committed nor failed")
         if op.error is None:
             assert i in committed
         else:
