@@ -99,14 +99,18 @@ def _clean_parameter_error(exc: typer.BadParameter) -> None:
     exc.message = message
 
 
-class _Command(typer.core.TyperCommand):
-    """typer's command, its help and its option errors tidied (see _tidy_param)."""
+class _TidyParams:
+    """Options shown as a careful CLI shows them (see _tidy_param)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             _tidy_param(param)
         return params
+
+
+class _Command(_TidyParams, typer.core.TyperCommand):
+    """typer's command, its help and its option errors tidied (see _tidy_param)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         try:
@@ -116,15 +120,9 @@ class _Command(typer.core.TyperCommand):
             raise
 
 
-class _Group(typer.core.TyperGroup):
+class _Group(_TidyParams, typer.core.TyperGroup):
     """The ``batchdb`` group: tidied help, and ``--version`` alone (``--version false``
     is an error, not the version)."""
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        params = super().get_params(ctx)
-        for param in params:
-            _tidy_param(param)
-        return params
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         if "--version" in args:
