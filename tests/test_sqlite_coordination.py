@@ -211,10 +211,12 @@ async def test_batches_below_critical_wait_for_the_wal_restart_checkpoint(
     op = await manager.queue_operation("kv", "INSERT", [{"k": 1, "v": "x"}], Priority.CRITICAL)
     await manager.wait(op)  # written beside the checkpoint, which it leaves pending
     assert backend._reset_pass == pending  # type: ignore[attr-defined]
-    backend._reset_pass = checkpointer.hurry()  # type: ignore[attr-defined]
+    first = backend._reset_pass = checkpointer.hurry()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
     while gate(LOW, 0.0) and time.monotonic() < deadline:
         time.sleep(0.001)
+    # the CRITICAL batch's frames came after the pass began: one more pass copied them
+    assert backend._reset_pass > first  # type: ignore[attr-defined]
     assert checkpointer.finished(backend._reset_pass)  # type: ignore[attr-defined]
     await manager.queue_operation("kv", "INSERT", [{"k": 2, "v": "y"}], Priority.LOW)
     await manager.flush()

@@ -71,7 +71,6 @@ _YIELD_SECONDS = 0.025
 # Restarting the WAL (see _after_commit): a batch below CRITICAL waits at most this long for
 # the checkpoint that lets the next transaction restart it.
 _RESET_WAIT_SECONDS = 0.25
-_RESET_INLINE_FRAMES = 64  # frames the writer copies itself to complete that checkpoint
 
 
 class SQLiteBackend(Backend):
@@ -101,6 +100,8 @@ class SQLiteBackend(Backend):
         self._checkpointer: _Checkpointer | None = None
         self._claims: PriorityClaims | None = None
         self._reset_pass: int | None = None  # checkpoint pass the WAL restart waits for
+        self._written_beside = 0  # batches committed since that pass was asked for
+        self._reset_version = 0  # PRAGMA data_version when it was asked for
         self.path: str | None = None
 
     @property
@@ -433,7 +434,7 @@ class SQLiteBackend(Backend):
         isolate_on_bad_data = len(batch.operations) > 1 or (
             batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
         if self._reset_pass is not None and batch.priority < Priority.CRITICAL:
-            self._finish_wal_reset()  # (a CRITICAL batch goes beside the checkpoint)
+            self._restart_wal()
         while True:
             try:
                 result = self._locked(self._write_isolated if isolate else self._commit_batch,
@@ -497,10 +498,18 @@ class SQLiteBackend(Backend):
         longer (see writer.py). A batch below CRITICAL waits for the checkpoint that lets
         the WAL restart (_after_commit), and any batch waits while a writer of a higher
         priority waits for the write lock elsewhere; each wait is bounded."""
+        checkpointer = self._checkpointer
         if (self._reset_pass is not None and priority < Priority.CRITICAL
-                and held < _RESET_WAIT_SECONDS and self._checkpointer is not None
-                and not self._checkpointer.finished(self._reset_pass)):
-            return True
+                and held < _RESET_WAIT_SECONDS and checkpointer is not None):
+            if not checkpointer.finished(self._reset_pass):
+                return True
+            if self._written_beside:
+                # CRITICAL batches went in beside the pass: their frames are not copied
+                # back yet, so one more (short) pass, still in the checkpointer's thread
+                # (its fsync would hold this one)
+                self._written_beside = 0
+                self._reset_pass = checkpointer.hurry()
+                return True
         claims = self._claims
         return bool(claims is not None and held < _YIELD_SECONDS
                     and claims.higher_waiting(priority))
@@ -512,27 +521,33 @@ class SQLiteBackend(Backend):
         checkpointer for a pass at once, and batches below CRITICAL wait for it (the
         writer's gate); a CRITICAL batch still goes, beside the checkpoint. (The writer used
         to copy the rest itself, holding its thread for 10-20 ms in a bulk load: the tail of
-        CRITICAL writes queued behind the backlog.)"""
-        if self._reset_pass is None and checkpointer.wal_frames >= _WAL_RESET_FRAMES:
+        CRITICAL writes queued behind the backlog; copying only the last few frames there
+        still cost an fsync of the database, up to 12 ms.)"""
+        if self._reset_pass is not None:
+            self._written_beside += 1
+            checkpointer.wake()
+        elif checkpointer.wal_frames >= _WAL_RESET_FRAMES:
             checkpointer.wal_frames = 0  # at most one restart per checkpoint pass
+            self._written_beside = 0
+            assert self._conn is not None
+            self._reset_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             self._reset_pass = checkpointer.hurry()
         else:
             checkpointer.wake()
 
-    def _finish_wal_reset(self) -> None:
-        """The pass the WAL restart waited for is over (or the wait timed out). If it left
-        only a few frames (CRITICAL batches written beside it), copy them here so that the
-        next transaction restarts the WAL; more (a reader held them back, another process's
-        checkpoint was running): leave them, a later pass will do."""
-        checkpointer = self._checkpointer
-        target, self._reset_pass = self._reset_pass, None
-        if checkpointer is None or target is None or not checkpointer.finished(target):
-            return
-        if self.urgent() or checkpointer.left > _RESET_INLINE_FRAMES:
-            return
-        assert self._conn is not None
-        with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    def _restart_wal(self) -> None:
+        """Before the batch the gate let go after the WAL-restart checkpoint (or after the
+        wait's bound): if another process committed beside the checkpoint, its frames are
+        not copied back and the WAL would not restart: copy them here (a few frames, but an
+        fsync of the database: not while a CRITICAL write of this process waits; another
+        process's writes go on meanwhile, this holds no lock they need)."""
+        self._reset_pass = None
+        assert self._conn is not None and self._checkpointer is not None
+        self._checkpointer.wal_frames = 0  # it counted the WAL this batch restarts
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._reset_version and not self.urgent():
+            with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _write_isolated(self, batch: Batch) -> BatchResult:
         conn = self._conn
@@ -729,7 +744,6 @@ class _Checkpointer:
         self.busy_timeout_ms = busy_timeout_ms
         self.checkpoints = 0
         self.wal_frames = 0
-        self.left = 0  # frames the last pass could not copy back
         self.last_error: str | None = None
         self._started = 0  # passes begun
         self._finished = 0  # passes over (a pass is over before the next one begins)
@@ -776,14 +790,11 @@ class _Checkpointer:
                 self._event.clear()
                 self._started += 1
                 try:
-                    busy, frames, done = conn.execute(
-                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.wal_frames = frames
-                    self.left = frames - done if not busy and done >= 0 else frames
                     self.checkpoints += 1
                 except sqlite3.Error as exc:  # reported in status; the writer goes on
                     self.last_error = str(exc)
-                    self.left = self.wal_frames
                 self._finished = self._started
                 if self._stopping.is_set():
                     return
