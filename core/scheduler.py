@@ -517,10 +517,10 @@ class Scheduler:
                 for queued in moved:
                     promoted.extend(queued.keys or ())
             writers = [w for w in filter(None, map(last.get, promoted)) if w.lane >= 0]
-        last.update(zip(own, repeat(op)))
-        if len(last) > index.limit:
-            self._indexes[table] = rebuilt = self._build_index(table, pk)
-            rebuilt.limit = max(_INDEX_MIN_KEYS, 4 * len(rebuilt.last))
+        if len(last) > index.limit:  # drop the writers gone since (op is not queued yet)
+            self._indexes[table] = index = self._build_index(table, pk)
+            index.limit = max(_INDEX_MIN_KEYS, 4 * len(index.last))
+        index.last.update(zip(own, repeat(op)))
         return target
 
     def _build_index(self, table: str, pk: tuple[str, ...]) -> _KeyIndex:

@@ -274,3 +274,26 @@ async def test_four_priorities_on_one_table_the_later_submission_wins(
         await m.wait(bad)
     assert dict(rows_of(db_path, "SELECT k, v FROM kv")) == expected
     assert (await m.get_queue_status())["stats"]["promotions"] > 0
+
+
+async def test_the_later_submission_wins_past_a_rebuild_of_the_key_index(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """More keys queued at several priorities than the index keeps before it rebuilds
+    itself (65,536), then every key rewritten at CRITICAL: each rewrite must still find the
+    queued writers of its keys (and promote them), the one that caused the rebuild too."""
+    make_table(db_path, KV_DDL)
+    m = make_manager(**cfg(linger_seconds={"HIGH": 100, "NORMAL": 100, "LOW": 100},
+                           flush_interval_seconds=100, max_memory_mb=1000,
+                           insert_batch_size=200_000))  # nothing dispatched before flush
+    await m.start()
+    rotation = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+    n_ops = 700  # 70,000 keys
+    for i in range(n_ops):
+        await m.queue_operation("kv", "UPSERT", [{"k": i * 100 + j, "v": "old"}
+                                                 for j in range(100)], rotation[i % 3])
+    for i in range(n_ops):  # one at a time: each commits before the next is queued
+        await m.wait(await m.queue_operation("kv", "UPSERT", [{"k": i * 100 + j, "v": "new"}
+                                                              for j in range(100)],
+                                             Priority.CRITICAL))
+    await m.flush()
+    assert rows_of(db_path, "SELECT v, COUNT(*) FROM kv GROUP BY v") == [("new", 70_000)]
