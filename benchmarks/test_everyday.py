@@ -2,10 +2,10 @@
 
 - ``callbacks``: one-row and 100-row INSERT operations with no callback, a plain callback and
   an ``async def`` callback, the three variants interleaved round by round in one run
-  (targets: with a callback ≥ 0.8× without for one-row operations, ≥ 0.9× for 100-row ones);
+  (targets: with a callback ≥ 0.8x without for one-row operations, ≥ 0.9x for 100-row ones);
 - ``priorities``: 100-row UPSERTs into one table at one priority, against the same
   operations at rotating priorities CRITICAL, HIGH, NORMAL, LOW with distinct keys, and with
-  10% of them rewriting a key queued at another priority (targets: ≥ 0.8× and ≥ 0.5×).
+  10% of them rewriting a key queued at another priority (targets: ≥ 0.8x and ≥ 0.5x).
 
 Each test's pytest-benchmark time is one round of all its variants; the per-variant medians,
 every round and the ratios are in ``extra_info`` and printed. ``--bench-rows`` sizes them:
