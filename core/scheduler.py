@@ -109,7 +109,6 @@ def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> list[Any]
 
 
 _PLAIN_KEY_TYPES = frozenset({int, bool, float})
-_INDEX_MIN_KEYS = 65536
 _canonical_texts: dict[str, Any] = {}
 
 
@@ -220,19 +219,14 @@ class _History:
 
 class _KeyIndex:
     """A table's queued operations by key, kept while the table has operations queued at
-    more than one priority: each key's last writer. The ordering across priorities keeps
-    every queued writer of a key in one lane, so that writer's lane is the key's lane.
+    more than one priority: each key's last queued writer. The ordering across priorities
+    keeps every queued writer of a key in one lane, so that writer's lane is the key's."""
 
-    A writer taken out of the queues (``lane == -1``) stays until the index is rebuilt: if
-    the last writer of a key is gone, so are all writers of it (one lane, taken in order).
-    Deleting per key at dispatch cost more than the rest of the ordering together."""
-
-    __slots__ = ("last", "limit", "malformed")
+    __slots__ = ("last", "malformed")
 
     def __init__(self) -> None:
         self.last: dict[Any, BatchOperation] = {}
         self.malformed = 0  # queued operations whose keys could not be read
-        self.limit = _INDEX_MIN_KEYS  # rebuild (dropping gone writers) beyond this size
 
 
 class _Lane:
@@ -496,7 +490,7 @@ class Scheduler:
                 last.update(zip(own, repeat(op)))
             return target
         target = op.priority
-        writers = [w for w in filter(None, map(last.get, own)) if w.lane >= 0]
+        writers = list(filter(None, map(last.get, own)))
         for writer in writers:  # the highest lane holding one of op's keys
             if writer.lane > target:
                 target = Priority(writer.lane)
@@ -516,11 +510,8 @@ class Scheduler:
                     self._move(src, target, table, moved)
                 for queued in moved:
                     promoted.extend(queued.keys or ())
-            writers = [w for w in filter(None, map(last.get, promoted)) if w.lane >= 0]
-        if len(last) > index.limit:  # drop the writers gone since (op is not queued yet)
-            self._indexes[table] = index = self._build_index(table, pk)
-            index.limit = max(_INDEX_MIN_KEYS, 4 * len(index.last))
-        index.last.update(zip(own, repeat(op)))
+            writers = list(filter(None, map(last.get, promoted)))
+        last.update(zip(own, repeat(op)))
         return target
 
     def _build_index(self, table: str, pk: tuple[str, ...]) -> _KeyIndex:
@@ -536,15 +527,24 @@ class Scheduler:
         return index
 
     def _unindex(self, table: str, ops: list[BatchOperation]) -> None:
-        """``ops`` are taken out of the queues; the index goes once the table has nothing
-        queued."""
-        index = self._indexes[table]
-        for op in ops:
-            op.lane = -1
-            if op.keys is _MALFORMED:
-                index.malformed -= 1
+        """``ops`` are taken out of the queues: forget them as their keys' last writers (the
+        index goes once the table has nothing queued)."""
         if not any(table in self._lanes[prio] for prio in _PRIORITIES):
             del self._indexes[table]
+            return
+        index = self._indexes[table]
+        last = index.last
+        for op in ops:
+            keys = op.keys
+            if keys is _MALFORMED:
+                index.malformed -= 1
+            elif keys:
+                # pop every key in C, then put back the few a later writer owns (or that
+                # repeat in the operation): a Python loop per key cost twice as much
+                popped = list(map(last.pop, keys, repeat(None)))
+                if popped.count(op) != len(popped):
+                    last.update([(key, writer) for key, writer in zip(keys, popped, strict=True)
+                                 if writer is not None and writer is not op])
 
     def _order_by_scan(self, op: BatchOperation) -> Priority:
         """Keep "the later submission wins" across priorities; return the lane for ``op``.
@@ -747,29 +747,72 @@ class Scheduler:
         return None, next_deadline
 
     def _take(self, prio: Priority, table: str, lane: _Lane) -> Batch:
-        head = lane.ops.popleft()
-        ops = [head]
-        rows = head.n_rows
+        """The next batch of ``lane``: its head and the operations behind it of the same
+        shape, up to the batch size; under memory or queue-length pressure, a batch that is
+        not full then takes the heads of the table's other lanes too (see :meth:`_top_up`).
+        Without pressure a lower priority keeps lingering beside a higher one."""
+        head = lane.ops[0]
         op_type, columns = head.operation_type, head.columns
         limit = self._limits[op_type]
-        q = lane.ops
-        while q and rows < limit:
-            nxt = q[0]
-            if (nxt.operation_type is not op_type or rows + nxt.n_rows > limit
-                    or (nxt.columns is not columns and nxt.columns != columns)):
-                break
-            ops.append(q.popleft())
-            rows += nxt.n_rows
-        lane.rows -= rows
-        if not q:
-            del self._lanes[prio][table]
-        if table in self._indexes:
+        ops: list[BatchOperation] = []
+        rows = self._take_from(prio, table, lane, ops, 0, limit)
+        self._queued_by_prio[prio] -= len(ops)
+        index = self._indexes.get(table)
+        batch_prio = prio
+        if rows < limit and index is not None and not index.malformed and self._pressure():
+            batch_prio = self._top_up(prio, table, ops, rows, limit)
+        if index is not None:
             self._unindex(table, ops)
         nbytes = sum([op.nbytes for op in ops])
         self.queued_ops -= len(ops)
-        self._queued_by_prio[prio] -= len(ops)
         self.queued_bytes -= nbytes
-        return Batch(self._table_of(table), op_type, columns, ops, priority=prio)
+        return Batch(self._table_of(table), op_type, columns, ops, priority=batch_prio)
+
+    def _take_from(self, prio: Priority, table: str, lane: _Lane, ops: list[BatchOperation],
+                   rows: int, limit: int) -> int:
+        """Move the operations at the head of ``lane`` that have ``ops``' shape (the first
+        one's if ``ops`` is empty) into ``ops`` while they fit in ``limit`` rows."""
+        q = lane.ops
+        first = ops[0] if ops else q[0]
+        op_type, columns = first.operation_type, first.columns
+        taken = 0
+        while q and (rows < limit or not ops):
+            nxt = q[0]
+            if ops and (nxt.operation_type is not op_type or rows + nxt.n_rows > limit
+                        or (nxt.columns is not columns and nxt.columns != columns)):
+                break
+            ops.append(q.popleft())
+            rows += nxt.n_rows
+            taken += nxt.n_rows
+        lane.rows -= taken
+        if not q:
+            del self._lanes[prio][table]
+        return rows
+
+    def _top_up(self, prio: Priority, table: str, ops: list[BatchOperation], rows: int,
+                limit: int) -> Priority:
+        """Fill a batch that is not full with the heads of the table's other lanes (same
+        shape), highest priority first: fewer, fuller batches when producers outrun the
+        database on one table at several priorities (a CRITICAL batch of the few rows that
+        came in during the last batch otherwise went alone). Safe for
+        "the later submission wins": the key index keeps every queued writer of a key in one
+        lane, so operations of different lanes share no key, and each lane still gives up
+        its operations in order. Those operations only commit earlier than they had to.
+        Returns the batch's priority: the highest of its operations' lanes."""
+        batch_prio = prio
+        for other in _PRIORITIES:
+            if other is prio or rows >= limit:
+                continue
+            lane = self._lanes[other].get(table)
+            if lane is None:
+                continue
+            before = len(ops)
+            rows = self._take_from(other, table, lane, ops, rows, limit)
+            taken = len(ops) - before
+            if taken:
+                self._queued_by_prio[other] -= taken
+                batch_prio = max(batch_prio, other)
+        return batch_prio
 
     def _dispatch(self) -> None:
         """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""

@@ -276,11 +276,12 @@ async def test_four_priorities_on_one_table_the_later_submission_wins(
     assert (await m.get_queue_status())["stats"]["promotions"] > 0
 
 
-async def test_the_later_submission_wins_past_a_rebuild_of_the_key_index(
+async def test_the_later_submission_wins_with_many_keys_queued(
         db_path: Path, make_manager: ManagerFactory) -> None:
-    """More keys queued at several priorities than the index keeps before it rebuilds
-    itself (65,536), then every key rewritten at CRITICAL: each rewrite must still find the
-    queued writers of its keys (and promote them), the one that caused the rebuild too."""
+    """70,000 keys queued at three priorities, then every key rewritten at CRITICAL, one
+    operation at a time: each rewrite must find the queued writers of its keys and promote
+    them (an index that once rebuilt itself past 65,536 keys lost the keys of the operation
+    that made it grow)."""
     make_table(db_path, KV_DDL)
     m = make_manager(**cfg(linger_seconds={"HIGH": 100, "NORMAL": 100, "LOW": 100},
                            flush_interval_seconds=100, max_memory_mb=1000,
