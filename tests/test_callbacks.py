@@ -298,3 +298,35 @@ async def test_the_later_submission_wins_with_many_keys_queued(
                                              Priority.CRITICAL))
     await m.flush()
     assert rows_of(db_path, "SELECT v, COUNT(*) FROM kv GROUP BY v") == [("new", 70_000)]
+
+
+async def test_under_pressure_batches_mix_the_lanes_of_a_table_and_the_later_write_wins(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """A producer outrunning the database on one table at four priorities: batches that are
+    not full take operations of the table's other lanes (fewer, fuller batches), and every
+    key still ends as its last submission left it."""
+    make_table(db_path, KV_DDL)
+    m = make_manager(**cfg(max_queue_size=64, insert_batch_size=100))
+    await m.start()
+    rotation = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
+    expected: dict[int, str] = {}
+    batch_of: dict[str, tuple[float | None, Priority]] = {}
+    ids: list[str] = []
+
+    def record(op: BatchOperation) -> None:
+        batch_of[op.operation_id] = (op.processed_at, op.priority)
+
+    for i in range(600):
+        # distinct keys for the first 400 (only the top-up mixes lanes), then rewrites
+        base = (i - 9) * 10 if i % 5 == 4 and i >= 400 else i * 10
+        ids.append(await m.queue_operation("kv", "UPSERT", [{"k": base + j, "v": f"op{i}"}
+                                                            for j in range(10)],
+                                           rotation[i % 4], record))
+        expected.update((base + j, f"op{i}") for j in range(10))
+    await m.flush()
+    assert dict(rows_of(db_path, "SELECT k, v FROM kv")) == expected
+    priorities_by_batch: dict[float | None, set[Priority]] = {}
+    for op_id in ids[:400]:
+        processed_at, priority = batch_of[op_id]
+        priorities_by_batch.setdefault(processed_at, set()).add(priority)
+    assert any(len(p) > 1 for p in priorities_by_batch.values())
