@@ -119,13 +119,11 @@ class _Worker:
             self.current = op
             callback = op.callback
             assert callback is not None
+            error: BaseException | None = None
             try:
                 result = callback(op)
             except BaseException as exc:  # a callback's error is logged, never raised
-                result = exc
-                error: BaseException | None = exc
-            else:
-                error = None
+                error = exc
             with lock:
                 if self.abandoned:  # the watchdog counted it as timed out: this thread ends
                     self.current = None
@@ -161,7 +159,7 @@ class CallbackRunner:
         self._worker: _Worker | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._want_progress = False
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()  # asyncio keeps tasks weakly
         self._drain_waiters: list[tuple[int, asyncio.Future[None]]] = []
         # counters kept on the event loop; the workers count their own
         self.queued = 0  # operations handed over, plain and coroutine
@@ -169,31 +167,34 @@ class CallbackRunner:
         self._loop_done = 0  # finished on the loop: coroutines, timeouts, retired workers
         self._loop_done_bytes = 0
         self._retired_raised = 0
-        self.raised_on_loop = 0
+        self._raised_on_loop = 0
         self.timed_out = 0
         self._late: list[_Worker] = []  # abandoned workers, still inside their callback
 
     # ------------------------------------------------------------------ counting
+    def _finished(self) -> tuple[int, int]:
+        """Callbacks finished (returned, raised or timed out), and their operations' bytes."""
+        worker = self._worker
+        if worker is None:
+            return self._loop_done, self._loop_done_bytes
+        return self._loop_done + worker.done, self._loop_done_bytes + worker.done_bytes
+
     @property
     def done(self) -> int:
         """Callbacks finished (returned, raised or timed out)."""
-        worker = self._worker
-        return self._loop_done + (worker.done if worker is not None else 0)
+        return self._finished()[0]
 
     def backlog(self) -> tuple[int, int]:
         """Operations whose callback has not finished yet, and their estimated bytes."""
-        worker = self._worker
-        if worker is None:
-            return self.queued - self._loop_done, self.queued_bytes - self._loop_done_bytes
-        return (self.queued - self._loop_done - worker.done,
-                self.queued_bytes - self._loop_done_bytes - worker.done_bytes)
+        done, done_bytes = self._finished()
+        return self.queued - done, self.queued_bytes - done_bytes
 
     def status(self) -> dict[str, int]:
         """Callbacks pending (queued or running), running late (past their timeout and still
         inside the user's code), timed out and raised, since start."""
         self._late = [w for w in self._late if w.current is not None]
         worker = self._worker
-        raised = self._retired_raised + self.raised_on_loop + (
+        raised = self._retired_raised + self._raised_on_loop + (
             worker.raised if worker is not None else 0)
         return {"pending": self.backlog()[0], "running_late": len(self._late),
                 "timed_out": self.timed_out, "raised": raised, "completed": self.done}
@@ -217,30 +218,13 @@ class CallbackRunner:
             self._watchdog = self._loop.call_later(self._watch_every(), self._watch)
 
     def _run_coroutines(self, ops: list[BatchOperation]) -> None:
-        ended = 0
-        nbytes = 0
         for op in ops:
             try:
-                coro = op.callback(op)  # type: ignore[misc]
+                awaitable = op.callback(op)  # type: ignore[misc]
             except (Exception, asyncio.CancelledError) as exc:
                 self._ended_on_loop(op, exc, notify=False)
                 continue
-            if type(coro) is not types.CoroutineType:  # an awaitable of another kind
-                self._adopt(op, coro, notify=False)
-                continue
-            try:
-                waiting_on = coro.send(None)
-            except StopIteration:  # done without suspending: no task
-                op.data_rows = ()
-                ended += 1
-                nbytes += op.nbytes
-                continue
-            except (Exception, asyncio.CancelledError) as exc:
-                self._ended_on_loop(op, exc, notify=False)
-                continue
-            self._start_task(op, coro, waiting_on)
-        self._loop_done += ended
-        self._loop_done_bytes += nbytes
+            self._adopt(op, awaitable, notify=False)
         self._progress()
 
     def _adopt(self, op: BatchOperation, awaitable: Any, notify: bool = True) -> None:
@@ -286,7 +270,7 @@ class CallbackRunner:
     def _ended_on_loop(self, op: BatchOperation, error: BaseException | None,
                        notify: bool = True) -> None:
         if error is not None:
-            self.raised_on_loop += 1
+            self._raised_on_loop += 1
             log.error("callback of operation %s raised: %r", op.operation_id, error)
         op.data_rows = ()
         self._loop_done += 1

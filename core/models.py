@@ -154,7 +154,7 @@ class BatchOperation:
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
     #: "queued" until the operation ends "committed" or "failed"
     state: str = "queued"
-    lane: int = field(default=-1, repr=False)  # the priority whose queue holds it
+    lane: int = field(default=-1, repr=False)  # the priority whose queue it joined
 
     # Written out rather than generated: the generated __init__ (keyword arguments, two
     # default factories) was a tenth of the cost of a one-row operation. Same parameters,

@@ -159,7 +159,7 @@ def _canonical(value: Any) -> Any:
 def _count_affected(batch: Batch, result: BatchResult) -> None:
     """Each UPDATE/DELETE operation's matched rows, as exactly as the backend tells them:
     per operation, or a batch total that settles it when the batch holds one operation or
-    every key matched. Otherwise (-1) the operation counts the rows it sent."""
+    every key matched. Otherwise the operation counts the rows it sent."""
     ops = batch.operations
     if result.affected is not None:
         for op, n in zip(ops, result.affected, strict=True):
@@ -168,12 +168,9 @@ def _count_affected(batch: Batch, result: BatchResult) -> None:
     changed = result.changed
     if changed is not None and len(ops) == 1:
         ops[0].rows_affected = changed
-    elif changed is not None and changed == sum([op.n_rows for op in ops]):
+    else:  # every key matched (changed == the rows), or the backend cannot tell
         for op in ops:
             op.rows_affected = op.n_rows
-    else:
-        for op in ops:
-            op.rows_affected = -1
 
 
 class _History:
@@ -711,7 +708,7 @@ class Scheduler:
         in pieces whenever producers outran the database at several priorities).
         """
         stopping = self._stopping
-        pressure = stopping or self._pressure()
+        pressure = self._pressure()  # stopping included
         fullest: tuple[int, Priority, str, _Lane] | None = None
         next_deadline: float | None = None
         busy = self._inflight_tables if not self._ordered else {}
@@ -980,9 +977,9 @@ class Scheduler:
         if exc is None:
             stats.successful_operations += len(ops)
             latencies = stats.latencies
-            keyed = batch.operation_type in _KEYED
+            keyed = batch.operation_type in _KEYED  # counted by _count_affected
             for op in ops:
-                if not keyed or op.rows_affected < 0:
+                if not keyed:
                     op.rows_affected = op.n_rows
                 op.state = "committed"
                 op.is_processed = True
@@ -1025,25 +1022,23 @@ class Scheduler:
             else:
                 try:
                     is_coroutine = known[callback]
-                except (KeyError, TypeError):
-                    is_coroutine = self._is_async(callback)
+                except KeyError:
+                    is_coroutine = self._learn_callback(callback)
+                except TypeError:  # an unhashable callable
+                    is_coroutine = is_async_callable(callback)
                 (coroutines if is_coroutine else plain).append(op)
         self._history.add(ops)
         if (plain or coroutines) and self._callbacks is not None:
             self._callbacks.run(plain, coroutines)
 
-    def _is_async(self, callback: Any) -> bool:
-        """Whether ``callback`` is a coroutine function, looked up once per callback."""
+    def _learn_callback(self, callback: Any) -> bool:
+        """Whether ``callback`` is a coroutine function, remembered (``_complete`` looks it
+        up once per operation; inspecting it each time cost ~1 µs)."""
         known = self._async_callables
-        try:
-            return known[callback]
-        except KeyError:
-            if len(known) > 4096:
-                known.clear()
-            found = known[callback] = is_async_callable(callback)
-            return found
-        except TypeError:  # an unhashable callable
-            return is_async_callable(callback)
+        if len(known) > 4096:
+            known.clear()
+        found = known[callback] = is_async_callable(callback)
+        return found
 
     # ------------------------------------------------------------------ status
     def queue_status(self) -> dict[str, Any]:
