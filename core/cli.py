@@ -896,6 +896,14 @@ def bench(
         raise typer.Exit(1)
 
 
+def _register_plugin_commands() -> None:
+    """Commands of installed plugins (``batchdb_register_commands``), e.g. ``collect``."""
+    create_plugin_manager().hook.batchdb_register_commands(app=app)
+
+
+_register_plugin_commands()
+
+
 def main() -> None:
     """Entry point of the ``batchdb`` console script."""
     _LOGGING["configure"] = True

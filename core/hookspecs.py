@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import typer
+
     from .backend import Backend, Batch
     from .models import BatchOperation
 
@@ -62,3 +64,11 @@ def batchdb_batch_failed(batch: Batch, error: BaseException, backend: Backend) -
 @hookspec
 def batchdb_maintenance_done(task: str, seconds: float, result: dict[str, Any]) -> None:
     """A maintenance task (checkpoint, analyze, vacuum, …) finished."""
+
+
+@hookspec
+def batchdb_register_commands(app: typer.Typer) -> None:
+    """Add commands to the ``batchdb`` program: ``app.command()(function)`` (typer).
+
+    Called once when the command line is built, for every installed plugin.
+    """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -11,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -25,6 +26,8 @@ from pydantic_settings import (
 from pydantic_settings import SettingsError as SourceError
 
 from .models import BatchDBError, Priority
+
+_M = TypeVar("_M", bound=BaseModel)
 
 __all__ = [
     "BatchConfig",
@@ -298,6 +301,28 @@ class Settings(BaseSettings):
             return f"{key} (default)"
         return f"{origin}: {key}" if origin != "argument" else f"argument {key}"
 
+    def section(self, name: str, model: type[_M]) -> _M:
+        """The ``[name]`` section of a plugin, validated by the plugin's own ``model``.
+
+        Values come from the settings file's ``[name]`` table, then ``BATCHDB_NAME__KEY``
+        variables (pydantic-settings reads variables only for the fields it knows, so a
+        plugin's are gathered here), then arguments (``name={...}``). A bad value is a
+        :class:`SettingsError` naming the key and where it came from.
+        """
+        if name in type(self).model_fields:
+            value = getattr(self, name)
+            raw: dict[str, Any] = value.model_dump() if isinstance(value, BaseModel) else {}
+        else:
+            raw = dict((self.model_extra or {}).get(name) or {})
+        raw.update(_section_env(name))
+        arguments = self._arguments.get(name)
+        if isinstance(arguments, Mapping):
+            raw.update(arguments)
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            raise SettingsError(describe_section_error(exc, name, self.where(name))) from None
+
     def backend_section(self, name: str | None = None) -> Any:
         """The settings section of a backend (a model for built-ins, a dict for others)."""
         name = name or self.backend
@@ -305,6 +330,28 @@ class Settings(BaseSettings):
             return getattr(self, name)
         extra = self.model_extra or {}
         return extra.get(name, {})
+
+
+def _section_env(name: str) -> dict[str, Any]:
+    """``BATCHDB_NAME__KEY`` variables of one plugin section, as ``{key: value}`` (names in
+    any case; values are strings, validated by the section's model). A ``BATCHDB_NAME``
+    variable holding JSON gives the whole section."""
+    prefix = f"BATCHDB_{name.upper()}"
+    out: dict[str, Any] = {}
+    for variable, value in os.environ.items():
+        upper = variable.upper()
+        if upper == prefix:
+            try:
+                whole = json.loads(value)
+            except json.JSONDecodeError:
+                raise SettingsError(f"{variable}: must hold the [{name}] section as a JSON "
+                                    f"object (got {value!r})") from None
+            if not isinstance(whole, dict):
+                raise SettingsError(f"{variable}: must hold a JSON object (got {value!r})")
+            out = {**whole, **out}
+        elif upper.startswith(prefix + "__"):
+            out[variable[len(prefix) + 2:].lower()] = value
+    return out
 
 
 def resolve_settings_path(path: str | os.PathLike[str] | None = None) -> Path | None:

@@ -136,3 +136,27 @@ def test_registering_a_non_backend_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(BatchDBError, match="'bad' is not a batchdb.Backend subclass"):
         BatchDBManager(settings=load_settings(), plugins=[Bad()])
+
+
+def test_plugins_add_commands_to_the_command_line() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    class Hello:
+        @hookimpl
+        def batchdb_register_commands(self, app: typer.Typer) -> None:
+            @app.command()
+            def hello(name: str = "world") -> None:
+                """Say hello."""
+                typer.echo(f"hello {name}")
+
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """A program."""
+
+    create_plugin_manager(extra_plugins=[Hello()]).hook.batchdb_register_commands(app=app)
+    result = CliRunner().invoke(app, ["hello", "--name", "batchdb"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "hello batchdb\n"

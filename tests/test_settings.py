@@ -249,3 +249,27 @@ def test_a_misspelt_disabled_plugin_is_an_error(tmp_path: Path) -> None:
         load_settings(path)
     path.write_text('[plugins]\ndisabled = ["upbit"]\n')
     assert load_settings(path).plugins.disabled == ["upbit"]
+
+
+def test_plugin_section_reads_file_then_env_then_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import BaseModel, Field
+
+    class Upbit(BaseModel):
+        base_url: str = "https://api.upbit.com"
+        requests_per_second: float = Field(10, gt=0)
+        max_retries: int = 8
+
+    path = tmp_path / "settings.toml"
+    path.write_text('[upbit]\nbase_url = "http://file"\nmax_retries = 3\n')
+    monkeypatch.setenv("BATCHDB_UPBIT__BASE_URL", "http://env")
+    monkeypatch.setenv("batchdb_upbit__requests_per_second", "2.5")
+    section = load_settings(path, upbit={"max_retries": 1}).section("upbit", Upbit)
+    assert section == Upbit(base_url="http://env", requests_per_second=2.5, max_retries=1)
+    assert load_settings(path).section("upbit", Upbit).max_retries == 3
+
+    monkeypatch.setenv("BATCHDB_UPBIT__REQUESTS_PER_SECOND", "0")
+    monkeypatch.delenv("batchdb_upbit__requests_per_second")
+    with pytest.raises(SettingsError, match=r"upbit\.requests_per_second: .*greater than 0"):
+        load_settings(path).section("upbit", Upbit)
