@@ -16,7 +16,6 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter
 from typing import Any
@@ -33,6 +32,7 @@ from .models import (
 )
 from .schema import TableInfo
 from .settings import BatchConfig
+from .stats import SchedulerStats
 
 __all__ = ["Scheduler", "SchedulerStats"]
 
@@ -44,35 +44,6 @@ _LOWER = {p: tuple(q for q in _PRIORITIES if q < p) for p in Priority}
 _OTHERS = {p: tuple(q for q in _PRIORITIES if q != p) for p in Priority}
 _MB = 1024 * 1024
 _KEYED = (OperationType.UPDATE, OperationType.DELETE)
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since start; ``latencies`` holds recent enqueue-to-commit times."""
-
-    total_operations: int = 0
-    successful_operations: int = 0
-    failed_operations: int = 0
-    total_processing_time: float = 0.0
-    rows_committed: int = 0
-    batches_committed: int = 0
-    batches_failed: int = 0
-    retries: int = 0
-    splits: int = 0
-    promotions: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
-
-    def latency_quantiles(self) -> dict[str, float | None]:
-        """p50/p99/max of recent commit latencies, in milliseconds."""
-        if not self.latencies:
-            return {"p50_ms": None, "p99_ms": None, "max_ms": None}
-        data = sorted(self.latencies)
-        n = len(data)
-
-        def q(p: float) -> float:
-            return round(data[min(n - 1, int(p * n))] * 1000, 3)
-
-        return {"p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
 
 
 _MALFORMED: list[Any] = [object()]  # an operation's keys that could not be read
