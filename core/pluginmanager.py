@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from collections.abc import Iterable
@@ -62,11 +63,38 @@ def create_plugin_manager(
             pm.load_errors[ep.name] = exc
             continue
         pm.register(plugin, name=ep.name)
+        unknown = _unknown_hooks(pm, plugin, ep.name)
+        if unknown is not None:  # like a plugin that fails to import: the others keep working
+            pm.unregister(plugin)
+            log.warning("batchdb plugin %r (%s) not loaded: %s", ep.name, ep.value, unknown)
+            pm.load_errors[ep.name] = unknown
+            continue
         if ep.dist is not None:
             pm.dists[ep.name] = f"{ep.dist.name} {ep.dist.version}"
     for plugin in extra_plugins:
-        pm.register(plugin)
+        name = pm.register(plugin)
+        unknown = _unknown_hooks(pm, plugin, name or repr(plugin))
+        if unknown is not None:  # a plugin handed over in code: the caller's mistake
+            pm.unregister(plugin)
+            raise unknown
+    pm.check_pending()  # nothing unchecked is left (raises PluginValidationError)
     return pm
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object, name: str) -> BatchDBError | None:
+    """An error naming the ``batchdb_*`` implementations of ``plugin`` that match no hook
+    (a misspelt hook would otherwise register and never be called)."""
+    specs = [n for n in dir(hookspecs) if n.startswith("batchdb_")]
+    unknown = [caller.name for caller in pm.get_hookcallers(plugin) or []
+               if not caller.has_spec()]
+    if not unknown:
+        return None
+    parts = []
+    for hook in unknown:
+        close = difflib.get_close_matches(hook, specs, n=1, cutoff=0.7)
+        parts.append(repr(hook) + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return BatchDBError(f"plugin {name!r} implements {', '.join(parts)}, which is no batchdb "
+                        f"hook; the hooks are: {', '.join(specs)}")
 
 
 class BackendRegistry:

@@ -160,3 +160,42 @@ def test_plugins_add_commands_to_the_command_line() -> None:
     result = CliRunner().invoke(app, ["hello", "--name", "batchdb"])
     assert result.exit_code == 0, result.output
     assert result.output == "hello batchdb\n"
+
+
+def test_a_misspelt_hook_is_an_error_naming_it() -> None:
+    class Typo:
+        @hookimpl
+        def batchdb_batch_comitted(self, batch: Batch, seconds: float, backend: Backend) -> None:
+            """Never called: the hook is misspelt."""
+
+    with pytest.raises(BatchDBError, match=r"implements 'batchdb_batch_comitted' \(did you "
+                                           r"mean 'batchdb_batch_committed'\?\), which is no "
+                                           r"batchdb hook"):
+        create_plugin_manager(extra_plugins=[Typo()])
+    # the manager refuses it too, before anything starts
+    with pytest.raises(BatchDBError, match="batchdb_batch_comitted"):
+        BatchDBManager(settings=load_settings(), plugins=[Typo()])
+
+
+async def test_a_plugin_normalises_candles_of_its_own_source(tmp_path: Path) -> None:
+    class Binance:
+        """Binance klines ``[open_time_ms, open, high, low, close, volume, ...]``."""
+
+        @hookimpl
+        def batchdb_normalize_candles(self, symbol: str, timeframe: str,
+                                      candles: list[Any], source: str
+                                      ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]] | None:
+            if source != "binance":
+                return None
+            columns = ("symbol", "timeframe", "ts", "open_price", "high_price", "low_price",
+                       "close_price", "volume")
+            return columns, [(symbol, timeframe, k[0] // 1000, float(k[1]), float(k[2]),
+                              float(k[3]), float(k[4]), float(k[5])) for k in candles]
+
+    settings = load_settings(sqlite={"path": str(tmp_path / "k.db")})
+    async with BatchDBManager(settings=settings, plugins=[Binance()]) as m:
+        op_id = await m.insert_candles_batch(
+            "BTCUSDT", "1m", [[1700000000000, "1", "3", "0.5", "2", "10"]], source="binance")
+        await m.wait(op_id)
+        rows = await m.fetch("SELECT symbol, ts, high_price, close_price FROM candles")
+    assert rows == [("BTCUSDT", 1700000000, 3.0, 2.0)]
