@@ -72,8 +72,8 @@ def create_plugin_manager(
         if ep.dist is not None:
             pm.dists[ep.name] = f"{ep.dist.name} {ep.dist.version}"
     for plugin in extra_plugins:
-        name = pm.register(plugin)
-        unknown = _unknown_hooks(pm, plugin, name or repr(plugin))
+        registered = pm.register(plugin)
+        unknown = _unknown_hooks(pm, plugin, registered or repr(plugin))
         if unknown is not None:  # a plugin handed over in code: the caller's mistake
             pm.unregister(plugin)
             raise unknown
