@@ -17,7 +17,8 @@ from .batch import Batch, BatchResult
 from .models import BatchDBError
 from .schema import TableInfo
 
-__all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy",
+__all__ = ["Backend", "BackendContext", "Batch", "BatchResult", "Capabilities", "ErrorKind",
+           "RetryPolicy",
            "note_retries", "retries_of"]
 
 
@@ -48,20 +49,42 @@ class RetryPolicy:
 class Capabilities:
     """What a backend declares about itself; the scheduler sizes its work from it.
 
-    ``ordered``: the backend runs the batches of a table strictly in the order it was
-    handed them (a batch may pass waiting batches of *other* tables, e.g. by priority) and
-    isolates failing operations and retries transient errors itself, so the scheduler may
-    hand it the next batch of a table before the previous one finished (pipelining).
-    ``max_writers`` is then the depth of that pipeline. The scheduler hands CRITICAL
-    batches over even when ``max_writers`` batches are in flight (one more at most).
+    ``max_writers``: batches the scheduler may have in flight (CRITICAL gets one more, so a
+    live order is never queued behind a backlog batch already handed over).
+    ``ordered``: the backend commits the batches of one table in the order it was handed
+    them (a batch may pass waiting batches of *other* tables, e.g. by priority), so the
+    scheduler may hand it a table's next batch before the previous one finished.
+    ``recovers_itself``: the backend retries transient errors and isolates failing
+    operations itself (reporting them in ``BatchResult.errors``); the scheduler then fails
+    whatever it still raises as it is instead of retrying or splitting the batch.
+    ``insert_batch_size``/``update_batch_size``: a backend-preferred batch size, if any.
     """
 
     max_writers: int = 1
     ordered: bool = False
-    supports_upsert: bool = True
-    insert_batch_size: int | None = None  # a backend-preferred batch size, if it has one
+    recovers_itself: bool = False
+    insert_batch_size: int | None = None
     update_batch_size: int | None = None
-    dialect: str = "sqlite"
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What the scheduler hands a backend at :meth:`Backend.open`.
+
+    ``retry_policy``: the backoff for transient errors a backend retries itself.
+    ``urgent``: True while a CRITICAL operation waits (housekeeping such as a checkpoint
+    should wait then); cheap, and safe to call from the backend's threads.
+    ``batch_rows``: the most rows the scheduler puts in an INSERT/UPSERT batch (a backend
+    may size its statements by it).
+    """
+
+    retry_policy: RetryPolicy = RetryPolicy()
+    urgent: Callable[[], bool] = _never
+    batch_rows: int = 1000
 
 
 _E = TypeVar("_E", bound=BaseException)
@@ -116,13 +139,8 @@ class Backend(ABC):
     ) -> None:
         self.settings = settings
         self.connection_factory = connection_factory
-        self.retry_policy = RetryPolicy()
-        #: set by the scheduler: True while a CRITICAL operation waits (housekeeping such
-        #: as a checkpoint should wait then); may be called from the backend's threads
-        self.urgent: Callable[[], bool] = lambda: False
-        #: set by the scheduler: the most rows it puts in an INSERT/UPSERT batch (a backend
-        #: may size its statements by it)
-        self.batch_rows = 1000
+        #: what the scheduler handed over at :meth:`open` (defaults until then)
+        self.context = BackendContext()
 
     @property
     @abstractmethod
@@ -130,8 +148,9 @@ class Backend(ABC):
         """What this backend can do and how many writers it takes."""
 
     @abstractmethod
-    async def open(self) -> None:
-        """Connect, tune the connection(s), create the writer."""
+    async def open(self, context: BackendContext) -> None:
+        """Keep ``context`` (``self.context = context``), connect, tune the connection(s),
+        create the writer."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -215,14 +215,15 @@ class BatchDBManager:
         async with self._state_lock:
             if self._scheduler is not None:
                 return
-            await self.backend.open()
             hook = self.pm.hook
             committed = (self._hook_committed
                          if hook.batchdb_batch_committed.get_hookimpls() else None)
             failed = self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None
             self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
-            self._scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
-                                        committed, failed)
+            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
+                                  committed, failed)
+            await self.backend.open(scheduler.backend_context)
+            self._scheduler = scheduler
             self._scheduler.start()
             self._started_at = time.monotonic()
             self._stopped_at = None

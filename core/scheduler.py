@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .backend import Backend, ErrorKind, RetryPolicy, retries_of
+from .backend import Backend, BackendContext, ErrorKind, RetryPolicy, retries_of
 from .batch import Batch, BatchResult, count_affected
 from .callbacks import CALLBACK_STATUS_KEYS, CallbackRunner, is_async_callable
 from .models import (
@@ -60,18 +60,19 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.backend = backend
-        backend.retry_policy = RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
-                                           config.retry_max_delay_seconds)
-        backend.urgent = self.critical_waiting
         self._table_of = table_of
         self._on_committed = on_committed
         self._on_failed = on_failed
         caps = backend.capabilities
         self._ordered = caps.ordered
+        self._recovers_itself = caps.recovers_itself
         self.max_inflight = max(1, min(config.max_concurrent_batches, caps.max_writers))
         self._insert_size = caps.insert_batch_size or config.insert_batch_size
         self._update_size = caps.update_batch_size or config.update_batch_size
-        backend.batch_rows = self._insert_size
+        self.backend_context = BackendContext(
+            RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
+                        config.retry_max_delay_seconds),
+            self.critical_waiting, self._insert_size)
         self.stats = SchedulerStats()
         self._queues = Lanes(table_of, self.stats)
         # the lanes' own dicts, read directly on the submission and dispatch paths
@@ -480,7 +481,7 @@ class Scheduler:
         except Exception as exc:
             self.stats.retries += retries_of(exc)  # a backend's own retries before it gave up
             kind = self.backend.classify_error(exc)
-            if self._ordered or kind is ErrorKind.RESOURCE or (
+            if self._recovers_itself or kind is ErrorKind.RESOURCE or (
                     kind is ErrorKind.DATA and len(batch.operations) == 1):
                 self._finish(batch, exc, seconds)
                 self._release(batch)
@@ -507,7 +508,7 @@ class Scheduler:
             self._release(batch)
 
     async def _retry(self, batch: Batch, exc: Exception, kind: ErrorKind, attempt: int) -> None:
-        policy = self.backend.retry_policy
+        policy = self.backend_context.retry_policy
         while True:
             if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
                 attempt += 1

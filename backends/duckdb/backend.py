@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from batchdb.backend import (
     Backend,
+    BackendContext,
     Batch,
     BatchResult,
     Capabilities,
@@ -129,8 +130,7 @@ class DuckDBBackend(Backend):
         # (pipelining a second batch was measured: no gain, the conversion and the
         # statement compete for the same two cores)
         size = self.settings.batch_size
-        return Capabilities(max_writers=1, ordered=False, supports_upsert=True,
-                            insert_batch_size=size, update_batch_size=size, dialect="duckdb")
+        return Capabilities(max_writers=1, insert_batch_size=size, update_batch_size=size)
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -177,8 +177,9 @@ class DuckDBBackend(Backend):
             raise BatchDBError("the DuckDB backend is not open")
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    async def open(self) -> None:
+    async def open(self, context: BackendContext) -> None:
         """Open the file (and its reader cursor) in the writer thread."""
+        self.context = context
         if self._writer is not None:
             return
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-writer")
