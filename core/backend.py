@@ -133,6 +133,8 @@ class Backend(ABC):
     name: ClassVar[str]
     settings_model: ClassVar[type[BaseModel]]
     maintenance_tasks: ClassVar[tuple[str, ...]] = ()
+    #: whether ``connection_factory`` (a callable opening a new driver connection) is taken
+    takes_connection_factory: ClassVar[bool] = False
 
     def __init__(
         self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None

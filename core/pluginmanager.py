@@ -6,10 +6,11 @@ import difflib
 import inspect
 import logging
 from collections.abc import Iterable
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, metadata
 from typing import Any
 
 import pluggy
+from pydantic import BaseModel
 
 from . import hookspecs
 from .backend import Backend
@@ -103,7 +104,9 @@ class BackendRegistry:
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._backends: dict[str, type[Backend]] = {}
         self._load_errors: dict[str, BaseException] = getattr(pm, "load_errors", {})
+        self._sections: dict[str, type[BaseModel]] = {}
         pm.hook.batchdb_register_backends(register=self._register)
+        pm.hook.batchdb_register_settings(register=self._register_settings)
 
     def _register(self, name: str, cls: type[Backend]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Backend)):
@@ -111,6 +114,21 @@ class BackendRegistry:
         if name in self._backends and self._backends[name] is not cls:
             raise BatchDBError(f"two plugins register a backend named {name!r}")
         self._backends[name] = cls
+
+    def settings_sections(self) -> dict[str, type[BaseModel]]:
+        """The settings model of every section a plugin owns, by section name: each
+        backend's ``settings_model`` and what plugins hand over through
+        ``batchdb_register_settings``."""
+        return {**{name: cls.settings_model for name, cls in self._backends.items()},
+                **self._sections}
+
+    def _register_settings(self, name: str, model: type[BaseModel]) -> None:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise BatchDBError(f"plugin settings section [{name}] is not a pydantic model")
+        if self._sections.get(name, model) is not model or (
+                name in self._backends and self._backends[name].settings_model is not model):
+            raise BatchDBError(f"two plugins register a settings section [{name}]")
+        self._sections[name] = model
 
     def names(self) -> list[str]:
         """Registered backend names, sorted."""
@@ -126,12 +144,21 @@ class BackendRegistry:
                 raise BatchDBError(f"backend plugin {name!r} failed to load: "
                                    f"{type(err).__name__}: {err}") from err
             hint = ""
-            if name in {"duckdb", "postgres"}:
+            if name in _extras():
                 hint = f" (install it with: pip install 'batchdb[{name}]')"
             known = ", ".join(self.names()) or "none"
             raise UnknownBackend(
                 f"no backend named {name!r} is installed{hint}; installed backends: {known}"
             ) from None
+
+
+def _extras() -> list[str]:
+    """The optional extras of the installed batchdb distribution (a backend whose driver is
+    an extra is named after it)."""
+    try:
+        return metadata("batchdb").get_all("Provides-Extra") or []
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return []
 
 
 def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:

@@ -22,10 +22,10 @@ from batchdb import BatchDBManager, OperationType
 from batchdb.backend import Batch, ErrorKind
 from batchdb.backends.duckdb import DuckDBBackend
 from batchdb.backends.duckdb.arrow import ConversionError
+from batchdb.backends.duckdb.settings import DuckDBSettings
 from batchdb.models import BatchDBError, BatchOperation, OperationFailed, SchemaError
 from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
 from batchdb.schema import TableInfo
-from batchdb.settings import DuckDBSettings
 
 from .conftest import ManagerFactory, managers
 

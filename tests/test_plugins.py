@@ -13,7 +13,7 @@ from batchdb.backend import Backend, Batch
 from batchdb.backends.sqlite import SQLiteBackend
 from batchdb.hookspecs import RegisterBackend
 from batchdb.models import BatchOperation
-from batchdb.pluginmanager import create_plugin_manager, plugin_info
+from batchdb.pluginmanager import BackendRegistry, create_plugin_manager, plugin_info
 
 from .conftest import make_table, rows_of, upbit_candles
 
@@ -199,3 +199,34 @@ async def test_a_plugin_normalises_candles_of_its_own_source(tmp_path: Path) -> 
         await m.wait(op_id)
         rows = await m.fetch("SELECT symbol, ts, high_price, close_price FROM candles")
     assert rows == [("BTCUSDT", 1700000000, 3.0, 2.0)]
+
+
+def test_a_plugin_registers_its_settings_section(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import BaseModel, Field
+
+    from batchdb import SettingsError
+    from batchdb.settings import explain_settings
+
+    class AlertSettings(BaseModel):
+        webhook_url: str = ""
+        min_failures: int = Field(1, ge=1)
+
+    class Alerts:
+        @hookimpl
+        def batchdb_register_settings(self, register: Any) -> None:
+            register("alerts", AlertSettings)
+
+    sections = BackendRegistry(create_plugin_manager(extra_plugins=[Alerts()])
+                               ).settings_sections()
+    assert sections["alerts"] is AlertSettings and "sqlite" in sections
+    monkeypatch.setenv("BATCHDB_ALERTS__MIN_FAILURES", "3")
+    rows = {k: (v, src) for k, v, src in explain_settings(None, sections)}
+    assert rows["alerts.min_failures"] == (3, "env BATCHDB_ALERTS__MIN_FAILURES")
+    assert rows["alerts.webhook_url"] == ("", "default")
+    settings = load_settings(sqlite={"path": str(tmp_path / "a.db")})
+    manager = BatchDBManager(settings=settings, plugins=[Alerts()])
+    assert manager.settings.section("alerts", AlertSettings).min_failures == 3
+    monkeypatch.setenv("BATCHDB_ALERTS__MIN_FAILURES", "0")
+    with pytest.raises(SettingsError, match=r"BATCHDB_ALERTS__MIN_FAILURES: .*greater than"):
+        manager.settings.section("alerts", AlertSettings)

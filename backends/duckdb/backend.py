@@ -32,9 +32,9 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
-from batchdb.settings import DuckDBSettings
 
 from .arrow import ArrowConverter, ConversionError
+from .settings import DuckDBSettings
 from .sql import build_sql, create_statements
 
 if TYPE_CHECKING:
@@ -104,6 +104,7 @@ class DuckDBBackend(Backend):
 
     name = "duckdb"
     settings_model = DuckDBSettings
+    takes_connection_factory = True
     maintenance_tasks = ("checkpoint", "analyze", "vacuum")
 
     def __init__(

@@ -58,7 +58,9 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
-from batchdb.settings import PostgresSettings, redact_dsn
+from batchdb.settings import redact_dsn
+
+from .settings import PostgresSettings
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, sql

@@ -31,7 +31,6 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
-from batchdb.settings import SQLiteSettings
 
 from .connections import (
     check_factory_connection,
@@ -40,6 +39,7 @@ from .connections import (
     refused_as_write,
 )
 from .coordination import PriorityClaims, describe, open_claims
+from .settings import SQLiteSettings
 from .types import TypeChecks, check_rows, check_values
 from .writer import WriterThread
 
@@ -79,6 +79,7 @@ class SQLiteBackend(Backend):
 
     name = "sqlite"
     settings_model = SQLiteSettings
+    takes_connection_factory = True
     maintenance_tasks = ("checkpoint", "analyze", "vacuum", "integrity_check")
 
     def __init__(
