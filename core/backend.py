@@ -6,19 +6,19 @@ import contextlib
 import enum
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from itertools import chain
-from operator import itemgetter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from .models import BatchDBError, BatchOperation, OperationType, Priority
+from .batch import Batch, BatchResult
+from .models import BatchDBError
 from .schema import TableInfo
 
-__all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy",
+__all__ = ["Backend", "BackendContext", "Batch", "BatchResult", "Capabilities", "ErrorKind",
+           "RetryPolicy",
            "note_retries", "retries_of"]
 
 
@@ -45,136 +45,46 @@ class RetryPolicy:
         return float(min(self.max_delay, exponential * random.uniform(0.5, 1.5)))
 
 
-@dataclass
-class BatchResult:
-    """What ``write_batch`` committed: rows written, and operations that failed alone.
-
-    ``errors`` maps an index into ``batch.operations`` to that operation's error; every
-    other operation of the batch is committed.
-    """
-
-    rows: int
-    errors: dict[int, BaseException] = field(default_factory=dict)
-    retries: int = 0  # transient failures the backend retried itself
-    #: UPDATE/DELETE: rows whose key matched, per operation (index into
-    #: ``batch.operations``) where the backend can tell each operation's share ...
-    affected: list[int] | None = None
-    #: ... or only in total for the batch (None: the backend does not report it)
-    changed: int | None = None
-
-
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend declares about itself; the scheduler sizes its work from it.
 
-    ``ordered``: the backend runs the batches of a table strictly in the order it was
-    handed them (a batch may pass waiting batches of *other* tables, e.g. by priority) and
-    isolates failing operations and retries transient errors itself, so the scheduler may
-    hand it the next batch of a table before the previous one finished (pipelining).
-    ``max_writers`` is then the depth of that pipeline. The scheduler hands CRITICAL
-    batches over even when ``max_writers`` batches are in flight (one more at most).
+    ``max_writers``: batches the scheduler may have in flight (CRITICAL gets one more, so a
+    live order is never queued behind a backlog batch already handed over).
+    ``ordered``: the backend commits the batches of one table in the order it was handed
+    them (a batch may pass waiting batches of *other* tables, e.g. by priority), so the
+    scheduler may hand it a table's next batch before the previous one finished.
+    ``recovers_itself``: the backend retries transient errors and isolates failing
+    operations itself (reporting them in ``BatchResult.errors``); the scheduler then fails
+    whatever it still raises as it is instead of retrying or splitting the batch.
+    ``insert_batch_size``/``update_batch_size``: a backend-preferred batch size, if any.
     """
 
     max_writers: int = 1
     ordered: bool = False
-    supports_upsert: bool = True
-    insert_batch_size: int | None = None  # a backend-preferred batch size, if it has one
+    recovers_itself: bool = False
+    insert_batch_size: int | None = None
     update_batch_size: int | None = None
-    dialect: str = "sqlite"
 
 
-@dataclass(eq=False)
-class Batch:
-    """Operations of one (table, operation type, column set), committed in one transaction."""
-
-    table: TableInfo
-    operation_type: OperationType
-    columns: tuple[str, ...]
-    operations: list[BatchOperation]
-    _rows: list[tuple[Any, ...]] | None = field(default=None, repr=False)
-    #: the priority of the queue it was taken from (an operation promoted behind a
-    #: higher-priority write of the same key keeps its own ``priority``)
-    priority: Priority = Priority.NORMAL
-
-    @property
-    def rows(self) -> list[tuple[Any, ...]]:
-        """All rows of all operations, in submission order (built once)."""
-        if self._rows is None:
-            ops = self.operations
-            if len(ops) == 1:
-                self._rows = ops[0].tuples()
-            else:
-                self._rows = _coalesced_rows(ops)
-        return self._rows
-
-    def flat_values(self) -> list[Any]:
-        """All values of all rows in one list, row after row in ``columns`` order: what a
-        multi-row statement binds. Rows given as mappings go straight into it, without
-        the tuple per row of :attr:`rows` (a thousand objects fewer for the garbage
-        collector to track per batch of one-row writes)."""
-        if self._rows is None:
-            flat = _mapped_values(self.operations, flat=True)
-            if flat is not None:
-                return flat
-        return list(chain.from_iterable(self.rows))  # names a malformed row
-
-    @property
-    def row_count(self) -> int:
-        """Rows in the batch."""
-        return sum([op.n_rows for op in self.operations])
-
-    def split(self) -> tuple[Batch, Batch]:
-        """Two halves by operation, to isolate a failing operation."""
-        mid = len(self.operations) // 2
-        return (
-            Batch(self.table, self.operation_type, self.columns, self.operations[:mid],
-                  priority=self.priority),
-            Batch(self.table, self.operation_type, self.columns, self.operations[mid:],
-                  priority=self.priority),
-        )
+def _never() -> bool:
+    return False
 
 
-def _mapped_values(ops: list[BatchOperation], flat: bool) -> list[Any] | None:
-    """One conversion pass over operations whose rows all came as mappings with the same
-    keys (many one-row writes coalesced): a tuple per row, or one flat list of values.
-    None when they did not, or a row is malformed: the per-operation path names it.
-    (List comprehensions: this runs in the writer thread, holding the GIL the producers
-    need, and they beat attrgetter, generator and map passes.)"""
-    keys = ops[0].row_columns
-    if not keys or [op for op in ops if op.values is not None
-                    or (op.row_columns is not keys and op.row_columns != keys)]:
-        return None
-    data = [row for op in ops for row in op.data_rows]
-    if len(data) != sum([op.n_rows for op in ops]):
-        return None  # a list changed length after it was queued
-    columns = ops[0].columns
-    getter: Callable[[Mapping[str, Any]], tuple[Any, ...]]
-    if len(columns) > 1:
-        getter = itemgetter(*columns)
-    else:
-        column = columns[0]
+@dataclass(frozen=True)
+class BackendContext:
+    """What the scheduler hands a backend at :meth:`Backend.open`.
 
-        def getter(row: Mapping[str, Any]) -> tuple[Any, ...]:
-            return (row[column],)
+    ``retry_policy``: the backoff for transient errors a backend retries itself.
+    ``urgent``: True while a CRITICAL operation waits (housekeeping such as a checkpoint
+    should wait then); cheap, and safe to call from the backend's threads.
+    ``batch_rows``: the most rows the scheduler puts in an INSERT/UPSERT batch (a backend
+    may size its statements by it).
+    """
 
-    try:
-        values = list(chain.from_iterable(map(getter, data))) if flat else list(map(getter, data))
-    except (KeyError, TypeError):
-        return None
-    width = len(keys)
-    return None if [row for row in data if len(row) != width] else values
-
-
-def _coalesced_rows(ops: list[BatchOperation]) -> list[tuple[Any, ...]]:
-    """Rows of many operations; one conversion pass when they all came as mappings with
-    the same keys, else operation by operation (which names a malformed row)."""
-    values = _mapped_values(ops, flat=False)
-    if values is not None:
-        return values
-    rows: list[tuple[Any, ...]] = []
-    for op in ops:
-        rows.extend(op.tuples())  # names the operation and row that is malformed
-    return rows
+    retry_policy: RetryPolicy = RetryPolicy()
+    urgent: Callable[[], bool] = _never
+    batch_rows: int = 1000
 
 
 _E = TypeVar("_E", bound=BaseException)
@@ -223,19 +133,16 @@ class Backend(ABC):
     name: ClassVar[str]
     settings_model: ClassVar[type[BaseModel]]
     maintenance_tasks: ClassVar[tuple[str, ...]] = ()
+    #: whether ``connection_factory`` (a callable opening a new driver connection) is taken
+    takes_connection_factory: ClassVar[bool] = False
 
     def __init__(
         self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None
     ) -> None:
         self.settings = settings
         self.connection_factory = connection_factory
-        self.retry_policy = RetryPolicy()
-        #: set by the scheduler: True while a CRITICAL operation waits (housekeeping such
-        #: as a checkpoint should wait then); may be called from the backend's threads
-        self.urgent: Callable[[], bool] = lambda: False
-        #: set by the scheduler: the most rows it puts in an INSERT/UPSERT batch (a backend
-        #: may size its statements by it)
-        self.batch_rows = 1000
+        #: what the scheduler handed over at :meth:`open` (defaults until then)
+        self.context = BackendContext()
 
     @property
     @abstractmethod
@@ -243,8 +150,9 @@ class Backend(ABC):
         """What this backend can do and how many writers it takes."""
 
     @abstractmethod
-    async def open(self) -> None:
-        """Connect, tune the connection(s), create the writer."""
+    async def open(self, context: BackendContext) -> None:
+        """Keep ``context`` (``self.context = context``), connect, tune the connection(s),
+        create the writer."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -92,11 +92,14 @@ from sqlalchemy.schema import CreateTable
 
 from . import __version__
 from .backend import Backend, Batch
+from .backends.duckdb.settings import DuckDBSettings
+from .backends.postgres.settings import PostgresSettings
+from .backends.sqlite.settings import SQLiteSettings
 from .hookspecs import hookimpl
 from .manager import BatchDBManager
 from .models import BatchOperation, OperationType, Priority
 from .schema import CANDLE_COLUMNS, candles_table
-from .settings import BatchConfig, DuckDBSettings, PostgresSettings, Settings, SQLiteSettings
+from .settings import BatchConfig, Settings
 
 __all__ = [
     "BACKENDS",

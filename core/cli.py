@@ -50,7 +50,6 @@ from .models import BatchDBError, Priority
 from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
 from .schema import candles_table, quote_ident
 from .settings import (
-    Settings,
     SettingsError,
     explain_settings,
     load_settings,
@@ -235,7 +234,7 @@ def _manager(settings: Path | None, backend: str | None, **overrides: Any) -> Ba
 def _check_database_path(manager: BatchDBManager) -> None:
     """The file of a file-based backend can be a database: not a directory, and in a
     directory that exists (a settings mistake: exit 2, naming the key and its source)."""
-    path = _database_file(manager.settings, manager.backend_name)
+    path = _database_file(manager)
     if path is None:
         return
     where = manager.settings.where(f"{manager.backend_name}.path")
@@ -246,10 +245,9 @@ def _check_database_path(manager: BatchDBManager) -> None:
                             f"{path} does not exist")
 
 
-def _database_file(settings: Settings, backend: str) -> Path | None:
-    """The file of a file-based backend (sqlite, duckdb), if its section names one."""
-    section = settings.backend_section(backend)
-    path = section.get("path") if isinstance(section, dict) else getattr(section, "path", None)
+def _database_file(manager: BatchDBManager) -> Path | None:
+    """The file of a file-based backend (one whose settings have a ``path``), if any."""
+    path = getattr(manager.backend.settings, "path", None)
     if not isinstance(path, str) or not path or path == ":memory:":
         return None
     return Path(path)
@@ -257,7 +255,7 @@ def _database_file(settings: Settings, backend: str) -> Path | None:
 
 def _require_database(manager: BatchDBManager) -> None:
     """Refuse to create an empty database file for a command that only reads or tidies."""
-    path = _database_file(manager.settings, manager.backend_name)
+    path = _database_file(manager)
     if path is not None and not path.exists():
         raise BatchDBError(f"{manager.backend_name} database {path} does not exist yet "
                            "(nothing has been written; see `batchdb ingest` or `batchdb demo`)")
@@ -518,9 +516,10 @@ def demo(
         overrides: dict[str, Any] = {}
         if db is not None:
             name = load_settings(settings, **_overrides(backend)).backend
-            if name not in ("sqlite", "duckdb"):
-                raise typer.BadParameter(f"--db sets the file of the sqlite or duckdb backend; "
-                                         f"the backend is {name!r}")
+            registry = BackendRegistry(create_plugin_manager())
+            if "path" not in registry.get(name).settings_model.model_fields:
+                raise typer.BadParameter(f"--db sets the file of a file-based backend; the "
+                                         f"{name!r} backend has no file")
             overrides[name] = {"path": str(db)}
         manager = _manager(settings, backend, **overrides)
         for table in DEMO_TABLES:
@@ -837,7 +836,8 @@ def config(settings: SettingsOption = None, backend: BackendOption = None) -> No
     """Show the effective settings and where each value comes from."""
     with _expected_errors():
         _check_backend_option(backend)
-        rows = explain_settings(settings, **_overrides(backend))
+        sections = BackendRegistry(create_plugin_manager()).settings_sections()
+        rows = explain_settings(settings, sections, **_overrides(backend))
         path = resolve_settings_path(settings)
     out = _stdout()
     table = _table("effective settings", caption=f"settings file: {path or '(none)'}",

@@ -13,17 +13,19 @@ import pluggy
 
 if TYPE_CHECKING:
     import typer
+    from pydantic import BaseModel
 
     from .backend import Backend, Batch
     from .models import BatchOperation
 
-__all__ = ["PROJECT", "hookimpl", "hookspec"]
+__all__ = ["PROJECT", "RegisterBackend", "RegisterSettings", "hookimpl", "hookspec"]
 
 PROJECT = "batchdb"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 RegisterBackend = Callable[[str, "type[Backend]"], None]
+RegisterSettings = Callable[[str, "type[BaseModel]"], None]
 
 
 @hookspec
@@ -32,6 +34,17 @@ def batchdb_register_backends(register: RegisterBackend) -> None:
 
     The class carries its settings model as ``settings_model``; its section in
     ``settings.toml`` is ``[name]``.
+    """
+
+
+@hookspec
+def batchdb_register_settings(register: RegisterSettings) -> None:
+    """Hand over the settings model of a plugin's own section: ``register(name, Model)``.
+
+    The ``[name]`` section of settings.toml (and ``BATCHDB_NAME__KEY`` variables) is then
+    validated by ``Model`` when a manager is built and shown by ``batchdb config``; the
+    plugin reads it with ``settings.section(name, Model)``. A backend's ``settings_model``
+    is registered with the backend: no need to hand it over again.
     """
 
 

@@ -24,7 +24,6 @@ from types import TracebackType
 from typing import Any, Self, overload
 
 import sqlalchemy as sa
-from pydantic import ValidationError
 
 from .backend import Backend, Batch
 from .models import (
@@ -49,7 +48,6 @@ from .settings import (
     BatchConfig,
     Settings,
     SettingsError,
-    describe_section_error,
     load_settings,
 )
 
@@ -157,29 +155,21 @@ class BatchDBManager:
         # the same sources whatever the constructor: ./settings.toml (or $BATCHDB_SETTINGS),
         # then BATCHDB_* variables, then arguments
         self.settings = settings if settings is not None else load_settings()
-        if db_connection_factory is not None:
-            if backend not in (None, "sqlite"):
-                raise ValueError("a connection factory selects the sqlite backend")
-            backend = "sqlite"
-        self.backend_name = backend or self.settings.backend
-        self.db_factory = db_connection_factory
-        self.config: BatchConfig = self.settings.batch.model_copy()
         self.pm: PluginManager = create_plugin_manager(
             self.settings.plugins.disabled, plugins
         )
         self.registry = BackendRegistry(self.pm)
+        if db_connection_factory is not None:
+            backend = self._factory_backend(backend)
+        self.backend_name = backend or self.settings.backend
+        self.db_factory = db_connection_factory
+        self.config: BatchConfig = self.settings.batch.model_copy()
         try:
             backend_cls = self.registry.get(self.backend_name)
         except UnknownBackend as exc:
             where = "argument backend" if backend else self.settings.where("backend")
             raise SettingsError(f"{where}: {exc}") from None
-        section = self.settings.backend_section(self.backend_name)
-        if not isinstance(section, backend_cls.settings_model):
-            try:
-                section = backend_cls.settings_model.model_validate(section)
-            except ValidationError as exc:
-                raise SettingsError(describe_section_error(
-                    exc, self.backend_name, self.settings.where(self.backend_name))) from None
+        section = self.settings.section(self.backend_name, backend_cls.settings_model)
         self.backend: Backend = backend_cls(section, connection_factory=db_connection_factory)
         self._declared: dict[str, sa.Table] = {candles_table.name: candles_table}
         self._tables: dict[str, TableInfo] = {}
@@ -199,6 +189,19 @@ class BatchDBManager:
         self._state_lock = asyncio.Lock()
         self._hook_tasks: set[asyncio.Future[Any]] = set()
 
+    def _factory_backend(self, backend: str | None) -> str:
+        """The backend a connection factory goes to: the one named, else the configured one
+        (the embedded default for the seed's ``BatchDBManager(lambda: sqlite3.connect(p))``);
+        it must take a factory."""
+        name = backend or self.settings.backend
+        if name not in self.registry.names() or self.registry.get(name).takes_connection_factory:
+            return name  # (an unknown backend is reported below, naming where it came from)
+        where = "argument backend" if backend else self.settings.where("backend")
+        takers = [n for n in self.registry.names()
+                  if self.registry.get(n).takes_connection_factory]
+        raise ValueError(f"{where}: the {name!r} backend takes no connection factory (the "
+                         f"backends that do: {', '.join(takers) or 'none'})")
+
     @classmethod
     def from_settings(
         cls, path: str | os.PathLike[str] | None = None, **overrides: Any
@@ -215,14 +218,15 @@ class BatchDBManager:
         async with self._state_lock:
             if self._scheduler is not None:
                 return
-            await self.backend.open()
             hook = self.pm.hook
             committed = (self._hook_committed
                          if hook.batchdb_batch_committed.get_hookimpls() else None)
             failed = self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None
             self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
-            self._scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
-                                        committed, failed)
+            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
+                                  committed, failed)
+            await self.backend.open(scheduler.backend_context)
+            self._scheduler = scheduler
             self._scheduler.start()
             self._started_at = time.monotonic()
             self._stopped_at = None

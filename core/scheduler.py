@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from itertools import repeat
-from operator import itemgetter
 from typing import Any
 
-from .backend import Backend, Batch, BatchResult, ErrorKind, RetryPolicy, retries_of
+from .backend import Backend, BackendContext, ErrorKind, RetryPolicy, retries_of
+from .batch import Batch, BatchResult, count_affected
 from .callbacks import CALLBACK_STATUS_KEYS, CallbackRunner, is_async_callable
 from .models import (
     BatchOperation,
@@ -31,8 +26,10 @@ from .models import (
     Priority,
     QueueFull,
 )
+from .ordering import Lane, Lanes
 from .schema import TableInfo
 from .settings import BatchConfig
+from .stats import History, SchedulerStats
 
 __all__ = ["Scheduler", "SchedulerStats"]
 
@@ -40,200 +37,9 @@ log = logging.getLogger("batchdb.scheduler")
 
 _PRIORITIES = sorted(Priority, reverse=True)  # CRITICAL first
 _CRITICAL = Priority.CRITICAL  # a module constant: an Enum class attribute costs ~90 ns
-_LOWER = {p: tuple(q for q in _PRIORITIES if q < p) for p in Priority}
 _OTHERS = {p: tuple(q for q in _PRIORITIES if q != p) for p in Priority}
 _MB = 1024 * 1024
 _KEYED = (OperationType.UPDATE, OperationType.DELETE)
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since start; ``latencies`` holds recent enqueue-to-commit times."""
-
-    total_operations: int = 0
-    successful_operations: int = 0
-    failed_operations: int = 0
-    total_processing_time: float = 0.0
-    rows_committed: int = 0
-    batches_committed: int = 0
-    batches_failed: int = 0
-    retries: int = 0
-    splits: int = 0
-    promotions: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20000))
-
-    def latency_quantiles(self) -> dict[str, float | None]:
-        """p50/p99/max of recent commit latencies, in milliseconds."""
-        if not self.latencies:
-            return {"p50_ms": None, "p99_ms": None, "max_ms": None}
-        data = sorted(self.latencies)
-        n = len(data)
-
-        def q(p: float) -> float:
-            return round(data[min(n - 1, int(p * n))] * 1000, 3)
-
-        return {"p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(data[-1] * 1000, 3)}
-
-
-_MALFORMED: list[Any] = [object()]  # an operation's keys that could not be read
-
-
-def _keys_of(op: BatchOperation, primary_key: tuple[str, ...]) -> list[Any] | None:
-    """The primary-key values an operation writes (cached), or None if its rows are bad.
-
-    Rows that do not carry the key (an INSERT relying on AUTOINCREMENT) have no identity
-    and conflict with nothing.
-    """
-    if op.keys is None:
-        op.keys = _compute_keys(op, primary_key)
-    return None if op.keys is _MALFORMED else op.keys
-
-
-def _compute_keys(op: BatchOperation, primary_key: tuple[str, ...]) -> list[Any]:
-    """The keys as a list (repeats allowed): building a set of them cost more than the
-    index it feeds."""
-    if not set(primary_key) <= set(op.columns):
-        return []
-    try:
-        if op.values is not None:
-            where = [op.columns.index(k) for k in primary_key]
-            keys = list(map(itemgetter(*where), op.values))
-        else:
-            keys = list(map(itemgetter(*primary_key), op.data_rows))
-        if len(primary_key) == 1:
-            return _canonical_column(keys)
-        columns = [_canonical_column(list(column)) for column in zip(*keys, strict=True)]
-        return list(zip(*columns, strict=True))
-    except (KeyError, TypeError, ValueError, OverflowError):
-        return _MALFORMED  # the operation will fail: keep it in order with everything
-
-
-_PLAIN_KEY_TYPES = frozenset({int, bool, float})
-_canonical_texts: dict[str, Any] = {}
-
-
-def _canonical_column(values: list[Any]) -> list[Any]:
-    """:func:`_canonical` of one key column's values: numbers as they are, a text's form
-    cached (key texts such as markets and timeframes repeat)."""
-    types = set(map(type, values))
-    if types <= _PLAIN_KEY_TYPES:
-        return values
-    if types == {str}:
-        texts = _canonical_texts
-        if len(texts) > 65536:
-            texts.clear()
-        out = []
-        for value in values:
-            canonical = texts.get(value, texts)
-            if canonical is texts:
-                canonical = texts[value] = _canonical(value)
-            out.append(canonical)
-        return out
-    out = list(map(_canonical, values))
-    for _ in map(hash, out):  # an unhashable value (TypeError): the rows are malformed
-        pass
-    return out
-
-
-def _canonical(value: Any) -> Any:
-    """A key value as the database may compare it: '7', 7, 7.0 and True are one key for an
-    INTEGER column (type affinity). Numbers are their own form (as dict keys, 7, 7.0 and True
-    are one key already, and large integers stay exact); numeric text becomes its number,
-    other text is stripped and case-folded. Erring towards "same key" only promotes more."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            number = float(text)
-        except ValueError:
-            return text.casefold()  # NOCASE / RTRIM collations: one key
-        if number != number or number in (math.inf, -math.inf):
-            return text.casefold()  # 'nan' is text, and equal to itself
-        return number
-    return value
-
-
-def _count_affected(batch: Batch, result: BatchResult) -> None:
-    """Each UPDATE/DELETE operation's matched rows, as exactly as the backend tells them:
-    per operation, or a batch total that settles it when the batch holds one operation or
-    every key matched. Otherwise the operation counts the rows it sent."""
-    ops = batch.operations
-    if result.affected is not None:
-        for op, n in zip(ops, result.affected, strict=True):
-            op.rows_affected = n
-        return
-    changed = result.changed
-    if changed is not None and len(ops) == 1:
-        ops[0].rows_affected = changed
-    else:  # every key matched (changed == the rows), or the backend cannot tell
-        for op in ops:
-            op.rows_affected = op.n_rows
-
-
-class _History:
-    """The last ``keep`` finished operations by id, for wait(), and up to a quarter more
-    plus two batches: they are kept in generations of plain dicts of about an eighth of
-    ``keep``, each dropped whole (an OrderedDict evicting one entry per operation cost
-    ~0.5 µs per one-row write).
-    """
-
-    __slots__ = ("_generations", "_keep", "_size", "_step")
-
-    def __init__(self, keep: int) -> None:
-        self._keep = keep
-        self._step = max(1, keep // 8)
-        self._generations: deque[dict[str, BatchOperation]] = deque([{}])
-        self._size = 0
-
-    def add(self, ops: list[BatchOperation]) -> None:
-        """Record finished operations, forgetting the oldest beyond ``keep``."""
-        if not self._keep:
-            return
-        generations = self._generations
-        newest = generations[-1]
-        newest.update([(op.operation_id, op) for op in ops])
-        if len(newest) >= self._step:
-            self._size += len(newest)
-            generations.append({})
-            # drop the oldest generation while the others still hold ``keep``
-            while self._size - len(generations[0]) >= self._keep:
-                self._size -= len(generations.popleft())
-
-    def get(self, operation_id: str) -> BatchOperation | None:
-        """The finished operation, or None if it is unknown or was forgotten."""
-        for generation in reversed(self._generations):
-            op = generation.get(operation_id)
-            if op is not None:
-                return op
-        return None
-
-    def __len__(self) -> int:
-        return self._size + len(self._generations[-1])
-
-
-class _KeyIndex:
-    """A table's queued operations by key, kept while the table has operations queued at
-    more than one priority: each key's last queued writer. The ordering across priorities
-    keeps every queued writer of a key in one lane, so that writer's lane is the key's."""
-
-    __slots__ = ("last", "malformed")
-
-    def __init__(self) -> None:
-        self.last: dict[Any, BatchOperation] = {}
-        self.malformed = 0  # queued operations whose keys could not be read
-
-
-class _Lane:
-    """Queued operations of one table at one priority."""
-
-    __slots__ = ("ops", "rows")
-
-    def __init__(self) -> None:
-        self.ops: deque[BatchOperation] = deque()
-        self.rows = 0
 
 
 class Scheduler:
@@ -254,31 +60,35 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.backend = backend
-        backend.retry_policy = RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
-                                           config.retry_max_delay_seconds)
-        backend.urgent = self.critical_waiting
         self._table_of = table_of
         self._on_committed = on_committed
         self._on_failed = on_failed
         caps = backend.capabilities
         self._ordered = caps.ordered
+        self._recovers_itself = caps.recovers_itself
         self.max_inflight = max(1, min(config.max_concurrent_batches, caps.max_writers))
         self._insert_size = caps.insert_batch_size or config.insert_batch_size
         self._update_size = caps.update_batch_size or config.update_batch_size
-        backend.batch_rows = self._insert_size
-        self._lanes: dict[Priority, dict[str, _Lane]] = {p: {} for p in Priority}
+        self.backend_context = BackendContext(
+            RetryPolicy(config.max_retries, config.retry_base_delay_seconds,
+                        config.retry_max_delay_seconds),
+            self.critical_waiting, self._insert_size)
+        self.stats = SchedulerStats()
+        self._queues = Lanes(table_of, self.stats)
+        # the lanes' own dicts, read directly on the submission and dispatch paths
+        self._lanes = self._queues.lanes
+        self._queued_by_prio = self._queues.counts
+        self._indexes = self._queues.indexes
         self._linger = {p: config.linger_for(p) for p in Priority}
         self.queued_ops = 0
         self.queued_bytes = 0
-        self._queued_by_prio = dict.fromkeys(Priority, 0)
         self._budget = config.max_memory_mb * _MB
         self._max_queue = config.max_queue_size
         self._limits = {t: self._update_size if t in _KEYED else self._insert_size
                         for t in OperationType}
         # queued or in-flight operations by id, in submission order (a dict keeps it)
         self._pending: dict[str, BatchOperation] = {}
-        self._indexes: dict[str, _KeyIndex] = {}
-        self._history = _History(config.completed_history)
+        self._history = History(config.completed_history)
         self._inflight = 0
         self._inflight_tables: dict[str, int] = {}
         self._inflight_critical = 0
@@ -297,7 +107,6 @@ class Scheduler:
         self._callbacks: CallbackRunner | None = None
         self._async_callables: dict[Any, bool] = {}
         self._recoveries: set[asyncio.Task[None]] = set()
-        self.stats = SchedulerStats()
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -419,18 +228,18 @@ class Scheduler:
         prio = op.priority
         all_lanes = self._lanes
         if table in self._indexes:
-            prio = self._order_across_priorities(op)
+            prio = self._queues.order(op)
         else:
             for other in _OTHERS[prio]:
                 if table in all_lanes[other]:  # the table has writes queued at another priority
-                    prio = self._order_across_priorities(op)
+                    prio = self._queues.order(op)
                     break
         op.lane = prio
         self._pending[op.operation_id] = op
         lanes = all_lanes[prio]
         lane = lanes.get(table)
         if lane is None:
-            lane = lanes[table] = _Lane()
+            lane = lanes[table] = Lane()
         lane.ops.append(op)
         lane.rows += op.n_rows
         self.queued_ops += 1
@@ -461,164 +270,6 @@ class Scheduler:
                                 f"{op.table_name!r} refused")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), timeout)
-
-    def _order_across_priorities(self, op: BatchOperation) -> Priority:
-        """Keep "the later submission wins" across priorities; return the lane for ``op``.
-
-        The rule is :meth:`_order_by_scan`'s; this finds the conflicting operations through
-        the table's key index instead of scanning the queues, so that its cost follows the
-        operation's keys (and what it promotes), not the length of the queues.
-        """
-        table = op.table_name
-        info = self._table_of(table)
-        if not info.primary_key:
-            return op.priority  # rows without identity: nothing can be overwritten
-        pk = info.primary_key
-        index = self._indexes.get(table)
-        if index is None:
-            index = self._indexes[table] = self._build_index(table, pk)
-        own = _keys_of(op, pk)
-        last = index.last
-        if own is None or index.malformed:  # rows with unreadable keys: the slow, safe way
-            target = self._order_by_scan(op)
-            if own is None:
-                index.malformed += 1
-            else:
-                last.update(zip(own, repeat(op)))
-            return target
-        target = op.priority
-        writers = list(filter(None, map(last.get, own)))
-        for writer in writers:  # the highest lane holding one of op's keys
-            if writer.lane > target:
-                target = Priority(writer.lane)
-        while writers:  # lower lanes: promote up to their last writer of a promoted key
-            cutoffs: dict[int, int] = {}
-            for writer in writers:
-                if 0 <= writer.lane < target and writer.seq > cutoffs.get(writer.lane, -1):
-                    cutoffs[writer.lane] = writer.seq
-            promoted: list[Any] = []
-            for lane_prio, cutoff in cutoffs.items():
-                src = Priority(lane_prio)
-                queue = self._lanes[src][table].ops
-                moved = []
-                while queue and queue[0].seq <= cutoff:
-                    moved.append(queue.popleft())
-                if moved:
-                    self._move(src, target, table, moved)
-                for queued in moved:
-                    promoted.extend(queued.keys or ())
-            writers = list(filter(None, map(last.get, promoted)))
-        last.update(zip(own, repeat(op)))
-        return target
-
-    def _build_index(self, table: str, pk: tuple[str, ...]) -> _KeyIndex:
-        index = _KeyIndex()
-        queued = [op for prio in _PRIORITIES if (lane := self._lanes[prio].get(table))
-                  for op in lane.ops]
-        for op in sorted(queued, key=lambda o: o.seq):
-            keys = _keys_of(op, pk)
-            if keys is None:
-                index.malformed += 1
-            else:
-                index.last.update(zip(keys, repeat(op)))
-        return index
-
-    def _unindex(self, table: str, ops: list[BatchOperation]) -> None:
-        """``ops`` are taken out of the queues: forget them as their keys' last writers (the
-        index goes once the table has nothing queued)."""
-        if not any(table in self._lanes[prio] for prio in _PRIORITIES):
-            del self._indexes[table]
-            return
-        index = self._indexes[table]
-        last = index.last
-        for op in ops:
-            keys = op.keys
-            if keys is _MALFORMED:
-                index.malformed -= 1
-            elif keys:
-                # pop every key in C, then put back the few a later writer owns (or that
-                # repeat in the operation): a Python loop per key cost twice as much
-                popped = list(map(last.pop, keys, repeat(None)))
-                if popped.count(op) != len(popped):
-                    last.update([(key, writer) for key, writer in zip(keys, popped, strict=True)
-                                 if writer is not None and writer is not op])
-
-    def _order_by_scan(self, op: BatchOperation) -> Priority:
-        """Keep "the later submission wins" across priorities; return the lane for ``op``.
-
-        An operation queued earlier at a *higher* priority that writes one of ``op``'s keys
-        must commit first: ``op`` joins that priority's lane, behind it. Operations queued
-        earlier at a *lower* priority that write one of the same keys must commit first
-        too: each lower lane is promoted up to its last such operation (a prefix, so the
-        lane's own order holds), repeated until no queued lower-priority operation touches a
-        promoted key. Key sets are built only when a table has operations queued at two
-        priorities, once per operation.
-        """
-        table = op.table_name
-        info = self._table_of(table)
-        if not info.primary_key:
-            return op.priority  # rows without identity: nothing can be overwritten
-        pk = info.primary_key
-        own = _keys_of(op, pk)
-        every = own is None  # keys unknown (malformed rows): keep everything in order
-        keys = set(own or ())
-        target = op.priority
-        for prio in _PRIORITIES:  # CRITICAL first: the highest conflicting lane wins
-            if prio <= op.priority:
-                break
-            lane = self._lanes[prio].get(table)
-            if lane is not None and any(
-                    every or (theirs := _keys_of(queued, pk)) is None
-                    or not keys.isdisjoint(theirs) for queued in lane.ops):
-                target = prio
-                break
-        lower = [p for p in _LOWER[target] if table in self._lanes[p]]
-        changed = True
-        while changed:
-            changed = False
-            for prio in lower:
-                lane = self._lanes[prio].get(table)
-                if lane is None:
-                    continue
-                last = len(lane.ops) - 1 if every else -1
-                if not every:
-                    for i, queued in enumerate(lane.ops):
-                        theirs = _keys_of(queued, pk)
-                        if theirs is None or not keys.isdisjoint(theirs):
-                            last = i
-                if last < 0:
-                    continue
-                moved = [lane.ops.popleft() for _ in range(last + 1)]
-                for queued in moved:
-                    theirs = _keys_of(queued, pk)
-                    if theirs is None:
-                        every = True
-                    else:
-                        keys.update(theirs)
-                self._move(prio, target, table, moved)
-                changed = True
-        return target
-
-    def _move(self, src: Priority, dst: Priority, table: str,
-              ops: list[BatchOperation]) -> None:
-        src_lane = self._lanes[src][table]
-        rows = sum(o.n_rows for o in ops)
-        src_lane.rows -= rows
-        if not src_lane.ops:
-            del self._lanes[src][table]
-        dst_lane = self._lanes[dst].get(table)
-        if dst_lane is None:
-            dst_lane = self._lanes[dst][table] = _Lane()
-        for queued in ops:
-            queued.lane = dst
-        if not dst_lane.ops or dst_lane.ops[-1].seq < ops[0].seq:
-            dst_lane.ops.extend(ops)
-        else:
-            dst_lane.ops = deque(heapq.merge(dst_lane.ops, ops, key=lambda o: o.seq))
-        dst_lane.rows += rows
-        self._queued_by_prio[src] -= len(ops)
-        self._queued_by_prio[dst] += len(ops)
-        self.stats.promotions += len(ops)
 
     # ------------------------------------------------------------------ completion API
     def get(self, operation_id: str) -> BatchOperation | None:
@@ -709,7 +360,7 @@ class Scheduler:
         """
         stopping = self._stopping
         pressure = self._pressure()  # stopping included
-        fullest: tuple[int, Priority, str, _Lane] | None = None
+        fullest: tuple[int, Priority, str, Lane] | None = None
         next_deadline: float | None = None
         busy = self._inflight_tables if not self._ordered else {}
         for prio in _PRIORITIES[:1] if critical_only else _PRIORITIES:
@@ -717,7 +368,7 @@ class Scheduler:
             if not lanes:
                 continue
             linger = self._linger[prio]
-            best: tuple[str, _Lane] | None = None
+            best: tuple[str, Lane] | None = None
             for table, lane in lanes.items():
                 if table in busy:
                     continue
@@ -743,73 +394,27 @@ class Scheduler:
             return self._take(*fullest[1:]), None
         return None, next_deadline
 
-    def _take(self, prio: Priority, table: str, lane: _Lane) -> Batch:
+    def _take(self, prio: Priority, table: str, lane: Lane) -> Batch:
         """The next batch of ``lane``: its head and the operations behind it of the same
         shape, up to the batch size; under memory or queue-length pressure, a batch that is
-        not full then takes the heads of the table's other lanes too (see :meth:`_top_up`).
+        not full then takes the heads of the table's other lanes too (see :meth:`Lanes.top_up`).
         Without pressure a lower priority keeps lingering beside a higher one."""
         head = lane.ops[0]
         op_type, columns = head.operation_type, head.columns
         limit = self._limits[op_type]
         ops: list[BatchOperation] = []
-        rows = self._take_from(prio, table, lane, ops, 0, limit)
+        rows = self._queues.take_from(prio, table, lane, ops, 0, limit)
         self._queued_by_prio[prio] -= len(ops)
         index = self._indexes.get(table)
         batch_prio = prio
         if rows < limit and index is not None and not index.malformed and self._pressure():
-            batch_prio = self._top_up(prio, table, ops, rows, limit)
+            batch_prio = self._queues.top_up(prio, table, ops, rows, limit)
         if index is not None:
-            self._unindex(table, ops)
+            self._queues.unindex(table, ops)
         nbytes = sum([op.nbytes for op in ops])
         self.queued_ops -= len(ops)
         self.queued_bytes -= nbytes
         return Batch(self._table_of(table), op_type, columns, ops, priority=batch_prio)
-
-    def _take_from(self, prio: Priority, table: str, lane: _Lane, ops: list[BatchOperation],
-                   rows: int, limit: int) -> int:
-        """Move the operations at the head of ``lane`` that have ``ops``' shape (the first
-        one's if ``ops`` is empty) into ``ops`` while they fit in ``limit`` rows."""
-        q = lane.ops
-        first = ops[0] if ops else q[0]
-        op_type, columns = first.operation_type, first.columns
-        taken = 0
-        while q and (rows < limit or not ops):
-            nxt = q[0]
-            if ops and (nxt.operation_type is not op_type or rows + nxt.n_rows > limit
-                        or (nxt.columns is not columns and nxt.columns != columns)):
-                break
-            ops.append(q.popleft())
-            rows += nxt.n_rows
-            taken += nxt.n_rows
-        lane.rows -= taken
-        if not q:
-            del self._lanes[prio][table]
-        return rows
-
-    def _top_up(self, prio: Priority, table: str, ops: list[BatchOperation], rows: int,
-                limit: int) -> Priority:
-        """Fill a batch that is not full with the heads of the table's other lanes (same
-        shape), highest priority first: fewer, fuller batches when producers outrun the
-        database on one table at several priorities (a CRITICAL batch of the few rows that
-        came in during the last batch otherwise went alone). Safe for
-        "the later submission wins": the key index keeps every queued writer of a key in one
-        lane, so operations of different lanes share no key, and each lane still gives up
-        its operations in order. Those operations only commit earlier than they had to.
-        Returns the batch's priority: the highest of its operations' lanes."""
-        batch_prio = prio
-        for other in _PRIORITIES:
-            if other is prio or rows >= limit:
-                continue
-            lane = self._lanes[other].get(table)
-            if lane is None:
-                continue
-            before = len(ops)
-            rows = self._take_from(other, table, lane, ops, rows, limit)
-            taken = len(ops) - before
-            if taken:
-                self._queued_by_prio[other] -= taken
-                batch_prio = max(batch_prio, other)
-        return batch_prio
 
     def _dispatch(self) -> None:
         """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""
@@ -876,7 +481,7 @@ class Scheduler:
         except Exception as exc:
             self.stats.retries += retries_of(exc)  # a backend's own retries before it gave up
             kind = self.backend.classify_error(exc)
-            if self._ordered or kind is ErrorKind.RESOURCE or (
+            if self._recovers_itself or kind is ErrorKind.RESOURCE or (
                     kind is ErrorKind.DATA and len(batch.operations) == 1):
                 self._finish(batch, exc, seconds)
                 self._release(batch)
@@ -903,7 +508,7 @@ class Scheduler:
             self._release(batch)
 
     async def _retry(self, batch: Batch, exc: Exception, kind: ErrorKind, attempt: int) -> None:
-        policy = self.backend.retry_policy
+        policy = self.backend_context.retry_policy
         while True:
             if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
                 attempt += 1
@@ -943,7 +548,7 @@ class Scheduler:
     def _finish_result(self, batch: Batch, result: BatchResult, seconds: float) -> None:
         self.stats.retries += result.retries
         if batch.operation_type in _KEYED:
-            _count_affected(batch, result)
+            count_affected(batch, result)
         if not result.errors:
             self._finish(batch, None, seconds, result.rows)
             return

@@ -31,18 +31,17 @@ _M = TypeVar("_M", bound=BaseModel)
 
 __all__ = [
     "BatchConfig",
-    "DuckDBSettings",
     "MaintenanceConfig",
     "PluginsConfig",
-    "PostgresSettings",
-    "SQLiteSettings",
+    "Section",
     "Settings",
     "SettingsError",
-    "describe_section_error",
+    "database_path",
     "explain_settings",
     "load_settings",
     "redact_dsn",
     "resolve_settings_path",
+    "upper_case",
 ]
 
 SETTINGS_ENV = "BATCHDB_SETTINGS"
@@ -53,16 +52,18 @@ class SettingsError(BatchDBError):
     """A settings file or value is wrong; the message names the file and the key."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are errors, assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _upper(value: Any) -> Any:
+def upper_case(value: Any) -> Any:
     """A text value in upper case: SQLite and logging take their keywords in any case."""
     return value.strip().upper() if isinstance(value, str) else value
 
 
-def _database_path(value: Any) -> Any:
+def database_path(value: Any) -> Any:
     """A database file's path: an empty one would open a file named after the current
     directory (SQLite) or a database in memory that vanishes (DuckDB)."""
     if isinstance(value, str) and not value.strip():
@@ -70,7 +71,7 @@ def _database_path(value: Any) -> Any:
     return value
 
 
-class BatchConfig(_Section):
+class BatchConfig(Section):
     """The seed's batch settings, plus the scheduler's own knobs."""
 
     insert_batch_size: int = Field(1000, ge=1, description="rows per INSERT/UPSERT batch")
@@ -123,7 +124,7 @@ class BatchConfig(_Section):
         return min(self.linger_seconds.get(priority.name, default), self.flush_interval_seconds)
 
 
-class MaintenanceConfig(_Section):
+class MaintenanceConfig(Section):
     """The seed's maintenance schedule (seconds); 0 disables a task."""
 
     enabled: bool = True
@@ -132,68 +133,7 @@ class MaintenanceConfig(_Section):
     vacuum_interval_seconds: float = Field(86400.0, ge=0)
 
 
-class SQLiteSettings(_Section):
-    """The embedded default: one SQLite file in WAL mode."""
-
-    path: str = "market_data.sqlite3"
-    journal_mode: Literal["WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY"] = "WAL"
-    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
-    cache_size: int = 10000
-    mmap_size: int = Field(268435456, ge=0)
-    busy_timeout_ms: int = Field(30000, ge=0)
-    foreign_keys: bool = True
-    readers: int = Field(4, ge=1, le=64, description="reader connections in the pool")
-    background_checkpoint_seconds: float = Field(
-        0.2, ge=0,
-        description="WAL mode: checkpoint from a separate connection at most this often while "
-        "writes go on, instead of inside a writer's COMMIT; 0 leaves it to SQLite's "
-        "auto-checkpoint in the writer",
-    )
-    check_types: bool = Field(
-        True,
-        description="check values against the declared column types of ordinary (non-STRICT) "
-        "tables, as DuckDB and PostgreSQL do: text in a REAL column fails its operation "
-        "instead of being stored as text; false keeps SQLite's flexible typing",
-    )
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _path_given(cls, value: Any) -> Any:
-        return _database_path(value)
-
-    @field_validator("journal_mode", "synchronous", mode="before")
-    @classmethod
-    def _pragma_any_case(cls, value: Any) -> Any:
-        return _upper(value)  # SQLite takes "wal" and "normal" as well
-
-
-class DuckDBSettings(_Section):
-    """The analytical alternative: one DuckDB file."""
-
-    path: str = "market_data.duckdb"
-    batch_size: int = Field(
-        50_000, ge=1, description="rows per batch (DuckDB pays ~7 ms a statement)"
-    )
-    threads: int | None = Field(None, ge=1)
-    memory_limit: str | None = None
-
-    @field_validator("path", mode="before")
-    @classmethod
-    def _path_given(cls, value: Any) -> Any:
-        return _database_path(value)
-
-
-class PostgresSettings(_Section):
-    """A PostgreSQL server, for many hosts writing into one store."""
-
-    dsn: str = "postgresql://localhost:5432/batchdb"
-    pool_size: int = Field(4, ge=1, le=64)
-    batch_size: int = Field(20_000, ge=1)
-    statement_timeout_ms: int = Field(60_000, ge=0)
-    connect_timeout_seconds: float = Field(10.0, gt=0)
-
-
-class PluginsConfig(_Section):
+class PluginsConfig(Section):
     """Plugins found through the ``batchdb`` entry-point group can be disabled by name."""
 
     disabled: list[str] = Field(default_factory=list)
@@ -219,9 +159,6 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     batch: BatchConfig = Field(default_factory=BatchConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
-    sqlite: SQLiteSettings = Field(default_factory=SQLiteSettings)
-    duckdb: DuckDBSettings = Field(default_factory=DuckDBSettings)
-    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     # where the values came from (set by load_settings), for messages naming the source
     _file: Path | object | None = PrivateAttr(default=_DEFAULT_FILE)
@@ -237,7 +174,7 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level_known(cls, value: Any) -> Any:
-        level = _upper(value)
+        level = upper_case(value)
         if isinstance(level, str) and level not in LOG_LEVELS:
             raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (in any case)")
         return level
@@ -321,15 +258,28 @@ class Settings(BaseSettings):
         try:
             return model.model_validate(raw)
         except ValidationError as exc:
-            raise SettingsError(describe_section_error(exc, name, self.where(name))) from None
+            raise SettingsError(self._describe_section_error(exc, name, model)) from None
 
-    def backend_section(self, name: str | None = None) -> Any:
-        """The settings section of a backend (a model for built-ins, a dict for others)."""
-        name = name or self.backend
-        if name in type(self).model_fields:
-            return getattr(self, name)
-        extra = self.model_extra or {}
-        return extra.get(name, {})
+    def _describe_section_error(self, exc: ValidationError, name: str,
+                                model: type[BaseModel]) -> str:
+        """Each refused value of a plugin's section, named with where it came from:
+        ``settings file settings.toml: sqlite.path: must name a database file (got '')``."""
+        parts = []
+        for err in exc.errors():
+            loc = [name, *(str(p) for p in err["loc"])]
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown setting" + _did_you_mean(loc[-1], list(model.model_fields))
+            value = err.get("input")
+            shown = "" if isinstance(value, dict) else f" (got {value!r})"
+            parts.append(f"{self.where('.'.join(loc))}: {message}{shown}")
+        return "; ".join(parts)
+
+    def given(self, name: str) -> bool:
+        """Whether a plugin's ``[name]`` section is set anywhere: the settings file, a
+        ``BATCHDB_NAME…`` variable or an argument."""
+        return bool((self.model_extra or {}).get(name) or _section_env(name)
+                    or self._arguments.get(name))
 
 
 def _section_env(name: str) -> dict[str, Any]:
@@ -477,19 +427,6 @@ def _describe_source_error(exc: SourceError) -> str:
             "or BATCHDB_PLUGINS__DISABLED='[\"upbit\"]'")
 
 
-def describe_section_error(exc: ValidationError, section: str, where: str) -> str:
-    """A plugin's own settings section that its model refuses: one message naming the
-    section's keys and where the section came from."""
-    parts = []
-    for err in exc.errors():
-        key = ".".join([section, *(str(p) for p in err["loc"])])
-        message = str(err["msg"]).removeprefix("Value error, ")
-        value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{key}: {message}{shown}")
-    return f"{where}: " + "; ".join(parts)
-
-
 def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
     """Load settings: defaults < TOML file < ``BATCHDB_*`` environment < ``overrides``.
 
@@ -507,13 +444,30 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         settings = Settings(**overrides)
         settings._file = toml_path
         settings._arguments = dict(overrides)
-        return settings
     except ValidationError as exc:
         raise SettingsError(_describe_validation_error(exc, toml_path)) from None
     except SourceError as exc:  # a BATCHDB_* variable pydantic-settings cannot parse
         raise SettingsError(_describe_source_error(exc)) from None
     finally:
         _toml_path.reset(token)
+    _check_plugin_sections(settings)
+    return settings
+
+
+def _check_plugin_sections(settings: Settings) -> None:
+    """Validate every section an installed plugin owns (a backend's included) that is set,
+    so a mistake in ``[duckdb]`` is reported even while another backend is in use."""
+    from .pluginmanager import BackendRegistry, create_plugin_manager  # (imports backends)
+
+    given = [name for name in plugin_names() if settings.given(name)]
+    if not given:
+        return
+    sections = BackendRegistry(create_plugin_manager(settings.plugins.disabled)
+                               ).settings_sections()
+    for name in given:
+        model = sections.get(name)
+        if model is not None:
+            settings.section(name, model)
 
 
 def _holds(data: Mapping[str, Any], parts: list[str]) -> bool:
@@ -548,16 +502,24 @@ def _leaves(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
 
 
 def explain_settings(
-    path: str | os.PathLike[str] | None = None, **overrides: Any
+    path: str | os.PathLike[str] | None = None,
+    sections: Mapping[str, type[BaseModel]] | None = None,
+    **overrides: Any,
 ) -> list[tuple[str, Any, str]]:
-    """Each effective setting with the place it came from (default, file, env, argument)."""
+    """Each effective setting with the place it came from (default, file, env, argument),
+    the plugins' ``sections`` (name → settings model) included."""
     settings = load_settings(path, **overrides)
     toml_path = resolve_settings_path(path)
     file_keys = {k for k, _ in _leaves(_read_toml(toml_path))} if toml_path else set()
     env_keys = {k for k, _ in _leaves(EnvSettingsSource(Settings)())}
+    for name in sections or {}:
+        env_keys.update(f"{name}.{key}" for key in _section_env(name))
     arg_keys = {k for k, _ in _leaves(overrides)}
     rows = []
-    dumped = settings.model_dump(mode="json")
+    dumped = {k: v for k, v in settings.model_dump(mode="json").items()
+              if k in Settings.model_fields}
+    for name, model in sorted((sections or {}).items()):
+        dumped[name] = settings.section(name, model).model_dump(mode="json")
     for key, value in _leaves(dumped):
         variable = env_variable(key.split(".")) if key in env_keys else None
         if key in arg_keys:
@@ -570,7 +532,7 @@ def explain_settings(
             source = f"file {toml_path}"
         else:
             source = "default"
-        if key == "postgres.dsn":
+        if key.rsplit(".", 1)[-1] == "dsn":
             value = redact_dsn(str(value))
         rows.append((key, value, source))
     return rows

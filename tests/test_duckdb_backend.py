@@ -22,10 +22,10 @@ from batchdb import BatchDBManager, OperationType
 from batchdb.backend import Batch, ErrorKind
 from batchdb.backends.duckdb import DuckDBBackend
 from batchdb.backends.duckdb.arrow import ConversionError
+from batchdb.backends.duckdb.settings import DuckDBSettings
 from batchdb.models import BatchDBError, BatchOperation, OperationFailed, SchemaError
 from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
 from batchdb.schema import TableInfo
-from batchdb.settings import DuckDBSettings
 
 from .conftest import ManagerFactory, managers
 
@@ -103,7 +103,7 @@ async def test_capabilities_follow_the_batch_size_setting(make_manager: ManagerF
     manager = make_manager(duckdb={"batch_size": 1234})
     caps = manager.backend.capabilities
     assert (caps.insert_batch_size, caps.update_batch_size) == (1234, 1234)
-    assert caps.max_writers == 1 and caps.dialect == "duckdb" and not caps.ordered
+    assert caps.max_writers == 1 and not caps.ordered and not caps.recovers_itself
     async with manager:
         assert manager.scheduler.batch_limit(OperationType.UPSERT) == 1234
 

@@ -13,7 +13,7 @@ from batchdb.backend import Backend, Batch
 from batchdb.backends.sqlite import SQLiteBackend
 from batchdb.hookspecs import RegisterBackend
 from batchdb.models import BatchOperation
-from batchdb.pluginmanager import create_plugin_manager, plugin_info
+from batchdb.pluginmanager import BackendRegistry, create_plugin_manager, plugin_info
 
 from .conftest import make_table, rows_of, upbit_candles
 
@@ -160,3 +160,73 @@ def test_plugins_add_commands_to_the_command_line() -> None:
     result = CliRunner().invoke(app, ["hello", "--name", "batchdb"])
     assert result.exit_code == 0, result.output
     assert result.output == "hello batchdb\n"
+
+
+def test_a_misspelt_hook_is_an_error_naming_it() -> None:
+    class Typo:
+        @hookimpl
+        def batchdb_batch_comitted(self, batch: Batch, seconds: float, backend: Backend) -> None:
+            """Never called: the hook is misspelt."""
+
+    with pytest.raises(BatchDBError, match=r"implements 'batchdb_batch_comitted' \(did you "
+                                           r"mean 'batchdb_batch_committed'\?\), which is no "
+                                           r"batchdb hook"):
+        create_plugin_manager(extra_plugins=[Typo()])
+    # the manager refuses it too, before anything starts
+    with pytest.raises(BatchDBError, match="batchdb_batch_comitted"):
+        BatchDBManager(settings=load_settings(), plugins=[Typo()])
+
+
+async def test_a_plugin_normalises_candles_of_its_own_source(tmp_path: Path) -> None:
+    class Binance:
+        """Binance klines ``[open_time_ms, open, high, low, close, volume, ...]``."""
+
+        @hookimpl
+        def batchdb_normalize_candles(self, symbol: str, timeframe: str,
+                                      candles: list[Any], source: str
+                                      ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]] | None:
+            if source != "binance":
+                return None
+            columns = ("symbol", "timeframe", "ts", "open_price", "high_price", "low_price",
+                       "close_price", "volume")
+            return columns, [(symbol, timeframe, k[0] // 1000, float(k[1]), float(k[2]),
+                              float(k[3]), float(k[4]), float(k[5])) for k in candles]
+
+    settings = load_settings(sqlite={"path": str(tmp_path / "k.db")})
+    async with BatchDBManager(settings=settings, plugins=[Binance()]) as m:
+        op_id = await m.insert_candles_batch(
+            "BTCUSDT", "1m", [[1700000000000, "1", "3", "0.5", "2", "10"]], source="binance")
+        await m.wait(op_id)
+        rows = await m.fetch("SELECT symbol, ts, high_price, close_price FROM candles")
+    assert rows == [("BTCUSDT", 1700000000, 3.0, 2.0)]
+
+
+def test_a_plugin_registers_its_settings_section(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import BaseModel, Field
+
+    from batchdb import SettingsError
+    from batchdb.settings import explain_settings
+
+    class AlertSettings(BaseModel):
+        webhook_url: str = ""
+        min_failures: int = Field(1, ge=1)
+
+    class Alerts:
+        @hookimpl
+        def batchdb_register_settings(self, register: Any) -> None:
+            register("alerts", AlertSettings)
+
+    sections = BackendRegistry(create_plugin_manager(extra_plugins=[Alerts()])
+                               ).settings_sections()
+    assert sections["alerts"] is AlertSettings and "sqlite" in sections
+    monkeypatch.setenv("BATCHDB_ALERTS__MIN_FAILURES", "3")
+    rows = {k: (v, src) for k, v, src in explain_settings(None, sections)}
+    assert rows["alerts.min_failures"] == (3, "env BATCHDB_ALERTS__MIN_FAILURES")
+    assert rows["alerts.webhook_url"] == ("", "default")
+    settings = load_settings(sqlite={"path": str(tmp_path / "a.db")})
+    manager = BatchDBManager(settings=settings, plugins=[Alerts()])
+    assert manager.settings.section("alerts", AlertSettings).min_failures == 3
+    monkeypatch.setenv("BATCHDB_ALERTS__MIN_FAILURES", "0")
+    with pytest.raises(SettingsError, match=r"BATCHDB_ALERTS__MIN_FAILURES: .*greater than"):
+        manager.settings.section("alerts", AlertSettings)

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from batchdb import BatchConfig, BatchDBManager, Priority, SettingsError, load_settings
-from batchdb.settings import explain_settings, redact_dsn
+from batchdb.backends.duckdb.settings import DuckDBSettings
+from batchdb.backends.sqlite.settings import SQLiteSettings
+from batchdb.settings import Settings, explain_settings, redact_dsn
 
 REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.toml"
 
@@ -20,6 +22,14 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key)
 
 
+def _sqlite(settings: Settings) -> SQLiteSettings:
+    return settings.section("sqlite", SQLiteSettings)
+
+
+def _duckdb(settings: Settings) -> DuckDBSettings:
+    return settings.section("duckdb", DuckDBSettings)
+
+
 def test_defaults_are_the_seeds() -> None:
     s = load_settings()
     assert s.backend == "sqlite"
@@ -30,13 +40,21 @@ def test_defaults_are_the_seeds() -> None:
     m = s.maintenance
     assert (m.wal_checkpoint_interval_seconds, m.analyze_interval_seconds,
             m.vacuum_interval_seconds) == (3600, 3600, 86400)
-    assert (s.sqlite.cache_size, s.sqlite.mmap_size, s.sqlite.busy_timeout_ms) == (
+    assert (_sqlite(s).cache_size, _sqlite(s).mmap_size, _sqlite(s).busy_timeout_ms) == (
         10000, 268435456, 30000)
     assert BatchConfig().insert_batch_size == 1000
 
 
-def test_shipped_settings_file_matches_defaults() -> None:
-    assert load_settings(REPO_SETTINGS).model_dump() == load_settings().model_dump()
+def test_shipped_settings_file_matches_defaults(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
+
+    sections = BackendRegistry(create_plugin_manager()).settings_sections()
+    monkeypatch.chdir(tmp_path)  # no ./settings.toml: the defaults
+    shipped = {k: v for k, v, _ in explain_settings(REPO_SETTINGS, sections)}
+    defaults = {k: v for k, v, _ in explain_settings(None, sections)}
+    assert shipped == defaults
+    assert {"sqlite.path", "duckdb.path", "postgres.dsn"} <= set(defaults)
 
 
 def test_file_then_env_then_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,14 +62,14 @@ def test_file_then_env_then_arguments(tmp_path: Path, monkeypatch: pytest.Monkey
         'backend = "sqlite"\n[batch]\ninsert_batch_size = 2000\nupdate_batch_size = 50\n'
         '[sqlite]\npath = "from-file.db"\n')
     s = load_settings()
-    assert (s.batch.insert_batch_size, s.batch.update_batch_size, s.sqlite.path) == (
+    assert (s.batch.insert_batch_size, s.batch.update_batch_size, _sqlite(s).path) == (
         2000, 50, "from-file.db")
     monkeypatch.setenv("BATCHDB_BATCH__INSERT_BATCH_SIZE", "3000")
     s = load_settings()
     assert (s.batch.insert_batch_size, s.batch.update_batch_size) == (3000, 50)
     s = load_settings(batch={"insert_batch_size": 4000}, sqlite={"readers": 2})
     assert (s.batch.insert_batch_size, s.batch.update_batch_size) == (4000, 50)
-    assert (s.sqlite.path, s.sqlite.readers) == ("from-file.db", 2)
+    assert (_sqlite(s).path, _sqlite(s).readers) == ("from-file.db", 2)
     sources = {k: src for k, _, src in explain_settings(batch={"max_retries": 1})}
     assert sources["batch.insert_batch_size"] == "env BATCHDB_BATCH__INSERT_BATCH_SIZE"
     assert sources["batch.update_batch_size"].startswith("file ")
@@ -64,7 +82,7 @@ def test_settings_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monk
     other.parent.mkdir()
     other.write_text('[duckdb]\npath = "x.duckdb"\n')
     monkeypatch.setenv("BATCHDB_SETTINGS", str(other))
-    assert load_settings().duckdb.path == "x.duckdb"
+    assert _duckdb(load_settings()).path == "x.duckdb"
     monkeypatch.setenv("BATCHDB_SETTINGS", str(tmp_path / "missing.toml"))
     with pytest.raises(SettingsError,
                        match=r"missing\.toml \(from \$BATCHDB_SETTINGS\): not found"):
@@ -156,7 +174,7 @@ def test_misspelt_argument_is_an_error_but_a_plugin_section_in_code_is_not() -> 
     with pytest.raises(SettingsError, match=r"settings arguments: unknown setting 'bakend' "
                                             r"\(did you mean 'backend'\?\)"):
         load_settings(bakend="duckdb")
-    assert load_settings(tracing={"path": "x"}).backend_section("tracing") == {"path": "x"}
+    assert load_settings(tracing={"path": "x"}).model_extra == {"tracing": {"path": "x"}}
 
 
 def test_log_level_and_sqlite_keywords_in_any_case(tmp_path: Path) -> None:
@@ -164,7 +182,7 @@ def test_log_level_and_sqlite_keywords_in_any_case(tmp_path: Path) -> None:
     path.write_text('log_level = "debug"\n[sqlite]\njournal_mode = "wal"\n'
                     'synchronous = "normal"\n[batch]\nbackpressure = "Raise"\n')
     s = load_settings(path)
-    assert (s.log_level, s.sqlite.journal_mode, s.sqlite.synchronous, s.batch.backpressure) == (
+    assert (s.log_level, _sqlite(s).journal_mode, _sqlite(s).synchronous, s.batch.backpressure) == (
         "DEBUG", "WAL", "NORMAL", "raise")
 
 
@@ -271,5 +289,6 @@ def test_plugin_section_reads_file_then_env_then_arguments(
 
     monkeypatch.setenv("BATCHDB_UPBIT__REQUESTS_PER_SECOND", "0")
     monkeypatch.delenv("batchdb_upbit__requests_per_second")
-    with pytest.raises(SettingsError, match=r"upbit\.requests_per_second: .*greater than 0"):
+    with pytest.raises(SettingsError,
+                       match=r"BATCHDB_UPBIT__REQUESTS_PER_SECOND: .*greater than 0 \(got '0'\)"):
         load_settings(path).section("upbit", Upbit)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 from batchdb.backend import (
     Backend,
+    BackendContext,
     Batch,
     BatchResult,
     Capabilities,
@@ -31,9 +32,9 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
-from batchdb.settings import DuckDBSettings
 
 from .arrow import ArrowConverter, ConversionError
+from .settings import DuckDBSettings
 from .sql import build_sql, create_statements
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ class DuckDBBackend(Backend):
 
     name = "duckdb"
     settings_model = DuckDBSettings
+    takes_connection_factory = True
     maintenance_tasks = ("checkpoint", "analyze", "vacuum")
 
     def __init__(
@@ -129,8 +131,7 @@ class DuckDBBackend(Backend):
         # (pipelining a second batch was measured: no gain, the conversion and the
         # statement compete for the same two cores)
         size = self.settings.batch_size
-        return Capabilities(max_writers=1, ordered=False, supports_upsert=True,
-                            insert_batch_size=size, update_batch_size=size, dialect="duckdb")
+        return Capabilities(max_writers=1, insert_batch_size=size, update_batch_size=size)
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -177,8 +178,9 @@ class DuckDBBackend(Backend):
             raise BatchDBError("the DuckDB backend is not open")
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    async def open(self) -> None:
+    async def open(self, context: BackendContext) -> None:
         """Open the file (and its reader cursor) in the writer thread."""
+        self.context = context
         if self._writer is not None:
             return
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-writer")

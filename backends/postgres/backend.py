@@ -48,6 +48,7 @@ import sqlalchemy as sa
 
 from batchdb.backend import (
     Backend,
+    BackendContext,
     Batch,
     BatchResult,
     Capabilities,
@@ -57,7 +58,9 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
-from batchdb.settings import PostgresSettings, redact_dsn
+from batchdb.settings import redact_dsn
+
+from .settings import PostgresSettings
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection, sql
@@ -345,9 +348,8 @@ class PostgresBackend(Backend):
     def capabilities(self) -> Capabilities:
         """One batch per pooled connection in flight; batch sizes from ``batch_size``."""
         size = self.settings.batch_size
-        return Capabilities(max_writers=self.settings.pool_size, ordered=False,
-                            supports_upsert=True, insert_batch_size=size,
-                            update_batch_size=size, dialect="postgresql")
+        return Capabilities(max_writers=self.settings.pool_size, insert_batch_size=size,
+                            update_batch_size=size)
 
     # ------------------------------------------------------------------ messages
     def _scrub(self, text: str) -> str:
@@ -392,9 +394,10 @@ class PostgresBackend(Backend):
             raise BatchDBError("the postgres backend is not open")
         return self._pool
 
-    async def open(self) -> None:
+    async def open(self, context: BackendContext) -> None:
         """Create the pool and open one connection now, so a wrong DSN, password or
         database fails ``start()`` with a clear error instead of the first batch."""
+        self.context = context
         if self._pool is not None and not self._pool.closed:
             return
         from .pool import Pool
@@ -448,7 +451,7 @@ class PostgresBackend(Backend):
                     target = await describe(conn.raw, name)
                 break
             except Exception as exc:
-                policy = self.retry_policy
+                policy = self.context.retry_policy
                 if (self.classify_error(exc) is not ErrorKind.TRANSIENT
                         or attempt >= policy.max_retries):
                     raise

@@ -20,6 +20,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.backend import (
     Backend,
+    BackendContext,
     Batch,
     BatchResult,
     Capabilities,
@@ -30,7 +31,6 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
-from batchdb.settings import SQLiteSettings
 
 from .connections import (
     check_factory_connection,
@@ -39,6 +39,7 @@ from .connections import (
     refused_as_write,
 )
 from .coordination import PriorityClaims, describe, open_claims
+from .settings import SQLiteSettings
 from .types import TypeChecks, check_rows, check_values
 from .writer import WriterThread
 
@@ -78,6 +79,7 @@ class SQLiteBackend(Backend):
 
     name = "sqlite"
     settings_model = SQLiteSettings
+    takes_connection_factory = True
     maintenance_tasks = ("checkpoint", "analyze", "vacuum", "integrity_check")
 
     def __init__(
@@ -110,7 +112,7 @@ class SQLiteBackend(Backend):
         # waits in the writer thread when the current one commits (the thread runs the
         # batches of a table in order and isolates failures itself, so pipelining keeps
         # submission order; a higher-priority batch may pass waiting ones of other tables)
-        return Capabilities(max_writers=2, ordered=True, supports_upsert=True, dialect="sqlite")
+        return Capabilities(max_writers=2, ordered=True, recovers_itself=True)
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -177,7 +179,8 @@ class SQLiteBackend(Backend):
             with contextlib.suppress(sqlite3.ProgrammingError):  # fn closed it
                 conn.execute("PRAGMA busy_timeout = 0")
 
-    async def open(self) -> None:
+    async def open(self, context: BackendContext) -> None:
+        self.context = context
         if self._writer is not None:
             return
         self._writer = WriterThread("batchdb-sqlite-writer", self._gate)
@@ -327,10 +330,10 @@ class SQLiteBackend(Backend):
                 break
             except sqlite3.OperationalError as exc:
                 if (self.classify_error(exc) is not ErrorKind.TRANSIENT
-                        or attempt >= self.retry_policy.max_retries):
+                        or attempt >= self.context.retry_policy.max_retries):
                     raise
                 attempt += 1
-                time.sleep(self.retry_policy.delay(attempt))
+                time.sleep(self.context.retry_policy.delay(attempt))
         info = self._describe(table.name)
         assert info is not None
         return info
@@ -379,7 +382,7 @@ class SQLiteBackend(Backend):
             return [1]
         if batch.operation_type not in _MULTI_ROW:
             return None
-        chunk = min(self.batch_rows, _CHUNK_ROWS)
+        chunk = min(self.context.batch_rows, _CHUNK_ROWS)
         while chunk > 1 and chunk * len(batch.columns) > self._max_variables:
             chunk //= 2
         sizes = []
@@ -425,7 +428,7 @@ class SQLiteBackend(Backend):
         """Runs in the writer thread: the batch in one transaction, retried while the
         database is locked; on bad data, again with one savepoint per operation so that
         only the failing operations are left out."""
-        policy = self.retry_policy
+        policy = self.context.retry_policy
         attempt = 0
         isolate = False
         # bad data: again operation by operation, one row per statement, so that the error
@@ -545,7 +548,7 @@ class SQLiteBackend(Backend):
         assert self._conn is not None and self._checkpointer is not None
         self._checkpointer.wal_frames = 0  # it counted the WAL this batch restarts
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._reset_version and not self.urgent():
+        if version != self._reset_version and not self.context.urgent():
             with contextlib.suppress(sqlite3.OperationalError):  # busy: next time
                 self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 

@@ -18,7 +18,7 @@ import pytest
 from batchdb import BatchDBError, OperationFailed, OperationType, Priority, SchemaError
 from batchdb.backends.postgres import PostgresBackend
 from batchdb.backends.postgres.backend import PostgresConnectError
-from batchdb.settings import PostgresSettings
+from batchdb.backends.postgres.settings import PostgresSettings
 from tests.pgserver import PostgresServer
 
 from .conftest import ManagerFactory, sql_exec, sql_rows, with_search_path
