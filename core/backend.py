@@ -6,7 +6,7 @@ import contextlib
 import enum
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -58,6 +58,11 @@ class Capabilities:
     operations itself (reporting them in ``BatchResult.errors``); the scheduler then fails
     whatever it still raises as it is instead of retrying or splitting the batch.
     ``insert_batch_size``/``update_batch_size``: a backend-preferred batch size, if any.
+    ``spool_marks``: the backend records the ``spool_seq`` of every operation that has one
+    (replayed from the spool) in the transaction that commits it, and answers
+    :meth:`Backend.spool_applied`: replay is then exactly once across crashes. Without
+    it, an operation replayed when the process crashed between the commit and the spool's
+    own note may be written twice.
     """
 
     max_writers: int = 1
@@ -65,6 +70,7 @@ class Capabilities:
     recovers_itself: bool = False
     insert_batch_size: int | None = None
     update_batch_size: int | None = None
+    spool_marks: bool = False
 
 
 def _never() -> bool:
@@ -80,11 +86,15 @@ class BackendContext:
     should wait then); cheap, and safe to call from the backend's threads.
     ``batch_rows``: the most rows the scheduler puts in an INSERT/UPSERT batch (a backend
     may size its statements by it).
+    ``spool_id``: see :attr:`Capabilities.spool_marks`.
     """
 
     retry_policy: RetryPolicy = RetryPolicy()
     urgent: Callable[[], bool] = _never
     batch_rows: int = 1000
+    #: the id of the manager's spool ("" without one): with ``spool_seq``, what a backend
+    #: with ``Capabilities.spool_marks`` records for a replayed operation
+    spool_id: str = ""
 
 
 _E = TypeVar("_E", bound=BaseException)
@@ -191,3 +201,14 @@ class Backend(ABC):
     async def status(self) -> dict[str, Any]:
         """Health and size figures for ``get_queue_status``/``batchdb status``."""
         return {"backend": self.name}
+
+    async def spool_applied(self, seqs: Sequence[int]) -> set[int]:
+        """Which of ``seqs`` (spool sequence numbers of ``context.spool_id``) are recorded
+        as committed. Only called when ``capabilities.spool_marks`` is True."""
+        raise NotImplementedError(f"backend {self.name!r} does not record spool marks")
+
+    async def spool_forget(self) -> None:
+        """Drop the marks of ``context.spool_id``: the spool is empty (its records are
+        replayed and deleted), none of them will be asked for again. Only called when
+        ``capabilities.spool_marks`` is True."""
+        raise NotImplementedError(f"backend {self.name!r} does not record spool marks")

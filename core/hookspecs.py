@@ -85,3 +85,16 @@ def batchdb_register_commands(app: typer.Typer) -> None:
 
     Called once when the command line is built, for every installed plugin.
     """
+
+
+@hookspec
+def batchdb_spooled(batch: Batch) -> None:
+    """The database could not take ``batch`` (a transient error for longer than
+    ``spool.after_seconds``, or it is down): its operations are in the spool on local
+    disk, fsynced (``state == "spooled"``); they are replayed when the database answers."""
+
+
+@hookspec
+def batchdb_spool_replayed(batch: Batch) -> None:
+    """Operations of ``batch`` came back from the spool and were written to the database
+    (each committed, or failed alone with bad data): their spool records are done."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -25,7 +26,7 @@ from typing import Any, Self, overload
 
 import sqlalchemy as sa
 
-from .backend import Backend, Batch
+from .backend import Backend, Batch, ErrorKind
 from .models import (
     BatchOperation,
     NotRunningError,
@@ -50,6 +51,7 @@ from .settings import (
     SettingsError,
     load_settings,
 )
+from .spooler import Spooler
 
 __all__ = ["BatchDBManager"]
 
@@ -180,6 +182,9 @@ class BatchDBManager:
         self._table_locks: dict[str, asyncio.Lock] = {}
         self._scheduler: Scheduler | None = None
         self._last_scheduler: Scheduler | None = None
+        self._spooler: Spooler | None = None  # with [spool] enabled, while running
+        self._last_spooler: Spooler | None = None
+        self._backend_open = False
         self._maintenance_task: asyncio.Task[None] | None = None
         self.last_maintenance: dict[str, float | None] = {t: None for t, _ in _MAINTENANCE_SCHEDULE}
         self._started_at: float | None = None
@@ -225,9 +230,26 @@ class BatchDBManager:
             self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
             scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
                                   committed, failed)
-            await self.backend.open(scheduler.backend_context)
+            spooler = self._open_spool(scheduler) if self.settings.spool.enabled else None
+            database_up = True
+            try:
+                await self.backend.open(scheduler.backend_context)
+            except Exception as exc:
+                # with a spool, a database that is down now is no reason not to start
+                if spooler is None or (self.backend.classify_error(exc)
+                                       is not ErrorKind.TRANSIENT):
+                    if spooler is not None:
+                        await spooler.close()
+                    raise
+                log.warning("the database does not answer (%s): starting with the spool at "
+                            "%s", exc, spooler.spool.path)
+                database_up = False
+            self._backend_open = database_up
             self._scheduler = scheduler
             self._scheduler.start()
+            if spooler is not None:
+                self._spooler = spooler
+                spooler.start(database_up)
             self._started_at = time.monotonic()
             self._stopped_at = None
             self._maintenance_due = dict.fromkeys(self.last_maintenance, time.monotonic())
@@ -249,6 +271,9 @@ class BatchDBManager:
             try:
                 await scheduler.stop()
             finally:
+                if self._spooler is not None:  # what is still in it stays for the next start
+                    await self._spooler.close()
+                    self._last_spooler, self._spooler = self._spooler, None
                 if scheduler.queued_ops:  # stop() was interrupted before it drained
                     scheduler.abort("the manager was stopped before this operation was "
                                     "written (stop() did not finish)")
@@ -256,6 +281,32 @@ class BatchDBManager:
                 self._scheduler = None
                 self._stopped_at = time.monotonic()
                 await self.backend.close()
+
+    def _open_spool(self, scheduler: Scheduler) -> Spooler:
+        """The spool of ``[spool]``, wired to ``scheduler`` (its directory is opened and
+        locked now: a spool that cannot be used fails ``start()`` with a clear error)."""
+        cfg = self.settings.spool
+        hook = self.pm.hook
+        if hook.batchdb_spooled.get_hookimpls():
+            scheduler.on_spooled = self._hook_spooled
+        spooler = Spooler(
+            cfg.path, max_mb=cfg.max_mb, after_seconds=cfg.after_seconds,
+            backend=self.backend, batch_rows=scheduler.batch_limit, table_of=self._tables.get,
+            replay_write=scheduler.replay_write, spooled=scheduler.spooled,
+            replayed=self._hook_replayed, already_committed=scheduler.already_committed,
+            redispatch=scheduler.wake, probe=self._probe,
+            replay_tables=max(1, scheduler.max_inflight - 1))
+        scheduler.spooler = spooler
+        scheduler.backend_context = dataclasses.replace(
+            scheduler.backend_context, spool_id=spooler.spool.spool_id)
+        return spooler
+
+    async def _probe(self) -> None:
+        """Raise unless the database answers (opening the backend if it never could)."""
+        if not self._backend_open:
+            await self.backend.open(self.scheduler.backend_context)
+            self._backend_open = True
+        await self.backend.fetch("SELECT 1")
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -292,7 +343,10 @@ class BatchDBManager:
             if info is None:
                 if self._scheduler is None:
                     raise NotRunningError("the manager is not running: call start() first")
-                info = await self.backend.describe_table(name)
+                try:
+                    info = await self._describe(name)
+                except Exception as exc:
+                    info = self._spooled_table(name, exc)
                 if info is None and name in self._declared:
                     info = await self.backend.create_table(self._declared[name])
                 elif info is None:
@@ -301,7 +355,30 @@ class BatchDBManager:
                         "declared; create it, or declare it (a SQLAlchemy Table, created on "
                         "first use) with BatchDBManager(..., tables=[table]) or "
                         "manager.declare_table(table)")
+                if self._spooler is not None:  # known while the database is down, later
+                    self._spooler.spool.remember_table(info)
                 self._tables[name] = info
+        return info
+
+    async def _describe(self, name: str) -> TableInfo | None:
+        spooler = self._spooler
+        if spooler is not None and spooler.down and spooler.spool.table_info(name):
+            return spooler.spool.table_info(name)  # the database is down: the spool knows it
+        return await self.backend.describe_table(name)
+
+    def _spooled_table(self, name: str, exc: Exception) -> TableInfo:
+        """The spool's description of a table the database cannot describe now; else the
+        database's error."""
+        spooler = self._spooler
+        if spooler is None or (self._backend_open and self.backend.classify_error(exc)
+                               is not ErrorKind.TRANSIENT):
+            raise exc
+        info = spooler.spool.table_info(name)
+        if info is None:
+            raise SchemaError(
+                f"table {name!r} cannot be described: the database does not answer ({exc}) "
+                "and the spool holds no description of it (the spool keeps the description of "
+                "every table a manager on it has written to)") from exc
         return info
 
     # ------------------------------------------------------------------ writing
@@ -482,10 +559,14 @@ class BatchDBManager:
             await waiting
         return op.operation_id
 
-    async def wait(self, operation_id: str) -> BatchOperation:
+    async def wait(self, operation_id: str, until: str = "committed") -> BatchOperation:
         """The operation once committed; raises ``OperationFailed`` if it failed.
 
-        Works after ``stop()`` too, for the operations that manager run handled."""
+        ``until="durable"`` returns as soon as the operation is committed *or* safely in
+        the spool (``state == "spooled"``, with ``[spool] enabled``). Works after
+        ``stop()`` too, for the operations that manager run handled."""
+        if until not in ("committed", "durable"):
+            raise ValueError(f"until must be 'committed' or 'durable', got {until!r}")
         scheduler = self._scheduler or self._last_scheduler
         if scheduler is None:
             raise NotRunningError("the manager is not running: call start() or use 'async with'")
@@ -493,7 +574,7 @@ class BatchDBManager:
             raise UnknownOperation(
                 f"unknown operation id {operation_id!r} (never queued by this manager, or "
                 f"finished longer ago than the last {self.config.completed_history} operations)")
-        return await scheduler.wait(operation_id)
+        return await scheduler.wait(operation_id, until)
 
     async def flush(self) -> None:
         """Return when everything queued before this call has been committed (or failed)."""
@@ -519,6 +600,12 @@ class BatchDBManager:
             uptime = (self._stopped_at or time.monotonic()) - self._started_at
         status["uptime_seconds"] = round(uptime, 3)
         status["backend"] = self.backend_name
+        spooler = self._spooler or self._last_spooler
+        if spooler is not None:
+            status["spool"] = {"enabled": True, **spooler.status()}
+        else:
+            status["spool"] = {"enabled": self.settings.spool.enabled,
+                               "path": self.settings.spool.path}
         status["last_maintenance"] = {
             task: None if t is None else datetime.fromtimestamp(t, UTC).isoformat()
             for task, t in self.last_maintenance.items()
@@ -566,6 +653,13 @@ class BatchDBManager:
     def _hook_committed(self, batch: Batch, seconds: float) -> None:
         self._call_hook(self.pm.hook.batchdb_batch_committed, batch=batch, seconds=seconds,
                         backend=self.backend)
+
+    def _hook_spooled(self, batch: Batch) -> None:
+        self._call_hook(self.pm.hook.batchdb_spooled, batch=batch)
+
+    def _hook_replayed(self, batch: Batch) -> None:
+        if self.pm.hook.batchdb_spool_replayed.get_hookimpls():
+            self._call_hook(self.pm.hook.batchdb_spool_replayed, batch=batch)
 
     def _hook_failed(self, batch: Batch, error: BaseException) -> None:
         self._call_hook(self.pm.hook.batchdb_batch_failed, batch=batch, error=error,

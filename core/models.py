@@ -152,9 +152,13 @@ class BatchOperation:
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
-    #: "queued" until the operation ends "committed" or "failed"
+    #: "queued" until the operation ends "committed" or "failed"; "spooled" meanwhile
+    #: while it waits in the spool for the database (durable, not committed yet)
     state: str = "queued"
     lane: int = field(default=-1, repr=False)  # the priority whose queue it joined
+    #: its sequence number in the spool once spooled (0: never spooled); a backend with
+    #: ``Capabilities.spool_marks`` records it when it commits the operation
+    spool_seq: int = field(default=0, repr=False)
 
     # Written out rather than generated: the generated __init__ (keyword arguments, two
     # default factories) was a tenth of the cost of a one-row operation. Same parameters,
@@ -200,6 +204,7 @@ class BatchOperation:
         self.error = error
         self.state = state
         self.lane = -1
+        self.spool_seq = 0
         self.exception = exception
         self.rows_affected = rows_affected
         self.columns = columns

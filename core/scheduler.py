@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .backend import Backend, BackendContext, ErrorKind, RetryPolicy, retries_of
 from .batch import Batch, BatchResult, count_affected
@@ -31,6 +31,9 @@ from .schema import TableInfo
 from .settings import BatchConfig
 from .stats import History, SchedulerStats
 
+if TYPE_CHECKING:
+    from .spooler import Spooler
+
 __all__ = ["Scheduler", "SchedulerStats"]
 
 log = logging.getLogger("batchdb.scheduler")
@@ -40,6 +43,11 @@ _CRITICAL = Priority.CRITICAL  # a module constant: an Enum class attribute cost
 _OTHERS = {p: tuple(q for q in _PRIORITIES if q != p) for p in Priority}
 _MB = 1024 * 1024
 _KEYED = (OperationType.UPDATE, OperationType.DELETE)
+_WAITING = ("queued", "spooled")  # not finished yet
+
+
+class _StillDown(Exception):
+    """A replayed batch failed transiently for longer than ``spool.after_seconds``."""
 
 
 class Scheduler:
@@ -107,6 +115,11 @@ class Scheduler:
         self._callbacks: CallbackRunner | None = None
         self._async_callables: dict[Any, bool] = {}
         self._recoveries: set[asyncio.Task[None]] = set()
+        #: set by the manager when ``[spool] enabled``: batches the database cannot take
+        #: go there (see batchdb.spooler)
+        self.spooler: Spooler | None = None
+        self.on_spooled: Callable[[Batch], None] | None = None
+        self._durable: dict[str, list[asyncio.Future[None]]] = {}  # wait(until="durable")
 
     # ------------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -151,6 +164,8 @@ class Scheduler:
             self._dispatch()
             self._idle.clear()
             await self._idle.wait()
+        if self.spooler is not None:
+            await self.spooler.drain()  # replay what the spool holds if the database answers
         self._running = False
         if self._timer is not None:
             self._timer.cancel()
@@ -276,13 +291,19 @@ class Scheduler:
         """A pending or recently finished operation."""
         return self._pending.get(operation_id) or self._history.get(operation_id)
 
-    async def wait(self, operation_id: str) -> BatchOperation:
-        """Return the operation once committed; raise OperationFailed if it failed."""
+    async def wait(self, operation_id: str, until: str = "committed") -> BatchOperation:
+        """Return the operation once committed (``until="durable"``: once committed or in
+        the spool); raise OperationFailed if it failed."""
         op = self.get(operation_id)
         if op is None:
             raise KeyError(f"unknown operation id {operation_id!r} (never queued, or finished "
                            f"longer ago than the last {self.config.completed_history} operations)")
-        if op.state == "queued":
+        if until == "durable":
+            if op.state == "queued":
+                durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._durable.setdefault(operation_id, []).append(durable)
+                await asyncio.shield(durable)
+        elif op.state in _WAITING:
             if op.future is None:
                 op.future = asyncio.get_running_loop().create_future()
             await asyncio.shield(op.future)
@@ -292,6 +313,14 @@ class Scheduler:
                 op.operation_id,
             ) from op.exception
         return op
+
+    def _wake_durable(self, ops: list[BatchOperation]) -> None:
+        """Operations that are in the spool or finished: ``wait(until="durable")`` returns."""
+        durable = self._durable
+        for op in ops:
+            for fut in durable.pop(op.operation_id, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
     async def flush(self) -> None:
         """Return when every operation queued before this call has finished and its
@@ -362,7 +391,9 @@ class Scheduler:
         pressure = self._pressure()  # stopping included
         fullest: tuple[int, Priority, str, Lane] | None = None
         next_deadline: float | None = None
-        busy = self._inflight_tables if not self._ordered else {}
+        # a table's batches one at a time while spooling is on: a later batch must not
+        # commit while an earlier one of its table is on its way to the spool
+        busy = self._inflight_tables if not self._ordered or self.spooler else {}
         for prio in _PRIORITIES[:1] if critical_only else _PRIORITIES:
             lanes = self._lanes[prio]
             if not lanes:
@@ -439,6 +470,10 @@ class Scheduler:
             self._timer = loop.call_at(loop.time() + max(deadline - time.monotonic(), 0.0002),
                                        self._on_timer)
 
+    def wake(self) -> None:
+        """Dispatch now (the spooler calls it when a table leaves the spool)."""
+        self._dispatch()
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = float("inf")
@@ -451,6 +486,10 @@ class Scheduler:
         name = batch.table.name
         self._inflight_tables[name] = self._inflight_tables.get(name, 0) + 1
         self._idle.clear()
+        spooler = self.spooler
+        if spooler is not None and spooler.routes(name):  # down, or the table has a spool
+            self._start_recovery(self._spool(batch))
+            return
         start = time.perf_counter()
         fut: asyncio.Future[BatchResult]
         try:
@@ -481,14 +520,16 @@ class Scheduler:
         except Exception as exc:
             self.stats.retries += retries_of(exc)  # a backend's own retries before it gave up
             kind = self.backend.classify_error(exc)
-            if self._recovers_itself or kind is ErrorKind.RESOURCE or (
+            if (self._recovers_itself and kind is ErrorKind.TRANSIENT
+                    and self.spooler is not None):  # the backend retried it already
+                self.spooler.mark_down()
+                self._start_recovery(self._spool(batch))
+            elif self._recovers_itself or kind is ErrorKind.RESOURCE or (
                     kind is ErrorKind.DATA and len(batch.operations) == 1):
                 self._finish(batch, exc, seconds)
                 self._release(batch)
             else:
-                task = asyncio.get_running_loop().create_task(self._recover(batch, exc, kind))
-                self._recoveries.add(task)
-                task.add_done_callback(self._recoveries.discard)
+                self._start_recovery(self._recover(batch, exc, kind))
             return
         except BaseException as exc:  # cancelled: the operations are failed, never dropped
             self._finish(batch, exc, seconds)
@@ -496,6 +537,63 @@ class Scheduler:
             return
         self._finish_result(batch, result, seconds)
         self._release(batch)
+
+    def _start_recovery(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _spool(self, batch: Batch) -> None:
+        """Append ``batch`` to the spool instead of writing it, then release it."""
+        try:
+            await self._to_spool(batch)
+        except BaseException as err:
+            self._finish(batch, err, 0.0)
+            raise
+        finally:
+            self._release(batch)
+
+    async def _to_spool(self, batch: Batch) -> None:
+        spooler = self.spooler
+        assert spooler is not None
+        for op, err in await spooler.spool_batch(batch):  # values the spool cannot keep
+            self._finish(Batch(batch.table, batch.operation_type, batch.columns, [op]), err,
+                         0.0)
+
+    def spooled(self, batch: Batch) -> None:
+        """``batch``'s operations are in the spool (called by the spooler)."""
+        if self._durable:
+            self._wake_durable(batch.operations)
+        if self.on_spooled is not None:
+            self.on_spooled(batch)
+
+    def already_committed(self, batch: Batch) -> None:
+        """Spooled operations the database's replay marks show committed (by a process
+        that crashed before noting it in the spool): acknowledged without a write."""
+        self._finish(batch, None, 0.0, batch.row_count)
+
+    async def replay_write(self, batch: Batch) -> bool:
+        """Write a batch replayed from the spool, splitting it on bad data as any batch;
+        False (its operations left in the spool) if the database is away again."""
+        start = time.perf_counter()
+        try:
+            result = await self.backend.write_batch(batch)
+        except Exception as exc:
+            self.stats.retries += retries_of(exc)
+            kind = self.backend.classify_error(exc)
+            if self._recovers_itself and kind is ErrorKind.TRANSIENT:
+                return False
+            if self._recovers_itself or kind is ErrorKind.RESOURCE or (
+                    kind is ErrorKind.DATA and len(batch.operations) == 1):
+                self._finish(batch, exc, time.perf_counter() - start)
+                return True
+            try:
+                await self._retry(batch, exc, kind, 0, replay=True)
+            except _StillDown:
+                return False
+            return True
+        self._finish_result(batch, result, time.perf_counter() - start)
+        return True
 
     async def _recover(self, batch: Batch, exc: Exception, kind: ErrorKind) -> None:
         """Retry a transiently failed batch, or split a batch with bad data, then release it."""
@@ -507,9 +605,23 @@ class Scheduler:
         finally:
             self._release(batch)
 
-    async def _retry(self, batch: Batch, exc: Exception, kind: ErrorKind, attempt: int) -> None:
+    async def _retry(self, batch: Batch, exc: Exception, kind: ErrorKind, attempt: int,
+                     since: float | None = None, replay: bool = False) -> None:
+        """Retry a transient failure with backoff; split a batch with bad data. With a
+        spool, a transient failure that lasts ``spool.after_seconds`` (or outlasts the
+        retries) sends the batch to the spool; a replayed one raises ``_StillDown``."""
         policy = self.backend_context.retry_policy
+        since = time.monotonic() if since is None else since
         while True:
+            spooler = self.spooler
+            if kind is ErrorKind.TRANSIENT and spooler is not None and (
+                    spooler.down or attempt >= policy.max_retries
+                    or time.monotonic() - since >= spooler.after_seconds):
+                if replay:
+                    raise _StillDown
+                spooler.mark_down()
+                await self._to_spool(batch)
+                return
             if kind is ErrorKind.TRANSIENT and attempt < policy.max_retries:
                 attempt += 1
                 self.stats.retries += 1
@@ -520,7 +632,7 @@ class Scheduler:
             elif kind is ErrorKind.DATA and len(batch.operations) > 1:
                 self.stats.splits += 1
                 for half in batch.split():
-                    await self._retry_half(half, attempt)
+                    await self._retry_half(half, attempt, since, replay)
                 return
             else:
                 self._finish(batch, exc, 0.0)
@@ -535,13 +647,15 @@ class Scheduler:
             self._finish_result(batch, result, time.perf_counter() - start)
             return
 
-    async def _retry_half(self, batch: Batch, attempt: int) -> None:
+    async def _retry_half(self, batch: Batch, attempt: int, since: float | None = None,
+                          replay: bool = False) -> None:
         start = time.perf_counter()
         try:
             result = await self.backend.write_batch(batch)
         except Exception as err:
             self.stats.retries += retries_of(err)
-            await self._retry(batch, err, self.backend.classify_error(err), attempt)
+            await self._retry(batch, err, self.backend.classify_error(err), attempt, since,
+                              replay)
             return
         self._finish_result(batch, result, time.perf_counter() - start)
 
@@ -564,8 +678,8 @@ class Scheduler:
     def _finish(self, batch: Batch, exc: BaseException | None, seconds: float,
                 written: int = 0) -> None:
         ops = batch.operations
-        if [op for op in ops if op.state != "queued"]:  # a batch cancelled mid-split
-            ops = [op for op in ops if op.state == "queued"]  # ends once per operation
+        if [op for op in ops if op.state not in _WAITING]:  # a batch cancelled mid-split
+            ops = [op for op in ops if op.state in _WAITING]  # ends once per operation
             if not ops:
                 return
         stats = self.stats
@@ -633,6 +747,8 @@ class Scheduler:
                     is_coroutine = is_async_callable(callback)
                 (coroutines if is_coroutine else plain).append(op)
         self._history.add(ops)
+        if self._durable:
+            self._wake_durable(ops)
         if (plain or coroutines) and self._callbacks is not None:
             self._callbacks.run(plain, coroutines)
 

@@ -133,6 +133,26 @@ class MaintenanceConfig(Section):
     vacuum_interval_seconds: float = Field(86400.0, ge=0)
 
 
+class SpoolConfig(Section):
+    """Writing through a database outage: operations the database cannot take now are kept
+    in a spool on local disk and replayed in order when it answers (see batchdb.spooler)."""
+
+    enabled: bool = Field(False, description="keep operations the database cannot take now "
+                                             "on local disk")
+    path: str = Field("batchdb-spool", description="a directory on local disk")
+    max_mb: float = Field(1024.0, gt=0, description="over it, producers wait (or get "
+                                                      "QueueFull), as with the memory budget")
+    after_seconds: float = Field(1.0, ge=0, description="how long a batch retries a transient "
+                                                         "failure before it goes to the spool")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_given(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a directory on local disk")
+        return value
+
+
 class PluginsConfig(Section):
     """Plugins found through the ``batchdb`` entry-point group can be disabled by name."""
 
@@ -159,6 +179,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
     batch: BatchConfig = Field(default_factory=BatchConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     # where the values came from (set by load_settings), for messages naming the source
     _file: Path | object | None = PrivateAttr(default=_DEFAULT_FILE)

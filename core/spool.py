@@ -614,6 +614,16 @@ class Spool:
                     break
             raise
 
+    def remember_table(self, table: TableInfo) -> None:
+        """Keep ``table``'s description in tables.json (fsynced) if it is new or changed:
+        a manager started while the database is down takes writes for it."""
+        with self._lock:
+            if self._tables.get(table.name) != table:
+                self._tables[table.name] = table
+                _write_atomic(self.path / "tables.json", json.dumps(
+                    {name: _table_to_json(info) for name, info in self._tables.items()}
+                ).encode())
+
     def append(self, table: TableInfo, operation_type: str, columns: Sequence[str],
                body: bytes, count: int, rows: int, priority: int) -> SpoolEntry:
         """Append one record (``count`` operations of a batch, ``body`` from
@@ -625,11 +635,7 @@ class Spool:
         """
         with self._lock:
             self._check_open()
-            if table.name not in self._tables or self._tables[table.name] != table:
-                self._tables[table.name] = table
-                _write_atomic(self.path / "tables.json", json.dumps(
-                    {name: _table_to_json(info) for name, info in self._tables.items()}
-                ).encode())
+            self.remember_table(table)
             first_seq = self._next_seq
             frame = _frame(_encode(time.time(), first_seq, table.name, operation_type,
                                    columns, body, count, rows, priority))

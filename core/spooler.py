@@ -49,7 +49,7 @@ from typing import Any
 from .backend import Backend, Batch
 from .models import BatchDBError, BatchOperation, OperationType, Priority
 from .schema import TableInfo
-from .spool import Spool, SpoolEntry, SpoolError, SpoolFull, SpoolRecord, UnspoolableValue
+from .spool import Spool, SpoolEntry, SpoolError, SpoolRecord, UnspoolableValue
 
 __all__ = ["SpoolClosed", "Spooler"]
 
@@ -92,7 +92,6 @@ class Spooler:
         self.spool = Spool(path, max_bytes=int(max_mb * _MB))
         self.after_seconds = after_seconds
         self.backend = backend
-        backend.spool_id = self.spool.spool_id
         self._batch_rows = batch_rows
         self._table_of = table_of
         self._replay_write = replay_write
@@ -198,18 +197,19 @@ class Spooler:
                 refused.append((bad, exc))
                 continue
             except Exception as exc:  # a row that cannot be read fails its operation alone
-                if isinstance(exc, SpoolFull | OSError) or (
-                        isinstance(exc, SpoolError) and not isinstance(exc, UnspoolableValue)):
+                if isinstance(exc, SpoolError | OSError):  # disk full, over max_mb, …: wait
+                    if self._closing:
+                        raise
                     if self.error != str(exc):
                         log.error("%s", exc)
                     self.error = str(exc)
                     await asyncio.sleep(FULL_RETRY_SECONDS)
                     continue
-                bad = self._row_error(ops)
-                if bad is None:
+                found = self._row_error(ops)
+                if found is None:
                     raise
-                ops.remove(bad[0])
-                refused.append(bad)
+                ops.remove(found[0])
+                refused.append(found)
                 continue
             self.error = None
             self._spooled(batch, ops, entry, body_ops)
@@ -293,6 +293,7 @@ class Spooler:
                         self._replay_table(table))
                 if not running:
                     if not self.pending():
+                        await self._forget_marks()
                         return
                     self._appended.clear()
                     await self._appended.wait()
@@ -310,6 +311,14 @@ class Spooler:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self._redispatch()
+
+    async def _forget_marks(self) -> None:
+        """The spool is empty: the database's marks of it are not needed any more."""
+        if self.replayed_operations and self.backend.capabilities.spool_marks:
+            try:
+                await self.backend.spool_forget()
+            except Exception as exc:  # kept marks cost a little room, nothing else
+                log.warning("cannot delete the spool's replay marks: %s", exc)
 
     async def _replay_table(self, table: str) -> None:
         loop = asyncio.get_running_loop()

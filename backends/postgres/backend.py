@@ -343,13 +343,14 @@ class PostgresBackend(Backend):
             weakref.WeakKeyDictionary())
         self.server_version: str | None = None
         self.outcomes_resolved = {"committed": 0, "aborted": 0}
+        self._marks_ready = False
 
     @property
     def capabilities(self) -> Capabilities:
         """One batch per pooled connection in flight; batch sizes from ``batch_size``."""
         size = self.settings.batch_size
         return Capabilities(max_writers=self.settings.pool_size, insert_batch_size=size,
-                            update_batch_size=size)
+                            update_batch_size=size, spool_marks=True)
 
     # ------------------------------------------------------------------ messages
     def _scrub(self, text: str) -> str:
@@ -614,6 +615,9 @@ class PostgresBackend(Backend):
                 await self._copy(raw, copy_sql, target, columns, [rows[r] for r in kept],
                                  kept, binary)
             changed = (await raw.execute(write_sql)).rowcount
+            marks = [op.spool_seq for op in batch.operations if op.spool_seq]
+            if marks:  # replayed from the spool: noted in the same transaction
+                await raw.execute(_MARK_SQL, (self.context.spool_id, marks))
         except BaseException:
             await _rollback(conn)
             raise
@@ -704,6 +708,8 @@ class PostgresBackend(Backend):
                 # that row would have failed if its key exists
                 if await self._key_exists(target, batch.columns, key_pos, suspect[2]):
                     raise _not_null_violation(target, suspect)
+        if not self._marks_ready and any(op.spool_seq for op in ops):
+            await self._create_marks_table()
         copy_key = (batch.table.name, batch.columns)
         text_copy = (_screen(rows, batch.columns, target)
                      or self._text_fallbacks.get(copy_key, 0) >= TEXT_COPY_AFTER)
@@ -746,6 +752,46 @@ class PostgresBackend(Backend):
             self._text_fallbacks.pop(copy_key, None)  # binary worked: count again from 0
         self._written.setdefault(target.qualified, target)
         return BatchResult(batch.row_count, changed=changed)
+
+    # ------------------------------------------------------------------ spool marks
+    async def _create_marks_table(self) -> None:
+        """``batchdb_spool_applied`` (spool id, sequence number) in the first schema of the
+        search_path, created once, under the advisory lock ``create_table`` takes."""
+        async with self._require_pool().connection() as conn:
+            try:
+                await conn.raw.execute("BEGIN")
+                await conn.raw.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s)",
+                                       (0x6261746368,))
+                await conn.raw.execute(
+                    "CREATE TABLE IF NOT EXISTS batchdb_spool_applied (spool text NOT NULL, "
+                    "seq bigint NOT NULL, PRIMARY KEY (spool, seq))")
+                await conn.raw.execute("COMMIT")
+            except BaseException:
+                await _rollback(conn)
+                raise
+        self._marks_ready = True
+
+    async def _marks_exist(self, conn: PooledConnection) -> bool:
+        cur = await conn.raw.execute("SELECT pg_catalog.to_regclass('batchdb_spool_applied')")
+        row = await cur.fetchone()
+        return row is not None and row[0] is not None
+
+    async def spool_applied(self, seqs: Sequence[int]) -> set[int]:
+        """The replayed operations of this spool among ``seqs`` that are committed."""
+        async with self._require_pool().connection() as conn:
+            if not await self._marks_exist(conn):
+                return set()
+            cur = await conn.raw.execute(
+                "SELECT seq FROM batchdb_spool_applied WHERE spool = %s AND seq = ANY(%s)",
+                (self.context.spool_id, list(seqs)))
+            return {int(r[0]) for r in await cur.fetchall()}
+
+    async def spool_forget(self) -> None:
+        """Delete this spool's marks (it is empty: none will be asked for again)."""
+        async with self._require_pool().connection() as conn:
+            if await self._marks_exist(conn):
+                await conn.raw.execute("DELETE FROM batchdb_spool_applied WHERE spool = %s",
+                                       (self.context.spool_id,))
 
     async def _key_exists(self, target: Target, columns: Sequence[str],
                           key_pos: Sequence[int], row: tuple[Any, ...]) -> bool:
@@ -874,6 +920,10 @@ class PostgresBackend(Backend):
             "commit_outcomes_resolved": dict(self.outcomes_resolved),
         }
 
+
+#: the spool sequence numbers of a replayed batch, noted in its own transaction
+_MARK_SQL = ("INSERT INTO batchdb_spool_applied (spool, seq) "
+             "SELECT %s, pg_catalog.unnest(%s::bigint[])")
 
 _SEARCH_PATH_TABLES = """
 SELECT n.nspname, c.relname

@@ -1,0 +1,224 @@
+"""Writing through a PostgreSQL outage with ``[spool] enabled``, on a real server stopped
+with ``pg_ctl stop -m immediate`` and started again (a server of this module's own).
+
+Short outages here (a few seconds) for behaviour; the ≥ 20 s outage under a 4-priority
+ingest is tests/postgres/test_spool_ingest.py, the producer SIGKILLed during the outage is
+tests/reliability/test_spool_kill.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchdb import (
+    BatchDBManager,
+    OperationFailed,
+    Priority,
+    SchemaError,
+    hookimpl,
+    load_settings,
+)
+from batchdb.spooler import SpoolClosed
+from tests.pgserver import PostgresServer, sql_exec, sql_rows
+
+from .outage import outage_server, start_again, stop_immediate
+
+pytest.importorskip("psycopg")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    reason = PostgresServer.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL server can be started here: {reason}")
+    yield from outage_server(tmp_path_factory.mktemp("outage"))
+
+
+@pytest.fixture
+def dsn(server: PostgresServer) -> Iterator[str]:
+    if not server.running:
+        start_again(server)
+    name = server.create_database("spool")
+    dsn = server.dsn_for(server.user, dbname=name)
+    sql_exec(dsn, "CREATE TABLE kv (k int PRIMARY KEY, v int NOT NULL, src text)",
+             "CREATE TABLE log (id bigint NOT NULL, v text)")  # no key: a replay twice shows
+    yield dsn
+    if not server.running:
+        start_again(server)
+    server.drop_database(name)
+
+
+class Recorder:
+    """Records the spool hooks."""
+
+    def __init__(self) -> None:
+        self.spooled: list[str] = []
+        self.replayed: list[str] = []
+        self.callbacks: list[tuple[str, str]] = []
+
+    @hookimpl
+    def batchdb_spooled(self, batch: Any) -> None:
+        assert all(op.state == "spooled" for op in batch.operations)
+        self.spooled += [op.operation_id for op in batch.operations]
+
+    @hookimpl
+    def batchdb_spool_replayed(self, batch: Any) -> None:
+        self.replayed += [op.operation_id for op in batch.operations]
+
+
+def _manager(dsn: str, spool: Path, plugins: list[object] = (), **spool_cfg: Any
+             ) -> BatchDBManager:
+    settings = load_settings(
+        None, backend="postgres", maintenance={"enabled": False},
+        postgres={"dsn": dsn, "connect_timeout_seconds": 2.0},
+        batch={"retry_base_delay_seconds": 0.02, "retry_max_delay_seconds": 0.2},
+        spool={"enabled": True, "path": str(spool), "after_seconds": 0.3, **spool_cfg})
+    return BatchDBManager(settings=settings, plugins=plugins)
+
+
+async def _wait_for(predicate: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def _drained(m: BatchDBManager, seconds: float = 60.0) -> dict[str, Any]:
+    """The queue status once the spool is empty and its bookkeeping done."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = await m.get_queue_status()
+        if status["spool"]["operations"] == 0 and not status["spool"]["replaying"]:
+            return status
+        assert time.monotonic() < deadline, status["spool"]
+        await asyncio.sleep(0.05)
+
+
+async def test_writes_go_on_through_an_outage_and_commit_once_in_order(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    recorder = Recorder()
+    loop = asyncio.get_running_loop()
+    async with _manager(dsn, tmp_path / "spool", [recorder]) as m:
+        before = [await m.queue_operation("log", "INSERT", [{"id": i, "v": "before"}])
+                  for i in range(50)]
+        before.append(await m.queue_operation("kv", "UPSERT", [{"k": 0, "v": -1}]))
+        for op_id in before:
+            await m.wait(op_id)
+        await loop.run_in_executor(None, stop_immediate, server)
+        with pytest.raises(SchemaError, match="'fresh' cannot be described: the database "
+                                              "does not answer"):
+            await m.queue_operation("fresh", "INSERT", [{"k": 1}])
+        ops: list[str] = []
+        with_callback: list[str] = []
+        done: list[tuple[str, str]] = []
+        for i in range(300):
+            prio = list(Priority)[i % 4]
+            with_callback.append(await m.queue_operation(
+                "kv", "UPSERT", [{"k": i % 20, "v": i, "src": prio.name}], prio,
+                callback=lambda op: done.append((op.operation_id, op.state))))
+            ops.append(with_callback[-1])
+            ops.append(await m.queue_operation("log", "INSERT", [{"id": 1000 + i, "v": "out"}],
+                                               prio))
+        for op_id in ops:  # durable: in the spool (the database is down)
+            op = await asyncio.wait_for(m.wait(op_id, until="durable"), 30)
+            assert op.state == "spooled", op
+        assert done == []  # callbacks run on the final outcome only
+        status = await m.get_queue_status()
+        spool = status["spool"]
+        assert spool["enabled"] and spool["operations"] == len(ops)
+        assert spool["bytes"] > 0 and spool["oldest_age_seconds"] >= 0
+        assert spool["database"].startswith("down since ")
+        assert set(recorder.spooled) == set(ops)
+        await loop.run_in_executor(None, start_again, server)
+        for op_id in ops:
+            op = await asyncio.wait_for(m.wait(op_id), 60)
+            assert op.state == "committed"
+        await m.flush()
+        status = await _drained(m)
+        assert status["spool"]["database"] == "up"
+        assert status["spool"]["replayed_operations"] == len(ops)
+        after = await m.queue_operation("log", "INSERT", [{"id": 5000, "v": "after"}])
+        await m.wait(after)
+    assert sorted(recorder.replayed) == sorted(ops)
+    assert sorted(done) == sorted((op_id, "committed") for op_id in with_callback)
+    # every INSERT once; the later submission of each key won
+    assert sql_rows(dsn, "SELECT count(*), count(DISTINCT id) FROM log") == [(351, 351)]
+    expected = {k: max(i for i in range(300) if i % 20 == k) for k in range(20)}
+    assert dict(sql_rows(dsn, "SELECT k, v FROM kv")) == expected
+    assert sql_rows(dsn, "SELECT count(*) FROM batchdb_spool_applied") == [(0,)]  # forgotten
+
+
+async def test_a_manager_starts_on_a_spool_while_the_database_is_down(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    """The first manager stops during the outage: what it spooled stays on disk. A second
+    one starts while the database is still down (the spool describes the tables), takes
+    writes into the spool behind the old ones, and replays everything in order once the
+    database is back."""
+    loop = asyncio.get_running_loop()
+    spool = tmp_path / "spool"
+    first = _manager(dsn, spool)
+    await first.start()
+    await first.queue_operation("kv", "UPSERT", [{"k": 1, "v": 0, "src": "warm"}])
+    await first.flush()
+    await loop.run_in_executor(None, stop_immediate, server)
+    early = [await first.queue_operation("kv", "UPSERT", [{"k": 1, "v": i, "src": "first"}])
+             for i in range(1, 40)]
+    for op_id in early:
+        await asyncio.wait_for(first.wait(op_id, until="durable"), 30)
+    waiting = asyncio.ensure_future(first.wait(early[-1]))
+    await first.stop()  # the database is down: the spool keeps them
+    with pytest.raises(SpoolClosed, match="committed when a manager is started on that spool"):
+        await waiting
+    assert (await first.get_queue_status())["spool"]["operations"] == 39
+
+    second = _manager(dsn, spool)
+    await second.start()  # the database is still down
+    try:
+        status = await second.get_queue_status()
+        assert status["running"] and status["spool"]["database"].startswith("down since")
+        late = await second.queue_operation("kv", "UPSERT", [{"k": 1, "v": 99, "src": "second"}])
+        await asyncio.wait_for(second.wait(late, until="durable"), 30)
+        await loop.run_in_executor(None, start_again, server)
+        await asyncio.wait_for(second.wait(late), 60)
+        assert sql_rows(dsn, "SELECT v, src FROM kv WHERE k = 1") == [(99, "second")]
+        for op_id in early:  # replayed with their own ids
+            assert (await second.wait(op_id)).state == "committed"
+    finally:
+        await second.stop()
+
+
+async def test_bad_data_in_the_spool_fails_its_operation_alone(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    async with _manager(dsn, tmp_path / "spool") as m:
+        await m.queue_operation("kv", "UPSERT", [{"k": 0, "v": 0}])
+        await m.flush()
+        await loop.run_in_executor(None, stop_immediate, server)
+        good1 = await m.queue_operation("kv", "UPSERT", [{"k": 1, "v": 1}])
+        bad = await m.queue_operation("kv", "UPSERT", [{"k": 2, "v": None}])  # NOT NULL
+        good2 = await m.queue_operation("kv", "UPSERT", [{"k": 3, "v": 3}])
+        for op_id in (good1, bad, good2):
+            await asyncio.wait_for(m.wait(op_id, until="durable"), 30)
+        await loop.run_in_executor(None, start_again, server)
+        await asyncio.wait_for(m.wait(good2), 60)
+        with pytest.raises(OperationFailed, match="not-null|null value"):
+            await m.wait(bad)
+        await m.wait(good1)
+    assert sorted(sql_rows(dsn, "SELECT k FROM kv")) == [(0,), (1,), (3,)]
+
+
+async def test_the_spool_directory_of_a_running_manager_is_refused(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    from batchdb.spool import SpoolLocked
+
+    async with _manager(dsn, tmp_path / "spool"):
+        other = _manager(dsn, tmp_path / "spool")
+        with pytest.raises(SpoolLocked, match=f"pid {os.getpid()}"):
+            await other.start()
