@@ -449,6 +449,9 @@ class Spool:
                 else:
                     self._index(entry)
         self._next_seq = next_seq
+        if self.torn_bytes:
+            log.warning("spool %s: dropped a torn tail of %d bytes (an append cut short by a "
+                        "crash; every record before it is kept)", self.path, self.torn_bytes)
         self._segment = max([int(meta.get("segment_floor", 1)), *numbers])
         for number in numbers:
             if not self._pending_count.get(number) and number != numbers[-1]:

@@ -260,16 +260,19 @@ class Spooler:
                     log.debug("probe: database still down: %s", exc)
                     delay = min(PROBE_MAX_SECONDS, delay * 2)
                     continue
-                log.warning("database %s answers again (down for %.1fs): replaying the spool",
-                            self.backend.name, time.time() - (self.down_since or time.time()))
-                self.down_since = None
                 self._probe_task = None
-                self._start_replay()
-                self._redispatch()
+                self._up()
                 return
         finally:
             if self._probe_task is asyncio.current_task():
                 self._probe_task = None
+
+    def _up(self) -> None:
+        log.warning("database %s answers again (down for %.1fs): replaying the spool",
+                    self.backend.name, time.time() - (self.down_since or time.time()))
+        self.down_since = None
+        self._start_replay()
+        self._redispatch()
 
     # ------------------------------------------------------------------ replay
     def _start_replay(self) -> None:
@@ -412,7 +415,7 @@ class Spooler:
         acknowledged as committed, not written again."""
         if not ops:
             return
-        log.info("%d spooled operation(s) on %r were committed before: not written again",
+        log.warning("%d spooled operation(s) on %r were committed before: not written again",
                  len(ops), info.name)
         for op in ops:
             op.values = None
@@ -420,7 +423,21 @@ class Spooler:
 
     # ------------------------------------------------------------------ stop
     async def drain(self) -> None:
-        """Wait for the replay while the database answers (``stop()``)."""
+        """Wait for the replay while the database answers (``stop()``): if it is down, ask
+        it once more now (the probe may be sleeping), else leave the spool for the next
+        start."""
+        if self.down_since is not None and self.pending() and not self._closing:
+            try:
+                await self._probe()
+            except Exception as exc:
+                log.warning("stopping while the database is down (%s): %d operation(s) stay "
+                            "in the spool at %s for the next start", exc,
+                            self.spool.pending_ops, self.spool.path)
+                return
+            if self._probe_task is not None:
+                self._probe_task.cancel()
+                self._probe_task = None
+            self._up()
         while self.down_since is None and self.pending() and not self._closing:
             self._start_replay()
             task = self._replay_task

@@ -730,6 +730,12 @@ class PostgresBackend(Backend):
                 if suspects:  # inserted or updated, that row would have failed
                     raise _not_null_violation(target, suspects[0]) from None
                 dropped = []
+            except self._pg.errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != _MARKS_PKEY:
+                    raise
+                # a replayed operation's mark is there: an earlier process (killed after it
+                # sent the COMMIT) committed it meanwhile. Leave those out, write the rest.
+                return await self._without_applied(batch)
             except (TypeError, ValueError, OverflowError) as exc:
                 if text_copy or isinstance(exc, BatchDBError):
                     raise
@@ -785,6 +791,26 @@ class PostgresBackend(Backend):
                 "SELECT seq FROM batchdb_spool_applied WHERE spool = %s AND seq = ANY(%s)",
                 (self.context.spool_id, list(seqs)))
             return {int(r[0]) for r in await cur.fetchall()}
+
+    async def _without_applied(self, batch: Batch) -> BatchResult:
+        """``batch`` without the operations whose spool mark is committed."""
+        ops = batch.operations
+        applied = await self.spool_applied([op.spool_seq for op in ops if op.spool_seq])
+        if not applied:  # the other transaction has not finished: ask again later
+            raise CommitOutcomePending("a replayed operation's mark is being committed by "
+                                       "another session")
+        log.warning("batch on %r: %d replayed operation(s) were committed by an earlier "
+                 "process: not written again", batch.table.name,
+                 sum(op.spool_seq in applied for op in ops))
+        rest = [op for op in ops if op.spool_seq not in applied]
+        done_rows = sum(op.n_rows for op in ops if op.spool_seq in applied)
+        if not rest:
+            return BatchResult(done_rows)
+        result = await self.write_batch(Batch(batch.table, batch.operation_type,
+                                              batch.columns, rest, priority=batch.priority))
+        result.rows += done_rows
+        result.changed = None  # the skipped operations' share is not known
+        return result
 
     async def spool_forget(self) -> None:
         """Delete this spool's marks (it is empty: none will be asked for again)."""
@@ -921,6 +947,7 @@ class PostgresBackend(Backend):
         }
 
 
+_MARKS_PKEY = "batchdb_spool_applied_pkey"
 #: the spool sequence numbers of a replayed batch, noted in its own transaction
 _MARK_SQL = ("INSERT INTO batchdb_spool_applied (spool, seq) "
              "SELECT %s, pg_catalog.unnest(%s::bigint[])")

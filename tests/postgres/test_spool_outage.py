@@ -222,3 +222,60 @@ async def test_the_spool_directory_of_a_running_manager_is_refused(
         other = _manager(dsn, tmp_path / "spool")
         with pytest.raises(SpoolLocked, match=f"pid {os.getpid()}"):
             await other.start()
+
+
+_CRASH_AFTER_COMMIT = """
+import asyncio, os, sys
+from batchdb import BatchDBManager, hookimpl, load_settings
+
+class CrashAfterReplayCommit:
+    @hookimpl
+    def batchdb_batch_committed(self, batch, seconds, backend):
+        if any(op.spool_seq for op in batch.operations):
+            os._exit(9)  # committed, not yet noted in the spool: a crash right there
+
+async def main():
+    settings = load_settings(None, backend="postgres", maintenance={"enabled": False},
+                             postgres={"dsn": sys.argv[1]},
+                             spool={"enabled": True, "path": sys.argv[2]})
+    m = BatchDBManager(settings=settings, plugins=[CrashAfterReplayCommit()])
+    await m.start()
+    await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_crash_between_the_replayed_commit_and_the_spools_note_writes_nothing_twice(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    """The replay marks: a process that dies after its replayed batch committed, before
+    the spool noted it, leaves the records pending; the next replay finds their marks in
+    the database and does not write them again (``log`` has no key: a second INSERT of a
+    row would show)."""
+    import subprocess
+    import sys
+
+    loop = asyncio.get_running_loop()
+    spool = tmp_path / "spool"
+    first = _manager(dsn, spool)
+    await first.start()
+    await first.queue_operation("log", "INSERT", [{"id": -1, "v": "warm"}])
+    await first.flush()
+    await loop.run_in_executor(None, stop_immediate, server)
+    ops = [await first.queue_operation("log", "INSERT", [{"id": i, "v": "x"}, {"id": -i - 2,
+                                                                               "v": "y"}])
+           for i in range(100)]
+    for op_id in ops:
+        await asyncio.wait_for(first.wait(op_id, until="durable"), 30)
+    await first.stop()
+    await loop.run_in_executor(None, start_again, server)
+    proc = await loop.run_in_executor(None, lambda: subprocess.run(
+        [sys.executable, "-c", _CRASH_AFTER_COMMIT, dsn, str(spool)], capture_output=True,
+        text=True, timeout=120))
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    committed = sql_rows(dsn, "SELECT count(*) FROM log")[0][0]
+    assert committed > 1  # the crashed process did commit (some of) the replay
+    async with _manager(dsn, spool) as second:
+        status = await _drained(second)
+        assert status["spool"]["skipped_as_committed"] > 0
+    assert sql_rows(dsn, "SELECT count(*), count(DISTINCT id) FROM log") == [(201, 201)]
