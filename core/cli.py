@@ -649,7 +649,44 @@ def status(settings: SettingsOption = None, backend: BackendOption = None) -> No
     with _expected_errors():
         manager = _manager(settings, backend, maintenance={"enabled": False})
         _require_database(manager)
-        asyncio.run(_status(manager))
+        # the spool is read, not opened: a running producer holds its lock
+        spool = manager.settings.spool.model_copy()
+        manager.settings.spool.enabled = False
+        try:
+            asyncio.run(_status(manager))
+        except Exception as exc:
+            if not spool.enabled or isinstance(exc, SettingsError):
+                raise
+            _spool_panel(spool.path, f"down ({exc})")
+            raise typer.Exit(1) from None
+        if spool.enabled:
+            _spool_panel(spool.path, None)
+
+
+def _spool_panel(path: str, error: str | None) -> None:
+    """The spool's figures and the database's state (``up``, ``down since …``)."""
+    from .spool import inspect_spool
+
+    out = _stdout()
+    found = inspect_spool(path)
+    table = _table(f"spool {Path(path).absolute()}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    if found is not None and found["down_since"] is not None:
+        since = datetime.fromtimestamp(found["down_since"], UTC).isoformat(timespec="seconds")
+        state = f"down since {since}" + (f": {error}" if error else "")
+    else:
+        state = error or "up"
+    table.add_row("database", Text(state, style="red" if state != "up" else "green"))
+    if found is None:
+        table.add_row("operations", Text("0 (no spool there yet)"))
+    else:
+        age = found["oldest_age_seconds"]
+        table.add_row("operations", _fmt_int(found["operations"]))
+        table.add_row("bytes", _fmt_int(found["bytes"]))
+        table.add_row("oldest", Text("-" if age is None else _fmt_seconds(age)))
+        table.add_row("tables", Text(", ".join(found["tables"]) or "-"))
+    out.print(table)
 
 
 async def _list_tables(manager: BatchDBManager) -> list[str]:

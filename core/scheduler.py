@@ -556,9 +556,19 @@ class Scheduler:
     async def _to_spool(self, batch: Batch) -> None:
         spooler = self.spooler
         assert spooler is not None
-        for op, err in await spooler.spool_batch(batch):  # values the spool cannot keep
-            self._finish(Batch(batch.table, batch.operation_type, batch.columns, [op]), err,
-                         0.0)
+        while True:
+            refused, leftover = await spooler.spool_batch(batch)
+            for op, err in refused:  # values the spool cannot keep
+                self._finish(Batch(batch.table, batch.operation_type, batch.columns, [op]),
+                             err, 0.0)
+            if not leftover:
+                return
+            # no room in the spool, and the database answers again: write them there
+            batch = Batch(batch.table, batch.operation_type, batch.columns, leftover,
+                          priority=batch.priority)
+            if await self.replay_write(batch):
+                return
+            spooler.mark_down()
 
     def spooled(self, batch: Batch) -> None:
         """``batch``'s operations are in the spool (called by the spooler)."""

@@ -3,7 +3,8 @@
 A spool is a directory on local disk, private to the user that runs batchdb::
 
     lock                  flock()ed by the process that has the spool open (holds its pid)
-    meta.json             format name and version, the spool's id, sequence floors
+    meta.json             format name and version, the spool's id
+    database.json         since when the database has been down, as the spooler saw it
     tables.json           descriptions of the tables the spool holds operations for
     seg-0000000001.log    segments of records, appended in order
     done.log              which records have been replayed (committed, or failed for good)
@@ -13,7 +14,7 @@ directory (or file in it) owned by another user is refused.
 
 Segment format (version 1), all integers little-endian::
 
-    header   b"BDBSPOOL" | u16 version | u16 0 | u32 0                      (16 bytes)
+    header   b"BDBSPOOL" | u16 version | u16 0 | u32 0 | u64 first sequence number (24 bytes)
     record   u32 payload length | u32 CRC-32 of the payload | payload
 
     payload  u8 kind (1) | f64 appended_at | u64 first_seq | u32 ops | u32 rows
@@ -23,8 +24,9 @@ Segment format (version 1), all integers little-endian::
 
 A record is the operations of one spooled batch (one table, operation type and column set);
 each operation gets its own sequence number (``first_seq + i``), unique in the spool for
-its whole life (``meta.json`` keeps the floor once segments are deleted), so that
-``(spool id, seq)`` names an operation for the database's replay marks. Rows are tuples in
+its whole life (a segment's header carries the first number it hands out, so the floor
+survives when every record is replayed), so that ``(spool id, seq)`` names an operation
+for the database's replay marks. Rows are tuples in
 column order, pickled (protocol 5) with a pickler that accepts only the value types a
 database column takes (numbers, text, bytes, date/time, Decimal, UUID, containers of them)
 and an unpickler that loads nothing else.
@@ -36,7 +38,9 @@ bad record anywhere else is not a torn tail but damage, reported as :class:`Spoo
 
 ``done.log`` uses the same framing (kind 2: a list of u64 ``first_seq``), and is appended
 (and fsynced) when a record has been replayed. A segment whose records are all done is
-deleted; when nothing is pending any more, every segment goes and ``done.log`` is emptied.
+deleted; when nothing is pending any more, the older segments are deleted and the active
+one and ``done.log`` are truncated in place (freeing room without allocating any: this
+works on a full disk).
 The store keeps only an index in memory (about 100 bytes per record, one record per
 spooled batch) and reads a record when it is replayed, so replay is streamed.
 
@@ -65,7 +69,7 @@ import uuid
 import zlib
 import zoneinfo
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +93,7 @@ __all__ = [
 FORMAT_NAME = "batchdb-spool"
 FORMAT_VERSION = 1
 MAGIC = b"BDBSPOOL"
-_SEG_HEADER = struct.Struct("<8sHHI")
+_SEG_HEADER = struct.Struct("<8sHHIQ")
 _FRAME = struct.Struct("<II")
 _RECORD_HEAD = struct.Struct("<BdQIIBH")
 _U16 = struct.Struct("<H")
@@ -113,8 +117,10 @@ class SpoolCorrupt(SpoolError):
 
 
 class SpoolFull(SpoolError):
-    """The disk under the spool is full (or the spool is over its size limit): nothing
-    was appended; the batch stays in memory and is appended again later."""
+    """The disk under the spool is full (``disk`` True), or the spool is over its size
+    limit: nothing was appended; the batch stays in memory and is appended again later."""
+
+    disk = False
 
 
 class UnspoolableValue(BatchDBError, TypeError):
@@ -344,6 +350,8 @@ class Spool:
         self._readers: dict[int, int] = {}  # segment -> fd for reads
         self._done_backlog: list[int] = []  # replayed records not noted in done.log yet
         self._done_fd = -1
+        self._floor = 1  # the highest first sequence number in a segment header
+        self._last_seqs: list[int] = []  # the next sequence number after each record seen
         self._closed = False
         self._prepare_directory()
         self._take_lock()
@@ -419,7 +427,7 @@ class Spool:
                     "that wrote it")
         else:
             meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
-                    "spool_id": uuid.uuid4().hex, "seq_floor": 1, "segment_floor": 1}
+                    "spool_id": uuid.uuid4().hex}
             _write_atomic(meta_path, json.dumps(meta).encode())
         self.spool_id: str = meta["spool_id"]
         self._meta = meta
@@ -438,30 +446,31 @@ class Spool:
         self.pending_ops = 0
         self.pending_bytes = 0
         self.torn_bytes = 0  # dropped from a torn tail when opened
-        next_seq = int(meta.get("seq_floor", 1))
+        self._floor = 1
         done_live: dict[int, list[int]] = {}
         for i, number in enumerate(numbers):
             last = i == len(numbers) - 1
             for entry in self._scan(number, last):
-                next_seq = max(next_seq, entry.first_seq + entry.count)
                 if entry.first_seq in done:
                     done_live.setdefault(number, []).append(entry.first_seq)
                 else:
                     self._index(entry)
+        next_seq = max([self._floor, *[e.first_seq + e.count for q in self._pending.values()
+                                        for e in q], *self._last_seqs])
         self._next_seq = next_seq
         if self.torn_bytes:
             log.warning("spool %s: dropped a torn tail of %d bytes (an append cut short by a "
                         "crash; every record before it is kept)", self.path, self.torn_bytes)
-        self._segment = max([int(meta.get("segment_floor", 1)), *numbers])
+        self._segment = max([1, *numbers])
         for number in numbers:
             if not self._pending_count.get(number) and number != numbers[-1]:
                 self._delete_segment(number)
                 done_live.pop(number, None)
+        self._rewrite_done([seq for n in sorted(done_live) for seq in done_live[n]])
+        self._fd = self._open_segment(self._segment)
+        self._size = os.fstat(self._fd).st_size
         if not self.pending_ops:
-            self._reset(numbers)
-        else:
-            self._rewrite_done([seq for n in sorted(done_live) for seq in done_live[n]])
-            self._open_active()
+            self._empty()
 
     def _scan(self, number: int, last: bool) -> Iterator[SpoolEntry]:
         """The records of a segment; a torn tail of the last segment is truncated."""
@@ -475,7 +484,8 @@ class Spool:
                 self._truncate(path, 0, write_header=True)
                 return
             raise SpoolCorrupt(f"spool segment {path} is shorter than its header")
-        magic, version, _, _ = _SEG_HEADER.unpack_from(data, 0)
+        magic, version, _, _, floor = _SEG_HEADER.unpack_from(data, 0)
+        self._floor = max(self._floor, floor)
         if magic != MAGIC:
             raise SpoolCorrupt(f"{path} is not a spool segment (bad magic)")
         if version != FORMAT_VERSION:
@@ -501,6 +511,7 @@ class Spool:
                 payload)
             if kind != _KIND_OPS:
                 raise SpoolCorrupt(f"spool segment {path}: unknown record kind {kind}")
+            self._last_seqs.append(first_seq + count)
             yield SpoolEntry(number, pos, end - pos, table, first_seq, count, rows,
                              appended_at, priority)
             pos = end
@@ -509,7 +520,7 @@ class Spool:
         with open(path, "r+b") as fh:
             fh.truncate(size)
             if write_header:
-                fh.write(_SEG_HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0))
+                fh.write(_SEG_HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0, self._floor))
             fh.flush()
             if self._fsync:
                 os.fsync(fh.fileno())
@@ -543,45 +554,43 @@ class Spool:
     def _live_segments(self) -> list[int]:
         return sorted(n for p in self.path.iterdir() if (n := _segment_number(p.name)) is not None)
 
-    def _reset(self, numbers: Iterable[int]) -> None:
-        """Nothing pending: delete every segment and start an empty one. The newest
-        segment goes last: until the sequence floor is in meta.json, its records are
-        what keeps sequence numbers from being handed out again."""
-        numbers = sorted(numbers)
-        for number in numbers[:-1]:
-            self._delete_segment(number)  # frees room on a full disk first
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._segment += 1
-        self._save_meta()
-        for number in numbers[-1:]:
-            self._delete_segment(number)
-        _write_atomic(self.path / "done.log", b"")
-        old, self._done_fd = self._done_fd, os.open(self.path / "done.log",
-                                                    os.O_WRONLY | os.O_APPEND, 0o600)
-        if old >= 0:
-            os.close(old)
+    def _empty(self) -> None:
+        """Nothing pending: delete the older segments, truncate the active one to a header
+        carrying the next sequence number, and done.log to nothing. Truncating in place
+        allocates nothing, so this frees room even on a full disk."""
+        for number in self._live_segments():
+            if number != self._segment:
+                self._delete_segment(number)
+        assert self._fd is not None
+        header = _SEG_HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0, self._next_seq)
+        os.ftruncate(self._fd, _SEG_HEADER.size)
+        os.pwrite(self._fd, header, 0)  # over the existing header: no new block
+        self._size = _SEG_HEADER.size
+        self._pending_count.pop(self._segment, None)
+        if self._fsync:
+            os.fsync(self._fd)
+        os.ftruncate(self._done_fd, 0)  # records before the floor cannot come back
+        if self._fsync:
+            os.fsync(self._done_fd)
         self._done_backlog.clear()
-        self._open_active()
 
-    def _save_meta(self) -> None:
-        self._meta["seq_floor"] = self._next_seq
-        self._meta["segment_floor"] = self._segment
-        _write_atomic(self.path / "meta.json", json.dumps(self._meta).encode())
-
-    def _open_active(self) -> None:
-        path = self.path / _segment_name(self._segment)
+    def _open_segment(self, number: int) -> int:
+        """Open (creating it with its header, fsynced) segment ``number`` for appends."""
+        path = self.path / _segment_name(number)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._fd = fd
-        self._size = os.fstat(fd).st_size
-        if self._size == 0:
-            header = _SEG_HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0)
-            os.pwrite(fd, header, 0)
-            self._size = len(header)
-            if self._fsync:
-                os.fsync(fd)
-                _fsync_dir(self.path)
+        try:
+            if os.fstat(fd).st_size == 0:
+                header = _SEG_HEADER.pack(MAGIC, FORMAT_VERSION, 0, 0, self._next_seq)
+                os.pwrite(fd, header, 0)
+                if self._fsync:
+                    os.fsync(fd)
+                    _fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return fd
 
     def _delete_segment(self, number: int) -> None:
         fd = self._readers.pop(number, None)
@@ -661,9 +670,10 @@ class Spool:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, start)  # leave no part of the record behind
                 if _is_full(exc):
-                    raise SpoolFull(f"spool {self.path}: the disk is full ({exc.strerror}); "
-                                    "the batch stays in memory and is appended again "
-                                    "later") from exc
+                    full = SpoolFull(f"spool {self.path}: the disk is full ({exc.strerror}); "
+                                     "the batch stays in memory and is appended again later")
+                    full.disk = True
+                    raise full from exc
                 raise SpoolError(f"spool {self.path}: cannot append: {exc}") from exc
             self._size = start + len(frame)
             self._next_seq = first_seq + count
@@ -673,11 +683,12 @@ class Spool:
             return entry
 
     def _rotate(self) -> None:
+        """Start the next segment (the current one stays until its records are done)."""
+        old = self._segment
+        fd = self._open_segment(old + 1)  # on a full disk this raises, and nothing changed
         if self._fd is not None:
             os.close(self._fd)
-        old = self._segment
-        self._segment += 1
-        self._open_active()
+        self._fd, self._segment, self._size = fd, old + 1, _SEG_HEADER.size
         if not self._pending_count.get(old):
             self._delete_segment(old)
 
@@ -811,19 +822,18 @@ class Spool:
         backlog.clear()
 
     def _clear(self) -> None:
-        """Everything was replayed: start over with one empty segment. On a full disk the
-        spool stays as it is (every record in it done) and tries again next time."""
-        try:
-            self._reset(self._live_segments())
-        except OSError as exc:
-            if not _is_full(exc):
-                raise
-            log.warning("spool %s: cannot start a new segment (%s); trying again later",
-                        self.path, exc.strerror)
-            if self._fd is None:
-                self._open_active()
+        """Everything was replayed: the spool starts over, empty."""
+        self._empty()
 
     # ------------------------------------------------------------------ status
+    def note_database(self, down_since: float | None) -> None:
+        """Keep the database's state beside the records (for ``batchdb status`` in another
+        process): down since ``down_since`` (wall-clock), or up (None)."""
+        with self._lock:
+            self._check_open()
+            _write_atomic(self.path / "database.json",
+                          json.dumps({"down_since": down_since}).encode())
+
     def status(self) -> dict[str, Any]:
         """Operations and bytes pending, the age of the oldest, the spool's files."""
         oldest = self.oldest()
@@ -868,7 +878,8 @@ class Spool:
 def inspect_spool(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """What a spool directory holds, read without taking its lock (for ``batchdb status``
     while a manager has it open): operations, bytes and the oldest record's age, counted
-    from the segments and done.log as they are on disk. None if there is no spool there."""
+    from the segments and done.log as they are on disk, and since when the database was
+    down as its spooler last noted (None: up). None if there is no spool there."""
     root = Path(path).absolute()
     if not (root / "meta.json").exists():
         return None
@@ -887,6 +898,9 @@ def inspect_spool(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     ops = size = 0
     oldest: float | None = None
     tables: set[str] = set()
+    down_since = None
+    with contextlib.suppress(OSError, ValueError):
+        down_since = json.loads((root / "database.json").read_text()).get("down_since")
     for seg in sorted(root.glob("seg-*.log")):
         try:
             data = seg.read_bytes()
@@ -910,4 +924,4 @@ def inspect_spool(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             pos = end
     return {"path": str(root), "operations": ops, "bytes": size,
             "oldest_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
-            "tables": sorted(tables)}
+            "tables": sorted(tables), "down_since": down_since}

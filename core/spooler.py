@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -49,7 +50,14 @@ from typing import Any
 from .backend import Backend, Batch
 from .models import BatchDBError, BatchOperation, OperationType, Priority
 from .schema import TableInfo
-from .spool import Spool, SpoolEntry, SpoolError, SpoolRecord, UnspoolableValue
+from .spool import (
+    Spool,
+    SpoolEntry,
+    SpoolError,
+    SpoolFull,
+    SpoolRecord,
+    UnspoolableValue,
+)
 
 __all__ = ["SpoolClosed", "Spooler"]
 
@@ -130,6 +138,7 @@ class Spooler:
     def start(self, database_up: bool) -> None:
         """Begin: replay what an earlier process left (if the database answers), else probe."""
         if database_up:
+            self._note_database()
             self._start_replay()
         else:
             self.mark_down()
@@ -147,6 +156,7 @@ class Spooler:
         """The database does not answer: route every batch to the spool and probe."""
         if self.down_since is None:
             self.down_since = time.time()
+            self._note_database()
             log.warning("database %s is down: writes go to the spool at %s",
                         self.backend.name, self.spool.path)
         if self._probe_task is None and not self._closing:
@@ -167,11 +177,16 @@ class Spooler:
         return out
 
     # ------------------------------------------------------------------ into the spool
-    async def spool_batch(self, batch: Batch) -> list[tuple[BatchOperation, BaseException]]:
+    async def spool_batch(self, batch: Batch
+                          ) -> tuple[list[tuple[BatchOperation, BaseException]],
+                                     list[BatchOperation]]:
         """Append ``batch`` to the spool (fsynced), waiting while the disk is full or the
-        spool over ``max_mb``; then its operations are ``"spooled"``. Returns operations
-        that cannot be kept in the spool (a value of a type it does not keep), with their
-        error, for the scheduler to fail alone."""
+        spool over ``max_mb``; its operations are then ``"spooled"``. Returns operations
+        that cannot be kept in the spool (a value of a type it does not keep, a malformed
+        row), with their error, for the scheduler to fail alone; and the operations to
+        write to the database after all: those still waiting for room when the database
+        answers again and their table has nothing in the spool (they are the table's
+        oldest, so writing them keeps its order)."""
         table = batch.table.name
         self._appending[table] = self._appending.get(table, 0) + 1
         try:
@@ -184,37 +199,53 @@ class Spooler:
                 del self._appending[table]
             self._appended.set()
 
-    async def _append(self, batch: Batch) -> list[tuple[BatchOperation, BaseException]]:
+    async def _append(self, batch: Batch
+                      ) -> tuple[list[tuple[BatchOperation, BaseException]],
+                                 list[BatchOperation]]:
         loop = asyncio.get_running_loop()
-        ops = [op for op in batch.operations if op.state == "queued"]
+        table = batch.table.name
+        # appended in order, a record each; a chunk that does not fit on the disk is
+        # appended in halves
+        chunks = deque([[op for op in batch.operations if op.state == "queued"]])
         refused: list[tuple[BatchOperation, BaseException]] = []
-        while ops:
+        while chunks:
+            ops = chunks[0]
+            if not ops:
+                chunks.popleft()
+                continue
             try:
-                entry, body_ops = await loop.run_in_executor(
-                    self._writer, self._append_sync, batch, ops)
+                entry = await loop.run_in_executor(self._writer, self._append_sync, batch, ops)
             except UnspoolableValue as exc:
                 bad = ops.pop(exc.index) if 0 <= exc.index < len(ops) else ops.pop()
                 refused.append((bad, exc))
                 continue
-            except Exception as exc:  # a row that cannot be read fails its operation alone
-                if isinstance(exc, SpoolError | OSError):  # disk full, over max_mb, …: wait
-                    if self._closing:
+            except Exception as exc:
+                if not isinstance(exc, SpoolError | OSError):
+                    found = self._row_error(ops)  # a row that cannot be read fails alone
+                    if found is None:
                         raise
-                    if self.error != str(exc):
-                        log.error("%s", exc)
-                    self.error = str(exc)
-                    await asyncio.sleep(FULL_RETRY_SECONDS)
+                    ops.remove(found[0])
+                    refused.append(found)
                     continue
-                found = self._row_error(ops)
-                if found is None:
+                if self._closing:
                     raise
-                ops.remove(found[0])
-                refused.append(found)
+                if isinstance(exc, SpoolFull) and exc.disk and len(ops) > 1:
+                    half = len(ops) // 2
+                    chunks[0] = ops[half:]
+                    chunks.appendleft(ops[:half])
+                    continue
+                if self.down_since is None and not self.spool.has_pending(table):
+                    return refused, [op for chunk in chunks for op in chunk]
+                if self.error != str(exc):
+                    log.error("%s", exc)
+                self.error = str(exc)
+                await asyncio.sleep(FULL_RETRY_SECONDS)
                 continue
             self.error = None
-            self._spooled(batch, ops, entry, body_ops)
-            break
-        return refused
+            self._spooled(batch, ops, entry)
+            chunks.popleft()
+            self._appended.set()  # the replay may go on with it (and free room)
+        return refused, []
 
     @staticmethod
     def _row_error(ops: list[BatchOperation]) -> tuple[BatchOperation, BaseException] | None:
@@ -225,20 +256,17 @@ class Spooler:
                 return op, exc
         return None
 
-    def _append_sync(self, batch: Batch, ops: list[BatchOperation]
-                     ) -> tuple[SpoolEntry, list[BatchOperation]]:
+    def _append_sync(self, batch: Batch, ops: list[BatchOperation]) -> SpoolEntry:
         """In the spool's writer thread: rows to tuples, encode, append, fsync."""
         encoded = [(op.operation_id, int(op.priority), op.created_at, op.tuples())
                    for op in ops]
         body = Spool.encode(encoded)
         rows = sum(len(e[3]) for e in encoded)
-        entry = self.spool.append(batch.table, batch.operation_type.value, batch.columns,
-                                  body, len(ops), rows, int(batch.priority))
-        return entry, ops
+        return self.spool.append(batch.table, batch.operation_type.value, batch.columns,
+                                 body, len(ops), rows, int(batch.priority))
 
-    def _spooled(self, batch: Batch, ops: list[BatchOperation], entry: SpoolEntry,
-                 body_ops: list[BatchOperation]) -> None:
-        for seq, op in zip(entry.seqs, body_ops, strict=True):
+    def _spooled(self, batch: Batch, ops: list[BatchOperation], entry: SpoolEntry) -> None:
+        for seq, op in zip(entry.seqs, ops, strict=True):
             op.state = "spooled"
             op.spool_seq = seq
             op.values = None
@@ -267,10 +295,17 @@ class Spooler:
             if self._probe_task is asyncio.current_task():
                 self._probe_task = None
 
+    def _note_database(self) -> None:
+        try:
+            self.spool.note_database(self.down_since)
+        except (OSError, SpoolError) as exc:  # a full disk: the status file is a nicety
+            log.debug("cannot note the database's state in the spool: %s", exc)
+
     def _up(self) -> None:
         log.warning("database %s answers again (down for %.1fs): replaying the spool",
                     self.backend.name, time.time() - (self.down_since or time.time()))
         self.down_since = None
+        self._note_database()
         self._start_replay()
         self._redispatch()
 

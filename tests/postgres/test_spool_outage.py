@@ -279,3 +279,92 @@ async def test_a_crash_between_the_replayed_commit_and_the_spools_note_writes_no
         status = await _drained(second)
         assert status["spool"]["skipped_as_committed"] > 0
     assert sql_rows(dsn, "SELECT count(*), count(DISTINCT id) FROM log") == [(201, 201)]
+
+
+async def test_batchdb_status_shows_the_spool_and_the_database_down(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    """``batchdb status`` reads the spool of a running producer without taking its lock:
+    operations, bytes, the oldest one's age and ``down since …``; exit 1 while the
+    database does not answer, the spool's figures still shown."""
+    from typer.testing import CliRunner
+
+    from batchdb.cli import app
+
+    loop = asyncio.get_running_loop()
+    spool = tmp_path / "spool"
+    conf = tmp_path / "settings.toml"
+    conf.write_text(f'backend = "postgres"\n[postgres]\ndsn = "{dsn}"\n'
+                    f'connect_timeout_seconds = 2.0\n'
+                    f'[spool]\nenabled = true\npath = "{spool}"\n')
+
+    def status() -> Any:
+        return CliRunner().invoke(app, ["status", "-s", str(conf)], env={"COLUMNS": "200"})
+
+    async with _manager(dsn, spool) as m:
+        await m.queue_operation("kv", "UPSERT", [{"k": 1, "v": 1}])
+        await m.flush()
+        up = await loop.run_in_executor(None, status)
+        assert up.exit_code == 0, up.output
+        lines = [" ".join(line.split()) for line in up.stdout.splitlines()]
+        assert "database up" in lines and "operations 0" in lines
+        await loop.run_in_executor(None, stop_immediate, server)
+        ops = [await m.queue_operation("kv", "UPSERT", [{"k": i, "v": i}]) for i in range(7)]
+        for op_id in ops:
+            await asyncio.wait_for(m.wait(op_id, until="durable"), 30)
+        down = await loop.run_in_executor(None, status)
+        assert down.exit_code == 1, down.output
+        lines = [" ".join(line.split()) for line in down.stdout.splitlines()]
+        assert any(line.startswith("database down since 20") for line in lines), lines
+        assert "operations 7" in lines and "tables kv" in lines
+        assert any(line.startswith("bytes ") for line in lines)
+        await loop.run_in_executor(None, start_again, server)
+        await asyncio.wait_for(m.wait(ops[-1]), 60)
+        await _drained(m)
+    again = await loop.run_in_executor(None, status)
+    assert again.exit_code == 0 and "database up" in " ".join(again.stdout.split())
+
+
+async def test_a_full_disk_under_the_spool_makes_producers_wait_and_loses_nothing(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    """The spool on a file system of 384 KB that fills up during the outage: the append is
+    reported (``status["spool"]["error"]``) and retried, the producers wait on the memory
+    budget; once the database is back the spool drains, the appends go on, and every
+    operation is committed once."""
+    from tests.test_spool import _tmpfs
+
+    loop = asyncio.get_running_loop()
+    with _tmpfs(tmp_path / "small", "size=384k", "mode=0700") as mount:
+        settings_dsn = dsn
+        m = _manager(settings_dsn, mount / "spool")
+        m.config.max_memory_mb = 1.0
+        await m.start()
+        try:
+            await m.queue_operation("log", "INSERT", [{"id": -1, "v": "warm"}])
+            await m.flush()
+            await loop.run_in_executor(None, stop_immediate, server)
+            ids: list[str] = []
+
+            async def produce() -> None:
+                for i in range(400):
+                    ids.append(await m.queue_operation(
+                        "log", "INSERT", [{"id": i * 10 + j, "v": os.urandom(500).hex()}
+                                          for j in range(10)]))
+
+            producer = asyncio.ensure_future(produce())
+            await _wait_for(lambda: (m._spooler is not None
+                                     and m._spooler.error is not None), 60)
+            status = await m.get_queue_status()
+            assert "disk is full" in status["spool"]["error"]
+            await asyncio.sleep(1.0)
+            assert not producer.done()  # waiting for room, not failing
+            held = len(ids)
+            assert 0 < held < 400
+            await loop.run_in_executor(None, start_again, server)
+            await asyncio.wait_for(producer, 120)
+            for op_id in ids:
+                await asyncio.wait_for(m.wait(op_id), 120)
+            status = await _drained(m)
+            assert status["spool"]["error"] is None
+        finally:
+            await m.stop()
+    assert sql_rows(dsn, "SELECT count(*), count(DISTINCT id) FROM log") == [(4001, 4001)]
