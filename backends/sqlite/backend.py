@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,7 +113,8 @@ class SQLiteBackend(Backend):
         # waits in the writer thread when the current one commits (the thread runs the
         # batches of a table in order and isolates failures itself, so pipelining keeps
         # submission order; a higher-priority batch may pass waiting ones of other tables)
-        return Capabilities(max_writers=2, ordered=True, recovers_itself=True)
+        return Capabilities(max_writers=2, ordered=True, recovers_itself=True,
+                            spool_marks=True)
 
     # ------------------------------------------------------------------ connections
     def _connect(self) -> sqlite3.Connection:
@@ -430,12 +432,14 @@ class SQLiteBackend(Backend):
         only the failing operations are left out."""
         policy = self.context.retry_policy
         attempt = 0
-        isolate = False
         # bad data: again operation by operation, one row per statement, so that the error
         # is the database's own message for that row (a multi-row statement numbers its
         # parameters across rows)
         isolate_on_bad_data = len(batch.operations) > 1 or (
             batch.operation_type in _MULTI_ROW and batch.operations[0].n_rows > 1)
+        # replayed from the spool: operation by operation, each noting its spool mark in
+        # the transaction (see _write_isolated)
+        isolate = bool(batch.operations[0].spool_seq)
         if self._reset_pass is not None and batch.priority < Priority.CRITICAL:
             self._restart_wal()
         while True:
@@ -561,7 +565,10 @@ class SQLiteBackend(Backend):
         rows = 0
         checks = (self._types.of(conn, batch.table, batch.columns)
                   if batch.operation_type is not OperationType.DELETE else ())
+        spool_id = self.context.spool_id
         with self._transaction():
+            if spool_id and any(op.spool_seq for op in batch.operations):
+                conn.execute(_MARKS_TABLE)
             for i, op in enumerate(batch.operations):
                 conn.execute("SAVEPOINT batchdb_op")
                 try:
@@ -569,6 +576,8 @@ class SQLiteBackend(Backend):
                     if checks:
                         check_rows(checks, op_rows, len(batch.columns), batch.table.name)
                     affected[i] = conn.executemany(sql, op_rows).rowcount
+                    if op.spool_seq and spool_id:  # replayed: committed with its mark
+                        conn.execute(_MARK, (spool_id, op.spool_seq))
                 except Exception as exc:
                     if self.classify_error(exc) is not ErrorKind.DATA:
                         raise
@@ -600,6 +609,34 @@ class SQLiteBackend(Backend):
             raise
         future.add_done_callback(lambda _: claims.release(priority))
         return asyncio.wrap_future(future)
+
+    async def spool_applied(self, seqs: Sequence[int]) -> set[int]:
+        """The replayed operations of this spool among ``seqs`` that are committed."""
+        try:
+            rows = await self.fetch(
+                "SELECT seq FROM batchdb_spool_applied WHERE spool = ? "
+                "AND seq IN (SELECT value FROM json_each(?))",
+                (self.context.spool_id, json.dumps(list(seqs))))
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return set()  # nothing was ever replayed into this file
+            raise
+        return {int(r[0]) for r in rows}
+
+    async def spool_forget(self) -> None:
+        """Delete this spool's marks (it is empty: none will be asked for again)."""
+        def forget() -> None:
+            with self._transaction():
+                self._conn_or_fail().execute(_MARKS_TABLE)
+                self._conn_or_fail().execute(
+                    "DELETE FROM batchdb_spool_applied WHERE spool = ?",
+                    (self.context.spool_id,))
+        await self._call(forget)
+
+    def _conn_or_fail(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise BatchDBError("the SQLite backend is not open")
+        return self._conn
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         message = str(exc).lower()
@@ -692,6 +729,12 @@ class SQLiteBackend(Backend):
 class _Recount(Exception):  # a signal inside the writer, never raised to a caller
     """An UPDATE/DELETE batch of several operations matched fewer rows than it has: it is
     rolled back and written again operation by operation, so each gets its own count."""
+
+
+#: replayed spool operations, noted in the transaction that commits them (spool marks)
+_MARKS_TABLE = ("CREATE TABLE IF NOT EXISTS batchdb_spool_applied (spool TEXT NOT NULL, "
+                "seq INTEGER NOT NULL, PRIMARY KEY (spool, seq)) WITHOUT ROWID")
+_MARK = "INSERT INTO batchdb_spool_applied (spool, seq) VALUES (?, ?)"
 
 
 def _check_writable(path: Path, journal_mode: str) -> None:
