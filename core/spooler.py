@@ -379,6 +379,9 @@ class Spooler:
                     return
             await loop.run_in_executor(self._writer, self.spool.mark_done, written)
             self._uncertain.difference_update(e.first_seq for e in written)
+            for entry in written:  # finished: no longer this process's spooled operations
+                for seq in entry.seqs:
+                    self._ops.pop(seq, None)
             if batch is not None:
                 self.replayed_operations += len(batch.operations)
                 self._replayed_cb(batch)
@@ -437,8 +440,6 @@ class Spooler:
                 ops = [op for op in ops if op.spool_seq not in applied]
                 skipped = len(done)
                 self._finish_applied(info, op_type, first.columns, done)
-        for seq in seqs:
-            self._ops.pop(seq, None)
         if not ops:
             return None, skipped
         priority = Priority(max(r.entry.priority for r in records))
