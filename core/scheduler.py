@@ -160,6 +160,8 @@ class Scheduler:
             return
         self._stopping = True
         self._room.set()
+        if self.spooler is not None:
+            self.spooler.stopping = True
         while self.queued_ops or self._inflight:
             self._dispatch()
             self._idle.clear()

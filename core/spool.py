@@ -637,13 +637,14 @@ class Spool:
                 ).encode())
 
     def append(self, table: TableInfo, operation_type: str, columns: Sequence[str],
-               body: bytes, count: int, rows: int, priority: int) -> SpoolEntry:
+               body: bytes, count: int, rows: int, priority: int, *,
+               over_limit: bool = False) -> SpoolEntry:
         """Append one record (``count`` operations of a batch, ``body`` from
         :meth:`encode`) and fsync it; returns its entry, whose ``seqs`` number the
         operations in order.
 
         Raises :class:`SpoolFull` when the disk is full or the spool would grow past
-        ``max_bytes``: nothing of the record is left behind then.
+        ``max_bytes`` (unless ``over_limit``): nothing of the record is left behind then.
         """
         with self._lock:
             self._check_open()
@@ -651,7 +652,7 @@ class Spool:
             first_seq = self._next_seq
             frame = _frame(_encode(time.time(), first_seq, table.name, operation_type,
                                    columns, body, count, rows, priority))
-            if self.max_bytes is not None and self.pending_ops and (
+            if self.max_bytes is not None and self.pending_ops and not over_limit and (
                     self.pending_bytes + len(frame) > self.max_bytes):
                 raise SpoolFull(
                     f"spool {self.path} holds {self.pending_bytes / 1e6:.1f} MB; this batch "

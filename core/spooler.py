@@ -123,6 +123,9 @@ class Spooler:
         self._probe_task: asyncio.Task[None] | None = None
         self._replay_task: asyncio.Task[None] | None = None
         self._closing = False
+        #: set when the manager stops: what is still queued goes to the spool even past
+        #: ``max_mb`` (kept on disk rather than lost with the process)
+        self.stopping = False
         self.error: str | None = None  # the last append error (disk full, …), until one works
         self.spooled_operations = 0
         self.replayed_operations = 0
@@ -263,7 +266,8 @@ class Spooler:
         body = Spool.encode(encoded)
         rows = sum(len(e[3]) for e in encoded)
         return self.spool.append(batch.table, batch.operation_type.value, batch.columns,
-                                 body, len(ops), rows, int(batch.priority))
+                                 body, len(ops), rows, int(batch.priority),
+                                 over_limit=self.stopping)
 
     def _spooled(self, batch: Batch, ops: list[BatchOperation], entry: SpoolEntry) -> None:
         for seq, op in zip(entry.seqs, ops, strict=True):

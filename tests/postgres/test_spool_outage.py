@@ -368,3 +368,35 @@ async def test_a_full_disk_under_the_spool_makes_producers_wait_and_loses_nothin
         finally:
             await m.stop()
     assert sql_rows(dsn, "SELECT count(*), count(DISTINCT id) FROM log") == [(4001, 4001)]
+
+
+async def test_over_max_mb_producers_get_queue_full_with_backpressure_raise(
+        server: PostgresServer, dsn: str, tmp_path: Path) -> None:
+    """``spool.max_mb`` is a budget like the memory budget: over it the batch waits in
+    memory, the queue fills, and a producer gets QueueFull (``backpressure = "raise"``);
+    nothing already accepted is lost."""
+    from batchdb import QueueFull
+
+    loop = asyncio.get_running_loop()
+    m = _manager(dsn, tmp_path / "spool", max_mb=0.05)
+    m.config.max_memory_mb = 0.5
+    m.config.backpressure = "raise"
+    await m.start()
+    try:
+        await m.queue_operation("log", "INSERT", [{"id": -1, "v": "warm"}])
+        await m.flush()
+        await loop.run_in_executor(None, stop_immediate, server)
+        accepted: list[str] = []
+        with pytest.raises(QueueFull):
+            for i in range(5000):
+                accepted.append(await m.queue_operation(
+                    "log", "INSERT", [{"id": i, "v": os.urandom(100).hex()}]))
+                await asyncio.sleep(0.001)  # a producer's pace: the spool fills first
+        status = await m.get_queue_status()
+        assert 0 < status["spool"]["bytes"] <= 0.05 * 1024 * 1024
+        await loop.run_in_executor(None, start_again, server)
+        for op_id in accepted:
+            await asyncio.wait_for(m.wait(op_id), 120)
+    finally:
+        await m.stop()
+    assert sql_rows(dsn, "SELECT count(*) FROM log") == [(len(accepted) + 1,)]
