@@ -642,7 +642,16 @@ class PostgresBackend(Backend):
         status: dict[int, str | None] = {}
         async with self._require_pool().connection() as conn:
             for xid in xids:
-                cur = await conn.raw.execute("SELECT txid_status(%s)", (xid,))
+                try:
+                    cur = await conn.raw.execute("SELECT txid_status(%s)", (xid,))
+                except self._pg.errors.InvalidParameterValue as exc:
+                    if "in the future" not in str(exc):
+                        raise
+                    # the server restarted (a crash, an immediate shutdown) and its next
+                    # transaction id is not past ours: nothing of our transaction reached
+                    # its durable WAL, so it did not commit
+                    status[xid] = "aborted"
+                    continue
                 row = await cur.fetchone()
                 status[xid] = None if row is None else row[0]
         committed: set[int] = set()

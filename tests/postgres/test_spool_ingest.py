@@ -77,7 +77,7 @@ def test_ingest_at_four_priorities_through_a_20s_outage(server: PostgresServer,
         [sys.executable, str(CHILD), "--dsn", dsn, "--spool", str(tmp_path / "spool"),
          "--out", str(out), "--ops", str(OPS), "--rows", str(ROWS), "--rate", f"{rate:.1f}",
          "--window", "2000", "--memory-mb", str(MEMORY_MB)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=(out / "child.err").open("w"), text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "running"
         time.sleep(5.0)
@@ -86,20 +86,26 @@ def test_ingest_at_four_priorities_through_a_20s_outage(server: PostgresServer,
         time.sleep(OUTAGE_SECONDS)
         start_again(server)
         outage = time.monotonic() - down
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if not server.running:
             start_again(server)
+    stderr = (out / "child.err").read_text()
     failures = (out / "failures.log").read_text()
     assert proc.returncode == 0 and "done" in stdout, stderr[-3000:]
     assert failures == "", failures[:2000]  # the producer never saw a failure
     acked = sorted(int(x) for x in (out / "acked.log").read_text().split())
     assert acked == list(range(OPS))
     assert outage >= 20.0
-    check_database(dsn, acked, ROWS)
+    try:
+        check_database(dsn, acked, ROWS)
+    except AssertionError:
+        print("\n".join(line for line in stderr.splitlines()
+                        if "COMMIT" in line or "transaction" in line or "committed" in line))
+        raise
     peak_mb = int((out / "peak_rss.txt").read_text()) / 1024
     assert peak_mb <= MEMORY_MB + 128, f"peak RSS {peak_mb:.0f} MB"
     assert "answers again" in stderr and "replaying the spool" in stderr
