@@ -1,4 +1,5 @@
-"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from batchdb.bench.
+"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from
+batchdb.workloads.bench.
 
 Run them explicitly (``pytest`` alone collects only ``tests/``)::
 
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 _HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 RunCase = Callable[[Any, bench.Case], bench.BenchResult]  # the run_case fixture (conftest.py)
 

@@ -1,4 +1,5 @@
-"""batchdb.bench with tiny sizes: it runs, writes the JSON and the PNG, the table is complete.
+"""batchdb.workloads.bench with tiny sizes: it runs, writes the JSON and the PNG, the table is
+complete.
 
 No assertion here is about speed: the numbers come from benchmarks/ and ``batchdb bench``.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STATS_KEYS = {"min", "max", "mean", "median", "stddev", "rounds", "iqr", "q1", "q3", "ops",

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchdb import BatchDBManager
-from batchdb.ingest import (
+from batchdb.workloads.ingest import (
     BadRecord,
     Chunk,
     Ingester,

@@ -90,13 +90,13 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.schema import CreateTable
 
-from . import __version__
-from .backend import Backend, Batch
-from .hookspecs import hookimpl
-from .manager import BatchDBManager
-from .models import BatchOperation, OperationType, Priority
-from .schema import CANDLE_COLUMNS, candles_table
-from .settings import BatchConfig, DuckDBSettings, PostgresSettings, Settings, SQLiteSettings
+from batchdb import __version__
+from batchdb.backend import Backend, Batch
+from batchdb.hookspecs import hookimpl
+from batchdb.manager import BatchDBManager
+from batchdb.models import BatchOperation, OperationType, Priority
+from batchdb.schema import CANDLE_COLUMNS, candles_table
+from batchdb.settings import BatchConfig, DuckDBSettings, PostgresSettings, Settings, SQLiteSettings
 
 __all__ = [
     "BACKENDS",
@@ -788,7 +788,7 @@ def backend_unavailable(backend: str, pg_dsn: str | None = None, *,
         except ImportError as exc:
             return f"{backend}: the driver {module!r} is not installed ({exc}); " \
                    f"pip install 'batchdb[{backend}]'"
-    from .pluginmanager import BackendRegistry, create_plugin_manager
+    from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
 
     try:
         BackendRegistry(create_plugin_manager()).get(backend)

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from .manager import BatchDBManager
-from .models import BatchDBError, BatchOperation, OperationFailed, OperationType, Priority
-from .schema import candles_table, quote_ident
+from batchdb.manager import BatchDBManager
+from batchdb.models import BatchDBError, BatchOperation, OperationFailed, OperationType, Priority
+from batchdb.schema import candles_table, quote_ident
 
 __all__ = [
     "DEMO_TABLES",

@@ -36,8 +36,8 @@ from typing import IO, Any, Literal, NamedTuple
 
 from pydantic_core import from_json
 
-from .manager import BatchDBManager
-from .models import BatchDBError, BatchOperation, OperationFailed, Priority, QueueFull
+from batchdb.manager import BatchDBManager
+from batchdb.models import BatchDBError, BatchOperation, OperationFailed, Priority, QueueFull
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
