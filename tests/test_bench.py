@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from batchdb.schema import CANDLE_COLUMNS
 from batchdb.workloads import bench
+from batchdb.workloads.bench import runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STATS_KEYS = {"min", "max", "mean", "median", "stddev", "rounds", "iqr", "q1", "q3", "ops",
@@ -142,14 +144,14 @@ def test_raw_normaliser_matches_the_upbit_plugin() -> None:
     market, candles = bench.upbit_calls(50)[0]
     columns, rows = normalize_upbit_candles(market, "1m", candles)
     raw = bench.normalize_upbit_raw(market, "1m", candles, rows[0][-1])
-    assert columns == bench.CANDLE_COLUMNS
+    assert columns == CANDLE_COLUMNS
     assert raw == [(*r[:9], "upbit", r[10]) for r in rows]
 
 
 def test_missing_optional_packages_are_reported(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bench._importable
-    monkeypatch.setattr(bench, "_importable",
+    real = runs._importable
+    monkeypatch.setattr(runs, "_importable",
                         lambda m: m not in ("sqlite_utils", "matplotlib") and real(m))
     report = bench.run_comparison(["sqlite"], 1000, tmp_path, rounds=1,
                                   workloads=["upsert_new"], isolate=False)
