@@ -43,10 +43,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .candles import candles_table
 from .manager import BatchDBManager
 from .models import BatchDBError, Priority
 from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
-from .schema import candles_table, quote_ident
+from .schema import quote_ident
 from .settings import (
     Settings,
     SettingsError,
@@ -56,7 +57,8 @@ from .settings import (
     resolve_settings_path,
 )
 from .workloads.demo import DEMO_TABLES, DemoReport, DemoWorkload
-from .workloads.ingest import DEFAULT_CHUNK_SIZE, FileReport, Ingester
+from .workloads.ingest import FileReport, Ingester
+from .workloads.readers import DEFAULT_CHUNK_SIZE
 
 __all__ = ["app", "main"]
 

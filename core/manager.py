@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from .backend import Backend, Batch
+from .candles import candles_table
 from .models import (
     BatchOperation,
     NotRunningError,
@@ -44,7 +45,7 @@ from .pluginmanager import (
     create_plugin_manager,
 )
 from .scheduler import Scheduler
-from .schema import TableInfo, candles_table, check_identifier, filled_columns
+from .schema import TableInfo, check_identifier, filled_columns
 from .settings import (
     BatchConfig,
     Settings,

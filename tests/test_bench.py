@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from batchdb.schema import CANDLE_COLUMNS
+from batchdb.candles import CANDLE_COLUMNS
 from batchdb.workloads import bench
 from batchdb.workloads.bench import runs
 

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from batchdb.candles import candles_table
 from batchdb.manager import BatchDBManager
 from batchdb.models import BatchDBError, BatchOperation, OperationFailed, OperationType, Priority
-from batchdb.schema import candles_table, quote_ident
+from batchdb.schema import quote_ident
 from batchdb.stats import quantile
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateTable
 
-from batchdb.schema import CANDLE_COLUMNS, candles_table
+from batchdb.candles import CANDLE_COLUMNS, candles_table
 from batchdb.settings import BatchConfig, DuckDBSettings, PostgresSettings, Settings, SQLiteSettings
 
 from .data import ORDER_COLUMNS, orders_table

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from batchdb.schema import CANDLE_COLUMNS
+from batchdb.candles import CANDLE_COLUMNS
 
 __all__ = [
     "CALL_ROWS",
