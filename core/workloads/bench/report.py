@@ -150,6 +150,7 @@ def write_json(report: BenchReport, path: Path) -> Path:
         benchmarks.append({
             "group": c.workload,
             "name": c.name,
+            # the name recorded comparisons (docs/bench/) carry, kept so they stay comparable
             "fullname": f"batchdb.bench::{c.name}",
             "params": {"backend": c.backend, "implementation": c.implementation},
             "param": c.param,
