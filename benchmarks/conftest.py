@@ -1,4 +1,5 @@
-"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from batchdb.bench.
+"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from
+batchdb.workloads.bench.
 
 Run them explicitly (``pytest`` alone collects only ``tests/``)::
 
@@ -13,7 +14,11 @@ peak memory is its own). PostgreSQL runs against ``BATCHDB_BENCH_PG_DSN`` or, wh
 binaries are installed, a throwaway server started for the session (tests/pgserver.py).
 
 Each benchmark records ``rows_per_s``, ``ratio_to_raw``, ``peak_rss_delta_mb`` and its target
-in ``extra_info``; a summary table is printed at the end of the session.
+in ``extra_info``; a summary table and a verdict table (each target: met, missed within the
+margin, missed) are printed at the end of the session. ``--bench-enforce`` (or
+``BATCHDB_BENCH_ENFORCE=1``) turns a target missed beyond the margin into a failed
+benchmark; the margin is ``bench.TARGET_MARGIN`` (a lower bound passes at 90% of it, an
+upper bound at 110%).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 _HERE = Path(__file__).resolve().parent
 
@@ -67,6 +74,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-isolate", action="store_true", default=False,
                     dest="bench_isolate",
                     help="run every round in a fresh spawned process (own peak memory)")
+    group.addoption("--bench-enforce", action="store_true", default=False,
+                    dest="bench_enforce",
+                    help="fail a benchmark that misses its design target by more than "
+                         "the margin (default: $BATCHDB_BENCH_ENFORCE=1)")
 
 
 def _isolated(config: pytest.Config, workload: str) -> bool:
@@ -103,6 +114,17 @@ def bench_rounds(pytestconfig: pytest.Config) -> int:
     if value < 1:
         raise pytest.UsageError("--bench-rounds must be at least 1")
     return int(value)
+
+
+def _enforced(config: pytest.Config) -> bool:
+    env = os.environ.get("BATCHDB_BENCH_ENFORCE", "").strip().lower()
+    return bool(config.getoption("bench_enforce")) or env in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def bench_enforce(pytestconfig: pytest.Config) -> bool:
+    """Whether a missed design target fails the benchmark (``--bench-enforce``)."""
+    return _enforced(pytestconfig)
 
 
 def _load_pgserver() -> Any:
@@ -194,6 +216,27 @@ def bench_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 RunCase = Callable[[Any, bench.Case], bench.BenchResult]
+CheckTarget = Callable[[bench.BenchResult], None]
+
+
+@pytest.fixture
+def check_target(bench_enforce: bool) -> CheckTarget:
+    """Hold a result to its design target: with ``--bench-enforce`` a miss by more than
+    ``bench.TARGET_MARGIN`` fails the benchmark; without, it is only reported (the verdict
+    table at the end of the session). A result without a target passes."""
+
+    def check(result: bench.BenchResult) -> None:
+        target = result.target_check()
+        if target is None or not bench_enforce:
+            return
+        margin = bench.TARGET_MARGIN
+        side = "at least" if target.at_least else "at most"
+        assert target.met_within(margin), (
+            f"{result.case.name}: target {target.text} missed: measured {target.shown}, "
+            f"needed {side} {target.show(target.bound(margin))} (the target with a "
+            f"{margin:.0%} margin)")
+
+    return check
 
 
 @pytest.fixture
@@ -267,3 +310,39 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         bench.render_table(report))
     terminalreporter.write_sep("=", "batchdb: raw vs batchdb")
     terminalreporter.write(out.getvalue())
+    out = io.StringIO()
+    Console(file=out, width=160, force_terminal=False, color_system=None).print(
+        verdict_table(results, _enforced(terminalreporter.config)))
+    terminalreporter.write_sep("=", "batchdb: design targets")
+    terminalreporter.write(out.getvalue())
+
+
+def verdict_table(results: list[bench.BenchResult], enforced: bool) -> Table:
+    """One line per result that has a design target: the target, the figure, the verdict
+    (met; missed but within ``bench.TARGET_MARGIN``; missed)."""
+    margin = bench.TARGET_MARGIN
+    if enforced:
+        title = f"targets ENFORCED (--bench-enforce, {margin:.0%} margin)"
+    else:
+        title = "targets reported, not enforced (--bench-enforce or BATCHDB_BENCH_ENFORCE=1)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("benchmark")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    table.add_column("verdict")
+    missed = 0
+    for r in results:
+        target = r.target_check()
+        if target is None:
+            continue
+        if target.met:
+            verdict = "met"
+        elif target.met_within(margin):
+            verdict = f"missed, within the {margin:.0%} margin"
+        else:
+            missed += 1
+            verdict = "MISSED, benchmark failed" if enforced else "MISSED"
+        table.add_row(escape(r.case.name), target.text, target.shown, verdict)
+    table.caption = (f"{missed} target(s) missed beyond the margin" if missed
+                     else "no target missed beyond the margin")
+    return table

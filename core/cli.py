@@ -43,12 +43,11 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .demo import DEMO_TABLES, DemoReport, DemoWorkload
-from .ingest import DEFAULT_CHUNK_SIZE, FileReport, Ingester
+from .candles import candles_table
 from .manager import BatchDBManager
 from .models import BatchDBError, Priority
 from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
-from .schema import candles_table, quote_ident
+from .schema import quote_ident
 from .settings import (
     SettingsError,
     explain_settings,
@@ -56,6 +55,9 @@ from .settings import (
     redact_dsn,
     resolve_settings_path,
 )
+from .workloads.demo import DEMO_TABLES, DemoReport, DemoWorkload
+from .workloads.ingest import FileReport, Ingester
+from .workloads.readers import DEFAULT_CHUNK_SIZE
 
 __all__ = ["app", "main"]
 
@@ -872,7 +874,7 @@ def bench(
         "and batchdb-bench.png.")] = Path("bench-results"),
 ) -> None:
     """Raw drivers vs batchdb on this machine: rows/s, ratio to raw, peak memory."""
-    from .bench import render_table, rich_progress, run_comparison
+    from .workloads.bench import render_table, rich_progress, run_comparison
 
     console = _stdout()
     names = [b.strip() for b in backends.split(",") if b.strip()]

@@ -26,6 +26,7 @@ from typing import Any, Self, overload
 import sqlalchemy as sa
 
 from .backend import Backend, Batch
+from .candles import candles_table
 from .models import (
     BatchOperation,
     NotRunningError,
@@ -43,7 +44,7 @@ from .pluginmanager import (
     create_plugin_manager,
 )
 from .scheduler import Scheduler
-from .schema import TableInfo, candles_table, check_identifier, filled_columns
+from .schema import TableInfo, check_identifier, filled_columns
 from .settings import (
     BatchConfig,
     Settings,

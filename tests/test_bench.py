@@ -1,4 +1,5 @@
-"""batchdb.bench with tiny sizes: it runs, writes the JSON and the PNG, the table is complete.
+"""batchdb.workloads.bench with tiny sizes: it runs, writes the JSON and the PNG, the table is
+complete.
 
 No assertion here is about speed: the numbers come from benchmarks/ and ``batchdb bench``.
 """
@@ -9,11 +10,14 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
-from batchdb import bench
+from batchdb.candles import CANDLE_COLUMNS
+from batchdb.workloads import bench
+from batchdb.workloads.bench import runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STATS_KEYS = {"min", "max", "mean", "median", "stddev", "rounds", "iqr", "q1", "q3", "ops",
@@ -141,14 +145,14 @@ def test_raw_normaliser_matches_the_upbit_plugin() -> None:
     market, candles = bench.upbit_calls(50)[0]
     columns, rows = normalize_upbit_candles(market, "1m", candles)
     raw = bench.normalize_upbit_raw(market, "1m", candles, rows[0][-1])
-    assert columns == bench.CANDLE_COLUMNS
+    assert columns == CANDLE_COLUMNS
     assert raw == [(*r[:9], "upbit", r[10]) for r in rows]
 
 
 def test_missing_optional_packages_are_reported(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bench._importable
-    monkeypatch.setattr(bench, "_importable",
+    real = runs._importable
+    monkeypatch.setattr(runs, "_importable",
                         lambda m: m not in ("sqlite_utils", "matplotlib") and real(m))
     report = bench.run_comparison(["sqlite"], 1000, tmp_path, rounds=1,
                                   workloads=["upsert_new"], isolate=False)
@@ -156,3 +160,47 @@ def test_missing_optional_packages_are_reported(tmp_path: Path,
     assert "sqlite-utils" in report.skipped and "chart" in report.skipped
     assert report.png_path is None and report.json_path is not None
     assert not (tmp_path / "batchdb-bench.png").exists()
+
+
+def _batchdb_result(workload: str, *, seconds: float = 1.0, peak_rss_mb: float = 0.0,
+                    ratio_to_raw: float | None = None, extra: dict[str, Any] | None = None,
+                    error: str | None = None) -> bench.BenchResult:
+    """10,000 rows of batchdb on SQLite in one round of ``seconds``."""
+    return bench.BenchResult(bench.Case(workload, "sqlite", "batchdb"), 10_000, [seconds],
+                             peak_rss_mb, ratio_to_raw=ratio_to_raw, extra=extra or {},
+                             error=error)
+
+
+def test_target_checks_and_their_margin() -> None:
+    margin = bench.TARGET_MARGIN
+    assert margin == 0.10
+    # a lower bound: ratio to raw (SQLite upsert_new: 0.9x)
+    ratio = _batchdb_result("upsert_new", ratio_to_raw=0.85).target_check()
+    assert ratio is not None and ratio.at_least and ratio.goal == 0.9
+    assert not ratio.met and ratio.met_within(margin)  # 0.85 >= 0.81
+    assert ratio.shown == "0.85x raw" and ratio.show(ratio.bound(margin)) == "0.81x raw"
+    far = _batchdb_result("upsert_new", ratio_to_raw=0.80).target_check()
+    assert far is not None and not far.met_within(margin)
+    # rows/s: 10,000 rows in 0.1 s is the 100k target exactly
+    one_row = _batchdb_result("one_row", seconds=0.1).target_check()
+    assert one_row is not None and one_row.met and one_row.shown == "100,000 rows/s"
+    # an upper bound: p99 (25 ms) passes at 27.5 ms with the margin, not at 27.6
+    lat = {"critical_latency": {"p99_ms": 27.5}}
+    p99 = _batchdb_result("critical_latency", extra=lat).target_check()
+    assert p99 is not None and not p99.at_least and not p99.met and p99.met_within(margin)
+    assert p99.show(p99.bound(margin)) == "27.5 ms"
+    lat = {"critical_latency": {"p99_ms": 27.6}}
+    p99 = _batchdb_result("critical_latency", extra=lat).target_check()
+    assert p99 is not None and not p99.met_within(margin)
+    flood = _batchdb_result("memory_flood", peak_rss_mb=100.0).target_check()
+    assert flood is not None and flood.met and flood.shown == "100.0 MB"
+    # target() is the strict verdict the report shows
+    assert _batchdb_result("upsert_new", ratio_to_raw=0.85).target() == (
+        "≥ 0.90x raw", False)
+    # no target: raw, an error, no ratio yet, a NaN figure never passes
+    raw = bench.BenchResult(bench.Case("upsert_new", "sqlite", "raw"), 10, [1.0], 0.0)
+    assert raw.target_check() is None
+    assert _batchdb_result("upsert_new", error="x").target_check() is None
+    assert _batchdb_result("upsert_new").target_check() is None
+    nan = _batchdb_result("one_row", seconds=math.nan).target_check()
+    assert nan is not None and not nan.met_within(margin)

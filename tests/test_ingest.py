@@ -14,15 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchdb import BatchDBManager
-from batchdb.ingest import (
-    BadRecord,
-    Chunk,
-    Ingester,
-    IngestError,
-    detect_format,
-    read_chunks,
-    timeframe_from_unit,
-)
+from batchdb.workloads.ingest import Ingester, timeframe_from_unit
+from batchdb.workloads.readers import BadRecord, Chunk, IngestError, detect_format, read_chunks
 
 DATA = Path(__file__).parent / "data"
 

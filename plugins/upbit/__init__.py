@@ -14,12 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from batchdb.candles import CANDLE_COLUMNS
 from batchdb.hookspecs import hookimpl
-from batchdb.schema import CANDLE_COLUMNS
 
-__all__ = ["UPBIT_FIELDS", "batchdb_normalize_candles", "normalize_upbit_candles"]
+__all__ = [
+    "UPBIT_FIELDS",
+    "UPBIT_NUMERIC_FIELDS",
+    "UPBIT_REQUIRED_FIELDS",
+    "batchdb_normalize_candles",
+    "normalize_upbit_candles",
+]
 
-#: Upbit field → candles column
+#: Upbit field → candles column: the one list of Upbit's candle fields (the file readers
+#: of ``batchdb ingest`` and the normaliser below both use it)
 UPBIT_FIELDS: dict[str, str] = {
     "opening_price": "open_price",
     "high_price": "high_price",
@@ -28,7 +35,13 @@ UPBIT_FIELDS: dict[str, str] = {
     "candle_acc_trade_volume": "volume",
     "candle_acc_trade_price": "quote_volume",
 }
-_REQUIRED = ("candle_date_time_utc", *UPBIT_FIELDS)
+#: fields every Upbit candle carries (a CSV header must have them)
+UPBIT_REQUIRED_FIELDS: tuple[str, ...] = ("candle_date_time_utc", *UPBIT_FIELDS)
+#: Upbit fields that hold numbers (converted from text when reading CSV)
+UPBIT_NUMERIC_FIELDS: frozenset[str] = frozenset({
+    *UPBIT_FIELDS, "unit", "timestamp", "prev_closing_price", "change_price", "change_rate",
+    "converted_trade_price",
+})
 _NUMBER_TYPES = frozenset({int, float})
 
 

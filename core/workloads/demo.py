@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from .manager import BatchDBManager
-from .models import BatchDBError, BatchOperation, OperationFailed, OperationType, Priority
-from .schema import candles_table, quote_ident
+from batchdb.candles import candles_table
+from batchdb.manager import BatchDBManager
+from batchdb.models import BatchDBError, BatchOperation, OperationFailed, OperationType, Priority
+from batchdb.schema import quote_ident
+from batchdb.stats import quantile
 
 __all__ = [
     "DEMO_TABLES",
@@ -124,12 +126,12 @@ class ProducerStats:
             if len(self.errors) < 20:
                 self.errors.append(f"{op.operation_id}: {op.error}")
 
-    def latency_ms(self, quantile: float) -> float | None:
-        """A quantile of the commit latency of this producer's operations, in ms."""
+    def latency_ms(self, q: float) -> float | None:
+        """The nearest-rank ``q`` quantile (:func:`batchdb.stats.quantile`, the one every
+        p50/p99 batchdb prints comes from) of this producer's commit latencies, in ms."""
         if not self.latencies:
             return None
-        data = sorted(self.latencies)
-        return data[min(len(data) - 1, int(quantile * len(data)))] * 1000
+        return quantile(sorted(self.latencies), q) * 1000
 
 
 @dataclass
