@@ -14,7 +14,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +31,7 @@ from batchdb.backend import (
 from batchdb.models import BatchDBError, OperationType, SchemaError
 from batchdb.reads import not_a_read
 from batchdb.schema import TableInfo
+from batchdb.worker import Worker
 
 from .arrow import ArrowConverter, ConversionError
 from .settings import DuckDBSettings
@@ -116,8 +116,8 @@ class DuckDBBackend(Backend):
         super().__init__(settings, connection_factory=connection_factory)
         self.settings: DuckDBSettings = settings
         self._duckdb, self._pa = load_drivers()
-        self._writer: ThreadPoolExecutor | None = None
-        self._reader: ThreadPoolExecutor | None = None
+        self._writer: Worker | None = None
+        self._reader: Worker | None = None
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._cursor: duckdb.DuckDBPyConnection | None = None
         self._plans: dict[tuple[Any, ...], _Plan] = {}
@@ -171,26 +171,26 @@ class DuckDBBackend(Backend):
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._writer is None:
             raise BatchDBError("the DuckDB backend is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._reader is None:
             raise BatchDBError("the DuckDB backend is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+        return await asyncio.wrap_future(self._reader.submit(fn, *args))
 
     async def open(self, context: BackendContext) -> None:
         """Open the file (and its reader cursor) in the writer thread."""
         self.context = context
         if self._writer is not None:
             return
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-writer")
+        self._writer = Worker("batchdb-duckdb-writer")
         try:
             await self._call(self._open)
         except BaseException:
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown()
             self._writer = None
             raise
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-reader")
+        self._reader = Worker("batchdb-duckdb-reader")
 
     def _close(self) -> None:
         for conn in (self._cursor, self._conn):
@@ -202,11 +202,11 @@ class DuckDBBackend(Backend):
     async def close(self) -> None:
         """Close the reader cursor and the connection (DuckDB checkpoints on close)."""
         if self._reader is not None:
-            self._reader.shutdown(wait=True)
+            self._reader.shutdown()
             self._reader = None
         if self._writer is not None:
             await self._call(self._close)
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown()
             self._writer = None
         self._plans.clear()
 
@@ -344,7 +344,7 @@ class DuckDBBackend(Backend):
         """Start ``batch`` in the writer thread at once; the future holds its result."""
         if self._writer is None:
             raise BatchDBError("the DuckDB backend is not open")
-        return asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch)
+        return asyncio.wrap_future(self._writer.submit(self._write, batch))
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """Bad values and constraints split the batch; conflicts and locks are retried;
