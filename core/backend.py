@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ class ErrorKind(enum.Enum):
     RESOURCE = "resource"  # disk full, read-only, corrupt: fail the batch's operations as they are
 
 
+_E = TypeVar("_E", bound=BaseException)
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter for transient errors (locked, busy, connection lost)."""
@@ -43,6 +49,38 @@ class RetryPolicy:
         with jitter (x0.5 to x1.5), never more than ``max_delay``."""
         exponential = self.base_delay * 2.0 ** min(max(attempt - 1, 0), 64)
         return float(min(self.max_delay, exponential * random.uniform(0.5, 1.5)))
+
+    def call(self, fn: Callable[[], _T], transient: Callable[[Exception], bool]) -> _T:
+        """``fn()``, called again after :meth:`delay` while it raises an error that
+        ``transient`` accepts, at most ``max_retries`` times (in a backend's own thread)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not transient(exc) or attempt >= self.max_retries:
+                    note_retries(exc, attempt)
+                    raise
+                attempt += 1
+                time.sleep(self.delay(attempt))
+
+    async def call_async(self, fn: Callable[[], Awaitable[_T]],
+                         transient: Callable[[Exception], bool],
+                         before_retry: Callable[[], Awaitable[object]] | None = None) -> _T:
+        """:meth:`call` for a coroutine function, sleeping without blocking the loop;
+        ``before_retry`` runs before each new attempt (e.g. to drop dead connections)."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                if not transient(exc) or attempt >= self.max_retries:
+                    note_retries(exc, attempt)
+                    raise
+                attempt += 1
+                if before_retry is not None:
+                    await before_retry()
+                await asyncio.sleep(self.delay(attempt))
 
 
 @dataclass(frozen=True)
@@ -87,7 +125,6 @@ class BackendContext:
     batch_rows: int = 1000
 
 
-_E = TypeVar("_E", bound=BaseException)
 
 
 def with_location(exc: _E, where: str, fallback: type[BatchDBError] = BatchDBError
@@ -180,9 +217,24 @@ class Backend(ABC):
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """Tell the scheduler whether to retry, split, or fail a batch that raised ``exc``."""
 
-    @abstractmethod
     async def maintenance(self, task: str) -> dict[str, Any]:
-        """Run one of ``maintenance_tasks``; return what it did."""
+        """Run one of ``maintenance_tasks``: the task is checked, :meth:`run_maintenance`
+        does it, and what it returns gets the task's ``seconds`` (unless it set them)."""
+        if task not in self.maintenance_tasks:
+            raise ValueError(f"unknown {self.name} maintenance task {task!r}; known: "
+                             f"{', '.join(self.maintenance_tasks) or 'none'}")
+        start = time.perf_counter()
+        result = await self.run_maintenance(task)
+        result.setdefault("seconds", round(time.perf_counter() - start, 4))
+        return result
+
+    @abstractmethod
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
+        """Do one of ``maintenance_tasks`` (already checked); return what it did."""
+
+    def not_open(self) -> BatchDBError:
+        """The error for a call that needs an open backend: ``raise self.not_open()``."""
+        return BatchDBError(f"the {self.name} backend is not open")
 
     @abstractmethod
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

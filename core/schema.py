@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .models import SchemaError
@@ -16,6 +18,7 @@ from .models import SchemaError
 __all__ = [
     "TableInfo",
     "check_identifier",
+    "create_statements",
     "epoch_ms_now",
     "filled_columns",
     "metadata",
@@ -138,3 +141,16 @@ def on_conflict_sql(table: TableInfo, values: list[str], differs: str | None = N
         clause += " WHERE " + " OR ".join(f"{name}.{q(c)} {differs} excluded.{q(c)}"
                                           for c in values)
     return clause
+
+
+def create_statements(table: sa.Table, dialect: Dialect, comments: bool = False) -> list[str]:
+    """``CREATE TABLE IF NOT EXISTS`` for a declared table and ``CREATE INDEX IF NOT
+    EXISTS`` for each of its indexes (by name, so the order is stable), compiled for
+    ``dialect``; with ``comments``, a ``COMMENT ON COLUMN`` per commented column."""
+    statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
+    statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
+                   for ix in sorted(table.indexes, key=lambda ix: str(ix.name))]
+    if comments:
+        statements += [str(SetColumnComment(c).compile(dialect=dialect))
+                       for c in table.columns if c.comment]
+    return statements

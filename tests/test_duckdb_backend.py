@@ -465,7 +465,7 @@ async def test_maintenance_tasks(make_manager: ManagerFactory, duck_path: Path) 
         analyze = await m.maintain("analyze")
         with pytest.raises(ValueError, match="no maintenance task 'optimize'"):
             await m.maintain("optimize")
-        with pytest.raises(ValueError, match="unknown DuckDB maintenance task"):
+        with pytest.raises(ValueError, match="unknown duckdb maintenance task"):
             await m.backend.maintenance("optimize")
         assert m.last_maintenance["vacuum"] is not None
     assert vacuum["method"] == "checkpoint"

@@ -12,7 +12,6 @@ import importlib
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -170,12 +169,12 @@ class DuckDBBackend(Backend):
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._writer is None:
-            raise BatchDBError("the DuckDB backend is not open")
+            raise self.not_open()
         return await asyncio.wrap_future(self._writer.submit(fn, *args))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._reader is None:
-            raise BatchDBError("the DuckDB backend is not open")
+            raise self.not_open()
         return await asyncio.wrap_future(self._reader.submit(fn, *args))
 
     async def open(self, context: BackendContext) -> None:
@@ -323,7 +322,7 @@ class DuckDBBackend(Backend):
         DuckDB's auto-commit mode)."""
         conn = self._conn
         if conn is None:
-            raise BatchDBError("the DuckDB backend is not open")
+            raise self.not_open()
         plan = self._plan(batch)
         data = plan.converter.table_of(batch.operations)
         if plan.dedup:
@@ -343,7 +342,7 @@ class DuckDBBackend(Backend):
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         """Start ``batch`` in the writer thread at once; the future holds its result."""
         if self._writer is None:
-            raise BatchDBError("the DuckDB backend is not open")
+            raise self.not_open()
         return asyncio.wrap_future(self._writer.submit(self._write, batch))
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
@@ -430,15 +429,9 @@ class DuckDBBackend(Backend):
         raise ValueError(f"unknown DuckDB maintenance task {task!r}; "
                          f"known: {', '.join(self.maintenance_tasks)}")
 
-    async def maintenance(self, task: str) -> dict[str, Any]:
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
         """Run ``checkpoint``, ``analyze`` or ``vacuum`` in the writer thread."""
-        if task not in self.maintenance_tasks:
-            raise ValueError(f"unknown DuckDB maintenance task {task!r}; "
-                             f"known: {', '.join(self.maintenance_tasks)}")
-        start = time.perf_counter()
-        result = await self._call(self._maintain, task)
-        result["seconds"] = round(time.perf_counter() - start, 4)
-        return result
+        return await self._call(self._maintain, task)
 
     # ------------------------------------------------------------------ status
     def _status(self) -> dict[str, Any]:

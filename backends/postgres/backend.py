@@ -57,7 +57,7 @@ from batchdb.backend import (
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
 from batchdb.reads import not_a_read
-from batchdb.schema import TableInfo
+from batchdb.schema import TableInfo, create_statements
 from batchdb.settings import redact_dsn
 
 from .settings import PostgresSettings
@@ -391,7 +391,7 @@ class PostgresBackend(Backend):
 
     def _require_pool(self) -> Pool:
         if self._pool is None or self._pool.closed:
-            raise BatchDBError("the postgres backend is not open")
+            raise self.not_open()
         return self._pool
 
     async def open(self, context: BackendContext) -> None:
@@ -444,20 +444,13 @@ class PostgresBackend(Backend):
         unreachable (a producer's first write to a table during a restart still works)."""
         from .statements import describe
 
-        attempt = 0
-        while True:
-            try:
-                async with self._require_pool().connection() as conn:
-                    target = await describe(conn.raw, name)
-                break
-            except Exception as exc:
-                policy = self.context.retry_policy
-                if (self.classify_error(exc) is not ErrorKind.TRANSIENT
-                        or attempt >= policy.max_retries):
-                    raise
-                attempt += 1
-                await self._require_pool().drop_idle()
-                await asyncio.sleep(policy.delay(attempt))
+        async def read() -> Target | None:
+            async with self._require_pool().connection() as conn:
+                return await describe(conn.raw, name)
+
+        target = await self.context.retry_policy.call_async(
+            read, lambda exc: self.classify_error(exc) is ErrorKind.TRANSIENT,
+            before_retry=self._require_pool().drop_idle)
         if target is not None:
             self._targets[name] = target
         return target
@@ -471,14 +464,8 @@ class PostgresBackend(Backend):
     async def create_table(self, table: sa.Table) -> TableInfo:
         """Create a declared table (PostgreSQL dialect DDL, indexes, column comments) if
         it does not exist, under an advisory lock so concurrent writers do not race."""
-        from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
-
         dialect = sa.engine.make_url("postgresql+psycopg://").get_dialect()()
-        statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
-        statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
-                       for ix in table.indexes]
-        statements += [str(SetColumnComment(c).compile(dialect=dialect))
-                       for c in table.columns if c.comment]
+        statements = create_statements(table, dialect, comments=True)
         async with self._require_pool().connection() as conn:
             try:
                 await conn.raw.execute("BEGIN")
@@ -808,14 +795,11 @@ class PostgresBackend(Backend):
                 found.append((target.schema, target.relname))
         return found
 
-    async def maintenance(self, task: str) -> dict[str, Any]:
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
         """``vacuum``: VACUUM (ANALYZE) of the database's tables (those of the schemas on
         the search_path, where batchdb finds tables by name, and any other this backend
         wrote to), with their size before and after; ``analyze``: ANALYZE of them. Without
         statement timeout."""
-        if task not in self.maintenance_tasks:
-            raise ValueError(f"unknown PostgreSQL maintenance task {task!r}; "
-                             f"known: {', '.join(self.maintenance_tasks)}")
         from psycopg import sql
 
         tables = await self.maintenance_tables()
