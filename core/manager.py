@@ -350,10 +350,10 @@ class BatchDBManager:
         if shape.fill:
             data_rows = _FilledRows(data_rows, shape.fill)
         self._op_counter += 1
-        op = BatchOperation(f"{self._id_prefix}-{self._op_counter}", shape.table.name,
-                            shape.op_type, data_rows, priority, nbytes / _MB, callback, None,
-                            None, 0.0, False, None, None, 0, shape.columns, None,
-                            shape.row_columns, n_rows, nbytes)
+        op = BatchOperation.queued(
+            f"{self._id_prefix}-{self._op_counter}", shape.table.name, shape.op_type,
+            data_rows, priority, callback, columns=shape.columns, values=None,
+            row_columns=shape.row_columns, n_rows=n_rows, nbytes=nbytes)
         waiting = self._place(op)
         if waiting is not None:
             await waiting
@@ -434,9 +434,10 @@ class BatchDBManager:
         """An operation whose rows are already tuples (normalised candles)."""
         self._op_counter += 1
         nbytes = _row_bytes(data_rows[0], values[0]) * len(values)
-        return BatchOperation(f"{self._id_prefix}-{self._op_counter}", table.name, op_type,
-                              data_rows, priority, nbytes / _MB, callback, columns=columns,
-                              values=values, n_rows=len(values), nbytes=nbytes)
+        return BatchOperation.queued(
+            f"{self._id_prefix}-{self._op_counter}", table.name, op_type, data_rows, priority,
+            callback, columns=columns, values=values, row_columns=(), n_rows=len(values),
+            nbytes=nbytes)
 
     def _place(self, op: BatchOperation) -> Awaitable[None] | None:
         """Queue ``op`` now when there is room and return None (no coroutine on the hot path

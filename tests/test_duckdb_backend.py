@@ -415,7 +415,7 @@ async def test_classify_real_duckdb_errors(make_manager: ManagerFactory,
 async def test_write_before_open_is_a_clear_error(duck_path: Path) -> None:
     backend = DuckDBBackend(DuckDBSettings(path=str(duck_path)))
     info = TableInfo("kv", ("k",), ("k",))
-    op = BatchOperation("x", "kv", OperationType.INSERT, [{"k": 1}], columns=("k",), n_rows=1)
+    op = BatchOperation("x", "kv", OperationType.INSERT, [{"k": 1}])
     with pytest.raises(BatchDBError, match="not open"):
         backend.write_batch(Batch(info, OperationType.INSERT, ("k",), [op]))
     with pytest.raises(BatchDBError, match="not open"):
