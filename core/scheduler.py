@@ -1046,9 +1046,12 @@ class Scheduler:
         now = time.monotonic()
         sizes = {}
         ages = {}
+        memory = {}
         for prio in _PRIORITIES:
             lanes = self._lanes[prio]
             sizes[prio.name] = self._queued_by_prio[prio]
+            memory[prio.name] = sum([op.nbytes for lane in lanes.values()
+                                     for op in lane.ops]) / _MB  # at status time only
             heads = [lane.ops[0].enqueued_at for lane in lanes.values()]
             ages[prio.name] = round(now - min(heads), 3) if heads else 0.0
         s = self.stats
@@ -1056,6 +1059,7 @@ class Scheduler:
             "total_queued_operations": self.queued_ops,
             "estimated_memory_mb": self.queued_bytes / _MB,
             "queue_sizes": sizes,
+            "queue_memory_mb": memory,
             "oldest_wait_seconds": ages,
             "batches_in_flight": self._inflight,
             "max_concurrent_batches": self.max_inflight,
