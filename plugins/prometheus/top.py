@@ -173,7 +173,7 @@ def _mb(n: float) -> str:
 
 
 def render(url: str, now: Reading, before: Reading | None,
-           problem: str | None = None) -> RenderableType:
+           problem: str | None = None, live: bool = True) -> RenderableType:
     """One frame: queues per priority, latency, throughput, retries and failures."""
     seconds = now.at - before.at if before is not None else 0.0
     queues = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -225,8 +225,8 @@ def render(url: str, now: Reading, before: Reading | None,
                           style="yellow"))
     if problem:
         parts.append(Text(problem, style="bold red"))
-    parts.append(Text("latency over the last interval (dim: none then, since start) · "
-                      "Ctrl-C to quit", style="dim"))
+    parts.append(Text("latency over the last interval (dim: none then, since start)"
+                      + (" · Ctrl-C to quit" if live else ""), style="dim"))
     return Panel(Group(*parts), title=f"batchdb top · {url}", title_align="left")
 
 
@@ -259,7 +259,7 @@ def top(
         except TopError as exc:
             err.print(Text(f"error: {exc}", style="bold red"))
             raise typer.Exit(1) from None
-        out.print(render(url, now, before))
+        out.print(render(url, now, before, live=False))
         return
     _live(out, url, before, interval)
 
