@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from batchdb.backend import Backend, Batch
     from batchdb.manager import BatchDBManager
+    from batchdb.models import BatchOperation
 
 __all__ = ["LATENCY_BUCKETS", "MAINTENANCE_BUCKETS", "PrometheusMetrics"]
 
@@ -84,18 +85,22 @@ class _Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
         self.total += value
 
-    def observe_since(self, now: float, starts: list[float]) -> None:
-        """Observe ``now - t`` for every ``t`` of ``starts``."""
+    def observe_since(self, now: float, ops: list[BatchOperation]) -> None:
+        """Observe ``now - op.enqueued_at`` for every operation of ``ops``."""
         counts = self.counts
-        if len(starts) < _NUMPY_FROM:
+        n = len(ops)
+        if n < _NUMPY_FROM:
             bounds = self.bounds
-            for t in starts:
-                counts[bisect_left(bounds, now - t)] += 1
-        else:
-            found = np.bincount(np.searchsorted(self.edges, now - np.asarray(starts)),
-                                minlength=len(counts)).tolist()
-            self.counts = [a + b for a, b in zip(counts, found, strict=True)]
-        self.total += len(starts) * now - sum(starts)
+            for op in ops:
+                latency = now - op.enqueued_at
+                counts[bisect_left(bounds, latency)] += 1
+                self.total += latency
+            return
+        latencies = now - np.fromiter(map(_enqueued_at, ops), float, n)
+        found = np.bincount(np.searchsorted(self.edges, latencies),
+                            minlength=len(counts)).tolist()
+        self.counts = [a + b for a, b in zip(counts, found, strict=True)]
+        self.total += float(latencies.sum())
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(le, count)`` pairs, as the exposition format has them."""
@@ -214,12 +219,11 @@ class PrometheusMetrics(Collector):
         with self._lock:
             first = priorities[0]
             if priorities.count(first) == len(priorities):  # the usual case: one priority
-                self._committed(table, first.name, list(map(_enqueued_at, ops)), now)
+                self._committed(table, first.name, ops, now)
             else:
                 for prio in sorted(set(priorities), reverse=True):
-                    starts = [op.enqueued_at for op, p in zip(ops, priorities, strict=True)
-                              if p is prio]
-                    self._committed(table, prio.name, starts, now)
+                    self._committed(table, prio.name, [
+                        op for op, p in zip(ops, priorities, strict=True) if p is prio], now)
             self._rows[table] = self._rows.get(table, 0) + rows
             key = (table, "committed")
             self._batches[key] = self._batches.get(key, 0) + 1
@@ -229,13 +233,14 @@ class PrometheusMetrics(Collector):
                 write = self._write[name] = _Histogram(LATENCY_BUCKETS)
             write.observe(seconds)
 
-    def _committed(self, table: str, priority: str, starts: list[float], now: float) -> None:
+    def _committed(self, table: str, priority: str, ops: list[BatchOperation],
+                   now: float) -> None:
         key = (table, priority, "committed")
-        self._operations[key] = self._operations.get(key, 0) + len(starts)
+        self._operations[key] = self._operations.get(key, 0) + len(ops)
         latency = self._latency.get(priority)
         if latency is None:
             latency = self._latency[priority] = _Histogram(LATENCY_BUCKETS)
-        latency.observe_since(now, starts)
+        latency.observe_since(now, ops)
 
     @hookimpl
     def batchdb_batch_failed(self, batch: Batch, error: BaseException, backend: Backend) -> None:
