@@ -81,7 +81,8 @@ def batchdb_manager_started(manager: BatchDBManager) -> None:
 def batchdb_manager_stopped(manager: BatchDBManager) -> None:
     """``manager.stop()`` committed what was queued and closed the backend.
 
-    Called even when ``stop()`` did not drain; an exception is logged, never raised.
+    Called even when ``stop()`` did not drain, and after a ``start()`` that
+    ``batchdb_manager_started`` failed; an exception is logged, never raised.
     """
 
 
