@@ -5,6 +5,7 @@ over HTTP and parsed with prometheus-client's parser, every figure checked again
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import urllib.error
@@ -270,7 +271,7 @@ async def test_a_port_in_use_is_a_clear_error(make_manager: ManagerFactory) -> N
 
 async def test_missing_prometheus_client_names_the_extra(
         make_manager: ManagerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "prometheus_client", None)  # not installed
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # not installed
     manager = make_manager(metrics={"prometheus_port": free_port()})
     with pytest.raises(BatchDBError, match=r"pip install 'batchdb\[metrics\]'") as info:
         await manager.start()
