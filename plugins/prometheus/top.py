@@ -249,19 +249,16 @@ def top(
         raise typer.Exit(1) from None
     try:
         before = read_metrics(url)
+        if once:
+            time.sleep(interval)
+            out.print(render(url, read_metrics(url), before, live=False))
+            return
+        _live(out, url, before, interval)
     except TopError as exc:
         err.print(Text(f"error: {exc}", style="bold red"))
         raise typer.Exit(1) from None
-    if once:
-        time.sleep(interval)
-        try:
-            now = read_metrics(url)
-        except TopError as exc:
-            err.print(Text(f"error: {exc}", style="bold red"))
-            raise typer.Exit(1) from None
-        out.print(render(url, now, before, live=False))
-        return
-    _live(out, url, before, interval)
+    except KeyboardInterrupt:  # Ctrl-C before the live view began: a clean end too
+        raise typer.Exit(0) from None
 
 
 def _live(out: Console, url: str, first: Reading, interval: float) -> None:

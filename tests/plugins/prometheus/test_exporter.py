@@ -127,8 +127,8 @@ def check_against_status(samples: dict[Any, float], status: dict[str, Any], work
     buckets = sorted((float(dict(ls)["le"]), v) for (n, ls), v in samples.items()
                      if n == "batchdb_commit_latency_seconds_bucket"
                      and dict(ls)["priority"] == "CRITICAL")
-    p50 = histogram_quantile(0.5, buckets)
-    assert p50 is not None and 0 < p50 <= max_s * 1.05 + 0.001
+    p50 = histogram_quantile(0.5, buckets)  # interpolated inside its bucket: at most
+    assert p50 is not None and 0 < p50 <= (le or 30.0)  # the bound of the max's bucket
     # batch write time: one observation per committed batch, the seconds the status adds up
     assert value(samples, "batchdb_batch_write_seconds_count", backend=backend) == \
         stats["batches_committed"]

@@ -109,7 +109,7 @@ async def test_live_view_refreshes_and_exits_cleanly_on_ctrl_c(
         async with producing(manager):
             code, out, err = await batchdb("top", "--interval", "0.3", "--url",
                                            f"http://127.0.0.1:{port}/metrics",
-                                           interrupt_after=3.0)
+                                           interrupt_after=4.0)
     finally:
         await manager.stop()
     assert code == 0, err
