@@ -219,14 +219,20 @@ class BatchDBManager:
         async with self._state_lock:
             if self._scheduler is not None:
                 return
-            hook = self.pm.hook
-            committed = (self._hook_committed
-                         if hook.batchdb_batch_committed.get_hookimpls() else None)
-            failed = self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None
-            self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
-            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
-                                  committed, failed)
+            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__)
             await self.backend.open(scheduler.backend_context)
+            try:  # plugins may register observers on self.pm here (see hookspecs)
+                for result in self.pm.hook.batchdb_manager_started(manager=self):
+                    await await_me_maybe(result)
+            except BaseException:
+                await self.backend.close()
+                await self._hook_stopped()
+                raise
+            hook = self.pm.hook
+            scheduler.observe(
+                self._hook_committed if hook.batchdb_batch_committed.get_hookimpls() else None,
+                self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None)
+            self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
             self._scheduler = scheduler
             self._scheduler.start()
             self._started_at = time.monotonic()
@@ -257,6 +263,7 @@ class BatchDBManager:
                 self._scheduler = None
                 self._stopped_at = time.monotonic()
                 await self.backend.close()
+                await self._hook_stopped()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -572,6 +579,13 @@ class BatchDBManager:
     def _hook_failed(self, batch: Batch, error: BaseException) -> None:
         self._call_hook(self.pm.hook.batchdb_batch_failed, batch=batch, error=error,
                         backend=self.backend)
+
+    async def _hook_stopped(self) -> None:
+        try:
+            for result in self.pm.hook.batchdb_manager_stopped(manager=self):
+                await await_me_maybe(result)
+        except Exception:
+            log.exception("plugin hook batchdb_manager_stopped raised")
 
     def _call_hook(self, hook: Any, **kwargs: Any) -> None:
         try:

@@ -109,6 +109,13 @@ class Scheduler:
         self._recoveries: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ life cycle
+    def observe(self, on_committed: Callable[[Batch, float], None] | None,
+                on_failed: Callable[[Batch, BaseException], None] | None) -> None:
+        """Who hears of each committed and failed batch (before :meth:`start`); None: no
+        one, and nothing is called per batch."""
+        self._on_committed = on_committed
+        self._on_failed = on_failed
+
     def start(self) -> None:
         """Accept operations (called on the event loop that will run the callbacks)."""
         self._running = True
@@ -651,9 +658,12 @@ class Scheduler:
         now = time.monotonic()
         sizes = {}
         ages = {}
+        memory = {}
         for prio in _PRIORITIES:
             lanes = self._lanes[prio]
             sizes[prio.name] = self._queued_by_prio[prio]
+            memory[prio.name] = sum([op.nbytes for lane in lanes.values()
+                                     for op in lane.ops]) / _MB  # at status time only
             heads = [lane.ops[0].enqueued_at for lane in lanes.values()]
             ages[prio.name] = round(now - min(heads), 3) if heads else 0.0
         s = self.stats
@@ -661,6 +671,7 @@ class Scheduler:
             "total_queued_operations": self.queued_ops,
             "estimated_memory_mb": self.queued_bytes / _MB,
             "queue_sizes": sizes,
+            "queue_memory_mb": memory,
             "oldest_wait_seconds": ages,
             "batches_in_flight": self._inflight,
             "max_concurrent_batches": self.max_inflight,
