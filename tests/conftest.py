@@ -101,7 +101,7 @@ def upbit_candles(n: int, market: str = "KRW-BTC", start_minute: int = 0,
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the session (``tests/postgres``,
+    """One throwaway PostgreSQL server for the session (``tests/backends/postgres``,
     ``tests/reliability``), stopped at the end; the test is skipped, with the reason,
     where none can be started."""
     reason = PostgresServer.unavailable_reason()
@@ -143,3 +143,23 @@ async def make_pg_manager(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.delenv(key)
     async with managers("postgres", {"dsn": pg_dsn}) as factory:
         yield factory
+
+
+# tables and settings shared by the scheduler and SQLite backend tests
+LOG_DDL = """
+CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL);
+CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER);
+"""
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+conn.execute("INSERT INTO log (tag) VALUES ('locker')")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def batch_cfg(**kw: Any) -> dict[str, Any]:
+    return {"batch": kw}

@@ -12,8 +12,7 @@ import pytest
 
 from batchdb import OperationFailed
 from batchdb.backend import RetryPolicy, note_retries, retries_of
-
-from .conftest import ManagerFactory
+from tests.conftest import ManagerFactory
 
 
 def test_retry_delay_never_exceeds_the_maximum() -> None:

@@ -3,7 +3,7 @@
 Each path: per batch BEGIN; binary COPY into a temporary staging table (ON COMMIT DELETE
 ROWS); INSERT … SELECT … ON CONFLICT (pk) DO UPDATE … WHERE changed; COMMIT.
 
-    cd /work/main && /work/venv/bin/python tests/postgres/bench_drivers.py [rows] [batch]
+    python tests/backends/postgres/bench_drivers.py [rows] [batch]
 
 Starts its own throwaway server (tests/pgserver.py). Prints rows/s for new rows (empty table)
 and for existing rows (the same rows with a changed price upserted again), and the client's
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import asyncpg
 import psycopg

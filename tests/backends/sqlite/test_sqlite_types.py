@@ -12,8 +12,7 @@ import pytest
 
 from batchdb import OperationFailed
 from batchdb.backends.sqlite.types import affinity
-
-from .conftest import ManagerFactory, make_table, rows_of
+from tests.conftest import ManagerFactory, make_table, rows_of
 
 TABLE = ("CREATE TABLE t (k INTEGER PRIMARY KEY, r REAL, n NUMERIC, d DECIMAL(10, 2), "
          "s VARCHAR(10), b BLOB, any_value, at DATETIME, flag BOOLEAN)")

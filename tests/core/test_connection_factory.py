@@ -12,8 +12,7 @@ import pytest
 
 from batchdb import BatchDBManager, OperationType
 from batchdb.models import BatchDBError
-
-from .conftest import rows_of
+from tests.conftest import rows_of
 
 
 def batchdb_threads() -> set[str]:

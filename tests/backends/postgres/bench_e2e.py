@@ -1,6 +1,6 @@
 """batchdb end to end (enqueue → committed) against the raw driver path, same rows, same run.
 
-    cd /work/main && /work/venv/bin/python tests/postgres/bench_e2e.py [rows] [--repeat N]
+    python tests/backends/postgres/bench_e2e.py [rows] [--repeat N]
 
 raw: psycopg 3, per 20k rows BEGIN; binary COPY into a temporary staging table;
 INSERT … SELECT … ON CONFLICT DO UPDATE; COMMIT — rows already as tuples.
@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from batchdb import BatchDBManager
+from tests.backends.postgres.bench_drivers import COLUMNS, DDL, make_rows, run_psycopg
 from tests.pgserver import PostgresServer
-from tests.postgres.bench_drivers import COLUMNS, DDL, make_rows, run_psycopg
 
 
 def upbit_json(rows: list[tuple[Any, ...]]) -> dict[str, list[dict[str, Any]]]:

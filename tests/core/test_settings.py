@@ -11,7 +11,7 @@ from batchdb.backends.duckdb.settings import DuckDBSettings
 from batchdb.backends.sqlite.settings import SQLiteSettings
 from batchdb.settings import Settings, explain_settings, redact_dsn
 
-REPO_SETTINGS = Path(__file__).resolve().parents[1] / "settings.toml"
+REPO_SETTINGS = Path(__file__).resolve().parents[2] / "settings.toml"
 
 
 @pytest.fixture(autouse=True)

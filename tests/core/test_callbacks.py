@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from batchdb import BatchOperation, OperationFailed, Priority
-
-from .conftest import ManagerFactory, make_table, rows_of
+from tests.conftest import ManagerFactory, make_table, rows_of
 
 KV_DDL = "CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER);"
 

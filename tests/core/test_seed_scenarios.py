@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchdb import BatchDBManager, BatchOperation, OperationType, Priority, SchemaError
-
-from .conftest import rows_of, upbit_candles
+from tests.conftest import rows_of, upbit_candles
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchdb.reads import ReadOnlyFetchError
-
-from .conftest import ManagerFactory, make_table, rows_of
+from tests.conftest import ManagerFactory, make_table, rows_of
 
 
 @pytest.mark.parametrize("sql", ["BEGIN IMMEDIATE", "BEGIN", "SAVEPOINT s",

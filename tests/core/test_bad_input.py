@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from batchdb import OperationFailed, Priority, SchemaError
-
-from .conftest import ManagerFactory, make_table, rows_of, upbit_candles
+from tests.conftest import ManagerFactory, make_table, rows_of, upbit_candles
 
 DDL = 'CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL, "odd "" name" REAL);'
 HOSTILE_NAMES = [

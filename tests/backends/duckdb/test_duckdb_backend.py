@@ -26,10 +26,9 @@ from batchdb.backends.duckdb.settings import DuckDBSettings
 from batchdb.models import BatchDBError, BatchOperation, OperationFailed, SchemaError
 from batchdb.pluginmanager import BackendRegistry, create_plugin_manager
 from batchdb.schema import TableInfo
+from tests.conftest import ManagerFactory, managers
 
-from .conftest import ManagerFactory, managers
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 from batchdb import __version__
 from batchdb.cli import app
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 BATCHDB = Path(sys.executable).with_name("batchdb")
 
 

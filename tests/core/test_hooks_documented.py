@@ -8,7 +8,7 @@ from pathlib import Path
 
 from batchdb import hookspecs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = (ROOT / "docs" / "hooks.md").read_text(encoding="utf-8")
 SPECS = {name: fn for name, fn in vars(hookspecs).items()
          if name.startswith("batchdb_") and callable(fn)}

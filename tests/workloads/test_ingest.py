@@ -17,7 +17,7 @@ from batchdb import BatchDBManager
 from batchdb.workloads.ingest import Ingester, timeframe_from_unit
 from batchdb.workloads.readers import BadRecord, Chunk, IngestError, detect_format, read_chunks
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def read_all(path: Path, **kwargs: Any) -> Chunk:

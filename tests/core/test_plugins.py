@@ -14,8 +14,7 @@ from batchdb.backends.sqlite import SQLiteBackend
 from batchdb.hookspecs import RegisterBackend
 from batchdb.models import BatchOperation
 from batchdb.pluginmanager import BackendRegistry, create_plugin_manager, plugin_info
-
-from .conftest import make_table, rows_of, upbit_candles
+from tests.conftest import make_table, rows_of, upbit_candles
 
 
 def test_builtins_come_from_entry_points() -> None:

@@ -13,8 +13,7 @@ import pytest
 
 from batchdb import BatchDBError, BatchDBManager, NotRunningError, OperationType, hookimpl
 from batchdb.backend import Backend, Batch
-
-from .conftest import ManagerFactory, make_table
+from tests.conftest import ManagerFactory, make_table
 
 
 class Counter:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parent.parent / "core"
+CORE = Path(__file__).resolve().parents[2] / "core"
 PACKAGE = "batchdb"
 
 #: modules the library must not import (a module or anything below it)
