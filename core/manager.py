@@ -1,4 +1,5 @@
-"""BatchDBManager: the seed's public API over the scheduler and a backend plugin."""
+"""BatchDBManager: the public API (queue, wait, flush, status, maintenance) over the
+scheduler and a backend plugin."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class _FilledRows(Sequence[Mapping[str, Any]]):
 class BatchDBManager:
     """Takes writes from many producers and commits them in batches through a backend.
 
-    ``BatchDBManager(lambda: sqlite3.connect("market.sqlite3"))`` is the seed's form;
+    ``BatchDBManager(lambda: sqlite3.connect("market.sqlite3"))`` is the shortest form;
     :meth:`from_settings` reads ``settings.toml`` and ``BATCHDB_*`` variables.
     """
 
@@ -192,7 +193,7 @@ class BatchDBManager:
 
     def _factory_backend(self, backend: str | None) -> str:
         """The backend a connection factory goes to: the one named, else the configured one
-        (the embedded default for the seed's ``BatchDBManager(lambda: sqlite3.connect(p))``);
+        (the embedded default for ``BatchDBManager(lambda: sqlite3.connect(p))``);
         it must take a factory."""
         name = backend or self.settings.backend
         if name not in self.registry.names() or self.registry.get(name).takes_connection_factory:
@@ -514,7 +515,7 @@ class BatchDBManager:
         return await self.backend.fetch(sql, params)
 
     async def get_queue_status(self) -> dict[str, Any]:
-        """Queue sizes, memory estimate, statistics and maintenance times (seed keys and more)."""
+        """Queue sizes, memory estimate, statistics and maintenance times (see the README for every key)."""
         # The same keys in every state: while running the scheduler's figures; after stop()
         # the last run's totals; before start() those of a scheduler that never ran.
         scheduler = self._scheduler or self._last_scheduler

@@ -1,4 +1,4 @@
-"""The seed's data model: operation types, priorities and the batch operation record."""
+"""The data model: operation types, priorities, errors and the batch operation record."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class OperationFailed(BatchDBError):
 
 
 class OperationType(enum.StrEnum):
-    """What an operation does to its rows (the seed's four kinds)."""
+    """What an operation does to its rows."""
 
     INSERT = "INSERT"
     UPDATE = "UPDATE"
@@ -127,10 +127,9 @@ OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 class BatchOperation:
     """One producer's request, kept whole: it commits or fails as a unit.
 
-    The record a producer sees: what was asked (``operation_id`` … ``callback``, the seed's
-    fields), and how it ended (``created_at``, ``processed_at``, ``processing_time``,
-    ``state`` — ``queued``, ``committed`` or ``failed`` —, ``is_processed``, ``error``,
-    ``rows_affected``). ``data_rows`` holds the rows as given, until the callback has run.
+    The record a producer sees: what was asked (``operation_id`` … ``callback``) and how it
+    ended (``created_at``, ``processed_at``, ``processing_time``, ``state`` — ``queued``,
+    ``committed`` or ``failed`` —, ``is_processed``, ``error``, ``rows_affected``). ``data_rows`` holds the rows as given, until the callback has run.
 
     The engine's fields, read by the scheduler and the backends and set once by
     :meth:`queued`: ``columns`` (what the rows write, in order), ``values`` (rows already as
@@ -178,7 +177,7 @@ class BatchOperation:
         estimated_size_mb: float = 0.0,
         callback: OperationCallback | None = None,
     ) -> None:
-        """The seed's record of a request, rows given as mappings (row 0's keys are the
+        """A request, rows given as mappings (row 0's keys are the
         columns). An operation the manager queues is built by :meth:`queued`."""
         first = data_rows[0] if data_rows else None
         columns = tuple(first) if isinstance(first, Mapping) else ()
@@ -291,6 +290,6 @@ class BatchOperation:
 
     @property
     def succeeded(self) -> bool:
-        """True once committed (the seed's ``is_processed``); False while queued and for a
+        """True once committed (``is_processed``); False while queued and for a
         failed operation, whose ``error`` says why."""
         return self.state == "committed"

@@ -74,7 +74,7 @@ _RESET_WAIT_SECONDS = 0.25
 
 
 class SQLiteBackend(Backend):
-    """The reference backend: an SQLite file in WAL mode, tuned with the seed's PRAGMAs."""
+    """The reference backend: an SQLite file in WAL mode, tuned by its PRAGMA settings."""
 
     name = "sqlite"
     settings_model = SQLiteSettings
