@@ -515,7 +515,8 @@ class BatchDBManager:
         return await self.backend.fetch(sql, params)
 
     async def get_queue_status(self) -> dict[str, Any]:
-        """Queue sizes, memory estimate, statistics and maintenance times (see the README for every key)."""
+        """Queue sizes, memory estimate, statistics and maintenance times (every key is in
+        the README)."""
         # The same keys in every state: while running the scheduler's figures; after stop()
         # the last run's totals; before start() those of a scheduler that never ran.
         scheduler = self._scheduler or self._last_scheduler

@@ -129,7 +129,8 @@ class BatchOperation:
 
     The record a producer sees: what was asked (``operation_id`` … ``callback``) and how it
     ended (``created_at``, ``processed_at``, ``processing_time``, ``state`` — ``queued``,
-    ``committed`` or ``failed`` —, ``is_processed``, ``error``, ``rows_affected``). ``data_rows`` holds the rows as given, until the callback has run.
+    ``committed`` or ``failed`` —, ``is_processed``, ``error``, ``rows_affected``).
+    ``data_rows`` holds the rows as given, until the callback has run.
 
     The engine's fields, read by the scheduler and the backends and set once by
     :meth:`queued`: ``columns`` (what the rows write, in order), ``values`` (rows already as
