@@ -85,3 +85,20 @@ def test_any_sequence_matches_the_model(ops: list[tuple[str, Priority, list[dict
                                         insert_batch: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(Path(tmp) / "model.sqlite3", ops, insert_batch))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(operations(), min_size=1, max_size=40), insert_batch=st.integers(1, 6),
+       shift=st.integers(0, 12), back=st.sets(st.integers(0, 39), max_size=3))
+def test_ascending_keys_at_several_priorities_match_the_model(
+        ops: list[tuple[str, Priority, list[dict[str, Any]]]], insert_batch: int, shift: int,
+        back: set[int]) -> None:
+    """Keys that mostly grow with each operation (new candles, new orders), as producers
+    at several priorities write them: the scheduler tells the lanes apart by their key
+    bounds until an operation (one of ``back``) rewrites older keys, then by the exact
+    index. The later submission must win throughout."""
+    moved = [(kind, prio, [{**row, "k": row["k"] + (0 if i in back else i * shift)}
+                           for row in rows])
+             for i, (kind, prio, rows) in enumerate(ops)]
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(run(Path(tmp) / "model.sqlite3", moved, insert_batch))
