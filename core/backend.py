@@ -6,7 +6,7 @@ import contextlib
 import enum
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 
 from .models import BatchDBError, BatchOperation, OperationType, Priority
+from .reads import ReadChunk
 from .schema import TableInfo
 
 __all__ = ["Backend", "Batch", "BatchResult", "Capabilities", "ErrorKind", "RetryPolicy",
@@ -223,6 +224,10 @@ class Backend(ABC):
     name: ClassVar[str]
     settings_model: ClassVar[type[BaseModel]]
     maintenance_tasks: ClassVar[tuple[str, ...]] = ()
+    #: the DB-API paramstyle of the positional parameters ``fetch`` and ``read_chunks``
+    #: take: "qmark" (``?``) or "format" (``%s``). The manager compiles named parameters
+    #: (``:name``) to it, so one SQL text works on every backend.
+    paramstyle: ClassVar[str] = "qmark"
 
     def __init__(
         self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None
@@ -279,6 +284,21 @@ class Backend(ABC):
     @abstractmethod
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on a reader connection (never the writer)."""
+
+    @abstractmethod
+    def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                    chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """Run a read-only query like ``fetch`` and yield its rows ``chunk_rows`` at a time,
+        each chunk with the result's column names; at least one chunk (with no rows for an
+        empty result). Rows are read from the database as the chunks are taken, so a
+        result of any size goes through in constant memory; the reader it holds is given
+        back when the iteration ends or is closed (``aclose``)."""
+
+    @abstractmethod
+    async def list_tables(self) -> list[str]:
+        """The user's tables in the default schema, sorted by name: never the database's
+        catalog or its internal tables (``sqlite_%``, ``pg_catalog``, DuckDB's internal
+        ones), nor temporary ones."""
 
     async def status(self) -> dict[str, Any]:
         """Health and size figures for ``get_queue_status``/``batchdb status``."""
