@@ -816,10 +816,11 @@ async def _export(manager: BatchDBManager, table: str, to: Path,
 
 async def _database_errors(work: Awaitable[T]) -> T:
     """``work``, with an error of the database's driver (a syntax error, a missing column)
-    turned into a BatchDBError carrying its message: exit code 1, no traceback."""
+    or of the file (a full disk) turned into a BatchDBError carrying its message: exit
+    code 1, no traceback."""
     try:
         return await work
-    except (BatchDBError, ValueError, OSError):
+    except BatchDBError:
         raise
     except Exception as exc:
         raise BatchDBError(f"{type(exc).__name__}: {exc}") from exc

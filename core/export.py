@@ -200,7 +200,14 @@ class _ArrowChunks:
                 except (TypeError, ValueError, OverflowError, pa.ArrowException):
                     arrow_type = None  # values of other types: go by the values
             if arrow_type is None:
-                inferred = pa.array(data[i]).type if data else pa.null()
+                try:
+                    inferred = pa.array(data[i]).type if data else pa.null()
+                except (TypeError, ValueError, OverflowError, pa.ArrowException):
+                    kinds = sorted({type(v).__name__ for v in data[i] if v is not None})
+                    raise BatchDBError(
+                        f"table {self.table!r}, column {name!r} holds values of several types "
+                        f"({', '.join(kinds)}), which one Parquet column cannot: export to "
+                        "CSV instead") from None
                 arrow_type = pa.string() if pa.types.is_null(inferred) else inferred
             fields.append(pa.field(name, arrow_type))
         return pa.schema(fields)

@@ -98,6 +98,20 @@ def test_a_column_declared_with_another_type_is_typed_by_its_values(db: Path,
     assert table.column("x").null_count == 5
 
 
+def test_an_untyped_column_of_mixed_values_is_refused_by_parquet_only(db: Path,
+                                                                       tmp_path: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE mixed (id INTEGER PRIMARY KEY, x)")
+        conn.executemany("INSERT INTO mixed VALUES (?, ?)", [(1, 5), (2, "five"), (3, None)])
+    result = run("export", "mixed", "--to", "m.parquet")
+    assert result.exit_code == 1
+    assert ("table 'mixed', column 'x' holds values of several types (int, str)"
+            in " ".join(result.output.split()))
+    assert not list(tmp_path.glob("*m.parquet*"))
+    assert run("export", "mixed", "--to", "m.csv").exit_code == 0
+    assert (tmp_path / "m.csv").read_text() == "id,x\n1,5\n2,five\n3,\n"
+
+
 def test_export_command_options(db: Path, tmp_path: Path) -> None:
     result = run("export", "loose", "--to", "out.json")
     assert result.exit_code == 2 and "must end in .parquet or .csv" in result.output
