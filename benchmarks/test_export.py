@@ -33,9 +33,9 @@ CHILD = r"""
 import asyncio, json, resource, sys, time
 from pathlib import Path
 
-def rss_mb():
+def rss_mb(field="VmRSS"):
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -44,6 +44,7 @@ import pyarrow as pa, pyarrow.parquet as pq, sqlite3
 from batchdb import BatchDBManager
 from batchdb.export import export_table, DEFAULT_CHUNK_ROWS
 where = f" WHERE ts < {limit}" if limit >= 0 else ""
+snap = {}
 base = rss_mb()
 start = time.perf_counter()
 if variant == "batchdb":
@@ -52,7 +53,9 @@ if variant == "batchdb":
                                          maintenance={"enabled": False})
         async with m:
             until = limit if limit >= 0 else None
-            return (await export_table(m, "candles", Path(out), until=until)).rows
+            done = (await export_table(m, "candles", Path(out), until=until)).rows
+            snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))  # reader still open
+            return done
     rows = asyncio.run(go())
 elif variant == "raw":
     conn = sqlite3.connect(db)
@@ -69,6 +72,7 @@ elif variant == "raw":
             [pa.array(c, type=f.type) for c, f in zip(columns, schema)], schema=schema))
         rows += len(chunk)
     writer.close()
+    snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))
     conn.close()
 else:
     import duckdb
@@ -76,11 +80,16 @@ else:
     conn.execute("LOAD sqlite")
     conn.execute(f"COPY (SELECT * FROM sqlite_scan('{db}', 'candles'){where}) "
                  f"TO '{out}' (FORMAT parquet)")
+    snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))
     rows = pq.ParquetFile(out).metadata.num_rows
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# what of the RSS is file pages mapped into the process (batchdb's SQLite readers map the
+# database, mmap_size 256 MB; shared with the page cache) and what is the heap, at the
+# end of the export with the database still open
 print(json.dumps({"rows": rows, "seconds": seconds, "base_rss_mb": base,
-                  "peak_rss_mb": peak, "peak_rss_delta_mb": peak - base}))
+                  "peak_rss_mb": peak, "peak_rss_delta_mb": peak - base,
+                  "end_file_mb": snap["file"], "end_anon_mb": snap["anon"]}))
 """
 
 T0 = 1_704_067_200_000
@@ -179,14 +188,18 @@ def test_export_sqlite_to_parquet(benchmark: Any, tmp_path: Path, bench_rows: in
         rates = [r["rows"] / r["seconds"] for r in runs]
         median = statistics.median(rates)
         peak = statistics.median(r["peak_rss_delta_mb"] for r in runs)
+        anon = statistics.median(r["end_anon_mb"] for r in runs)
+        file_mb = statistics.median(r["end_file_mb"] for r in runs)
         info[name] = {"rows": runs[0]["rows"], "rows_per_s": round(median),
                       "rounds_rows_per_s": [round(r) for r in rates],
                       "ratio_to_raw_pyarrow": round(median / baseline, 3),
                       "peak_rss_delta_mb": round(peak, 1),
+                      "end_rss_anon_mb": round(anon, 1), "end_rss_file_mb": round(file_mb, 1),
                       "rounds_peak_rss_delta_mb": [round(r["peak_rss_delta_mb"], 1)
                                                    for r in runs]}
         print(f"  {name:<32} {runs[0]['rows']:>10,} rows {median:>12,.0f} rows/s "
-              f"{median / baseline:6.2f}x raw   peak RSS +{peak:,.1f} MB   rounds "
+              f"{median / baseline:6.2f}x raw   peak RSS +{peak:,.1f} MB (at the end: heap "
+              f"{anon:,.0f} MB, mapped files {file_mb:,.0f} MB)   rounds "
               f"{info[name]['rounds_rows_per_s']}")
     benchmark.extra_info.update(info)
     assert info["batchdb"]["rows"] == rows
