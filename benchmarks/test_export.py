@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 CHILD = r"""
-import asyncio, json, resource, sys, time
+import asyncio, json, sys, time
 from pathlib import Path
 
 def rss_mb(field="VmRSS"):
@@ -83,7 +83,9 @@ else:
     snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))
     rows = pq.ParquetFile(out).metadata.num_rows
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM, the peak of this process's own memory: getrusage's ru_maxrss would carry the
+# parent's peak over the fork and exec (Linux keeps it across execve)
+peak = rss_mb("VmHWM")
 # what of the RSS is file pages mapped into the process (batchdb's SQLite readers map the
 # database, mmap_size 256 MB; shared with the page cache) and what is the heap, at the
 # end of the export with the database still open
