@@ -8,7 +8,7 @@ import enum
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from .batch import Batch, BatchResult
 from .models import BatchDBError
+from .reads import ReadChunk
 from .schema import TableInfo
 
 __all__ = ["Backend", "BackendContext", "Batch", "BatchResult", "Capabilities", "ErrorKind",
@@ -172,6 +173,10 @@ class Backend(ABC):
     maintenance_tasks: ClassVar[tuple[str, ...]] = ()
     #: whether ``connection_factory`` (a callable opening a new driver connection) is taken
     takes_connection_factory: ClassVar[bool] = False
+    #: the DB-API paramstyle of the positional parameters ``fetch`` and ``read_chunks``
+    #: take: "qmark" (``?``) or "format" (``%s``). The manager compiles named parameters
+    #: (``:name``) to it, so one SQL text works on every backend.
+    paramstyle: ClassVar[str] = "qmark"
 
     def __init__(
         self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None
@@ -239,6 +244,21 @@ class Backend(ABC):
     @abstractmethod
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on a reader connection (never the writer)."""
+
+    @abstractmethod
+    def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                    chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """Run a read-only query like ``fetch`` and yield its rows ``chunk_rows`` at a time,
+        each chunk with the result's column names; at least one chunk (with no rows for an
+        empty result). Rows are read from the database as the chunks are taken, so a
+        result of any size goes through in constant memory; the reader it holds is given
+        back when the iteration ends or is closed (``aclose``)."""
+
+    @abstractmethod
+    async def list_tables(self) -> list[str]:
+        """The user's tables in the default schema, sorted by name: never the database's
+        catalog or its internal tables (``sqlite_%``, ``pg_catalog``, DuckDB's internal
+        ones), nor temporary ones."""
 
     async def status(self) -> dict[str, Any]:
         """Health and size figures for ``get_queue_status``/``batchdb status``."""

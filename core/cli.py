@@ -1,4 +1,5 @@
-"""The ``batchdb`` command line: ingest, demo, status, maintain, plugins, config.
+"""The ``batchdb`` command line: ingest, demo, status, export, query, maintain, plugins,
+config.
 
 Every command reads the settings file given by ``--settings`` (default ``$BATCHDB_SETTINGS``
 or ``./settings.toml``; built-in defaults when there is none) and takes ``--backend`` to use
@@ -16,11 +17,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 import typer.core
@@ -33,10 +35,12 @@ from rich.panel import Panel
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
@@ -47,6 +51,7 @@ from .candles import candles_table
 from .manager import BatchDBManager
 from .models import BatchDBError, Priority
 from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
+from .reads import epoch_ms
 from .schema import quote_ident
 from .settings import (
     SettingsError,
@@ -56,10 +61,23 @@ from .settings import (
     resolve_settings_path,
 )
 from .workloads.demo import DEMO_TABLES, DemoReport, DemoWorkload
+from .workloads.export import (
+    DEFAULT_CHUNK_ROWS,
+    ExportArgumentError,
+    ExportReport,
+    check_table,
+    export_format,
+    export_table,
+    rows_as_json,
+    run_query,
+    write_csv,
+)
 from .workloads.ingest import FileReport, Ingester
 from .workloads.readers import DEFAULT_CHUNK_SIZE
 
 __all__ = ["app", "main"]
+
+T = TypeVar("T")
 
 def _tidy_param(param: Any) -> None:
     """A parameter shown as a careful CLI shows it: a flag without a value type (``--help``,
@@ -654,22 +672,12 @@ def status(settings: SettingsOption = None, backend: BackendOption = None) -> No
         asyncio.run(_status(manager))
 
 
-async def _list_tables(manager: BatchDBManager) -> list[str]:
-    if manager.backend_name == "sqlite":
-        sql = ("SELECT name FROM sqlite_master WHERE type = 'table' "
-               "AND name NOT LIKE 'sqlite_%' ORDER BY name")
-    else:  # information_schema: DuckDB, PostgreSQL and most SQL databases
-        sql = ("SELECT table_name FROM information_schema.tables WHERE "
-               "table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1")
-    return [str(r[0]) for r in await manager.fetch(sql)]
-
-
 async def _status(manager: BatchDBManager) -> None:
     out = _stdout()
     await manager.start()
     try:
         backend_status = await manager.backend.status()
-        tables = await _list_tables(manager)
+        tables = await manager.list_tables()
         counts: dict[str, int | str] = {}
         for name in tables:
             try:
@@ -728,6 +736,135 @@ async def _status(manager: BatchDBManager) -> None:
         out.print(candles)
     if not_ours is not None:
         out.print(Text(not_ours, style="yellow"))
+
+
+# ---------------------------------------------------------------------- export
+def _when_option(value: str | None) -> str | None:
+    """``--since``/``--until``: ISO 8601 or epoch milliseconds (checked before anything
+    opens; the export converts it)."""
+    if value is not None:
+        try:
+            epoch_ms(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("time: ")) from None
+    return value
+
+
+@app.command(cls=_Command)
+def export(
+    table: Annotated[str, typer.Argument(
+        show_default=False, help="Table to export, as `batchdb status` lists it.")],
+    to: Annotated[Path, typer.Option(
+        "--to", dir_okay=False, show_default=False,
+        help="File to write: FILE.parquet or FILE.csv (the extension chooses the format).")],
+    market: Annotated[str | None, typer.Option(
+        "--market", help="Only this market (the symbol column, or market).")] = None,
+    timeframe: Annotated[str | None, typer.Option(
+        "--timeframe", help="Only this timeframe, e.g. 1m.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="WHEN", callback=_when_option,
+        help="Only rows with ts >= WHEN: ISO 8601 (2024-01-02, 2024-01-02T09:00:00Z; "
+             "UTC unless it says otherwise) or epoch milliseconds.")] = None,
+    until: Annotated[str | None, typer.Option(
+        "--until", metavar="WHEN", callback=_when_option,
+        help="Only rows with ts < WHEN (as --since).")] = None,
+    chunk_rows: Annotated[int, typer.Option(
+        "--chunk-rows", min=1, help="Rows read and written at a time (a Parquet row group).",
+    )] = DEFAULT_CHUNK_ROWS,
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Export a table to Parquet or CSV, streamed in chunks, with a progress bar.
+
+    Memory stays flat whatever the table's size. --market, --timeframe, --since and --until
+    apply to tables with those columns (candles); the file appears complete or not at all.
+    """
+    try:
+        export_format(to)
+    except ExportArgumentError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--to'") from None
+    with _expected_errors():
+        manager = _manager(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        try:
+            report = asyncio.run(_export(manager, table, to, market=market,
+                                         timeframe=timeframe, since=since, until=until,
+                                         chunk_rows=chunk_rows))
+        except ExportArgumentError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    _stdout().print(Text(
+        f"Exported {report.rows:,} rows of {report.table} to {report.path} ({report.format}, "
+        f"{report.bytes:,} bytes) in {_fmt_seconds(report.seconds)} "
+        f"({_fmt_int(report.rows_per_second)} rows/s).", style="bold green"))
+
+
+async def _export(manager: BatchDBManager, table: str, to: Path,
+                  **options: Any) -> ExportReport:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=_stderr(), transient=False)
+    task = progress.add_task(escape(f"{table} → {to.name}"), total=None)
+    await manager.start()
+    try:
+        await check_table(manager, table)  # before the progress bar shows
+        with progress:
+            return await _database_errors(export_table(
+                manager, table, to, on_total=lambda n: progress.update(task, total=n),
+                on_rows=lambda n: progress.advance(task, n), **options))
+    finally:
+        await manager.stop()
+
+
+async def _database_errors(work: Awaitable[T]) -> T:
+    """``work``, with an error of the database's driver (a syntax error, a missing column)
+    or of the file (a full disk) turned into a BatchDBError carrying its message: exit
+    code 1, no traceback."""
+    try:
+        return await work
+    except BatchDBError:
+        raise
+    except Exception as exc:
+        raise BatchDBError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------- query
+@app.command(cls=_Command)
+def query(
+    sql: Annotated[str, typer.Argument(
+        show_default=False, help="A read-only statement: SELECT, WITH … SELECT, EXPLAIN.")],
+    fmt: Annotated[Literal["table", "csv", "json"], typer.Option(
+        "--format", case_sensitive=False,
+        help="table: a table on the terminal; csv or json: for other programs.")] = "table",
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Run a read-only query and print its rows; a statement that would write is refused."""
+    with _expected_errors():
+        manager = _manager(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        columns, rows = asyncio.run(_query(manager, sql))
+    fmt = fmt.lower()  # type: ignore[assignment]
+    if fmt == "csv":
+        write_csv(sys.stdout, columns, rows)
+        return
+    if fmt == "json":
+        sys.stdout.write(rows_as_json(columns, rows) + "\n")
+        return
+    table = _table(f"{len(rows):,} row{'' if len(rows) == 1 else 's'}")
+    for name in columns:
+        table.add_column(Text(name), overflow="fold")
+    for row in rows:
+        table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
+    _stdout().print(table)
+
+
+async def _query(manager: BatchDBManager, sql: str
+                 ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    await manager.start()
+    try:
+        return await _database_errors(run_query(manager, sql))
+    finally:
+        await manager.stop()
 
 
 # ---------------------------------------------------------------------- maintain

@@ -12,6 +12,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import (
+    AsyncGenerator,
     Awaitable,
     Callable,
     Collection,
@@ -22,10 +23,11 @@ from collections.abc import (
 )
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, overload
+from typing import Any, Literal, Self, overload
 
 import sqlalchemy as sa
 
+from . import reads
 from .backend import Backend, Batch
 from .candles import candles_table
 from .models import (
@@ -44,6 +46,7 @@ from .pluginmanager import (
     await_me_maybe,
     create_plugin_manager,
 )
+from .reads import ReadChunk, ReadShape
 from .scheduler import Scheduler
 from .schema import TableInfo, check_identifier, filled_columns
 from .settings import (
@@ -510,9 +513,51 @@ class BatchDBManager:
         await self.scheduler.flush()
 
     # ------------------------------------------------------------------ reading & status
-    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on a reader connection of the backend."""
-        return await self.backend.fetch(sql, params)
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["tuples"] = "tuples") -> list[tuple[Any, ...]]: ...
+
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["dicts"]) -> list[dict[str, Any]]: ...
+
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["arrow"]) -> Any: ...
+
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: ReadShape = "tuples") -> Any:
+        """Run a read-only query on a reader connection of the backend.
+
+        ``params`` as a mapping binds named parameters (``:name``, SQLAlchemy ``text()``
+        style), the same SQL on every backend; as a tuple, the positional ``?`` form.
+        ``as_``: "tuples" (rows as tuples), "dicts" (one dict per row, keyed by column
+        name) or "arrow" (a pyarrow Table; needs pyarrow). A statement that would write is
+        refused with ``ReadOnlyFetchError``."""
+        return await reads.fetch(self.backend, sql, params, as_)
+
+    def fetch_chunks(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                     *, chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """Like ``fetch``, but the rows come ``chunk_rows`` at a time as the database
+        produces them (each chunk with the column names), in constant memory."""
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows!r}")
+        query, values = reads.positional(sql, params, self.backend.paramstyle)
+        return self.backend.read_chunks(query, values, chunk_rows)
+
+    async def list_tables(self) -> list[str]:
+        """The database's tables (user tables of the default schema), sorted by name."""
+        return await self.backend.list_tables()
+
+    async def read_candles(self, symbol: str, timeframe: str,
+                           start: int | datetime | str | None = None,
+                           end: int | datetime | str | None = None,
+                           *, as_: ReadShape = "tuples") -> Any:
+        """Candles of one market and timeframe with ``start <= ts < end`` (epoch ms,
+        datetimes, naive ones as UTC, or ISO 8601 strings; None: unbounded), in time
+        order, read along the primary key's index."""
+        sql, params = reads.candles_query(symbol, timeframe, start, end)
+        return await reads.fetch(self.backend, sql, params, as_)
 
     async def get_queue_status(self) -> dict[str, Any]:
         """Queue sizes, memory estimate, statistics and maintenance times (every key is in

@@ -12,7 +12,7 @@ import importlib
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,7 +28,7 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, OperationType, SchemaError
-from batchdb.reads import not_a_read
+from batchdb.reads import ReadChunk, not_a_read
 from batchdb.schema import TableInfo
 from batchdb.worker import Worker
 
@@ -243,6 +243,48 @@ class DuckDBBackend(Backend):
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a query on the reader cursor, in its own thread (writes go on meanwhile)."""
         return await self._read(self._fetch, sql, tuple(params))
+
+    def _start_read(self, sql: str, params: tuple[Any, ...]
+                    ) -> tuple[duckdb.DuckDBPyConnection, tuple[str, ...]]:
+        """A cursor of its own running ``sql`` (the shared reader cursor would lose the
+        pending result at the next ``fetch``), and the result's column names."""
+        assert self._conn is not None
+        self._check_read(sql)
+        cursor = self._conn.cursor()
+        try:
+            cursor.execute(sql, list(params))
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor, tuple(str(d[0]) for d in cursor.description or ())
+
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, fetched in the reader thread from a
+        cursor of its own (DuckDB produces the result as it is fetched)."""
+        cursor, columns = await self._read(self._start_read, sql, tuple(params))
+        try:
+            first = True
+            while True:
+                rows = await self._read(cursor.fetchmany, chunk_rows)
+                if not rows and not first:
+                    return
+                first = False
+                yield ReadChunk(columns, rows)
+                if len(rows) < chunk_rows:
+                    return
+        finally:
+            if self._reader is not None:
+                await self._read(cursor.close)
+            else:
+                cursor.close()
+
+    async def list_tables(self) -> list[str]:
+        """Tables of the current database and schema, DuckDB's internal ones left out."""
+        rows = await self.fetch(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND NOT internal AND NOT temporary")
+        return sorted(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:

@@ -37,10 +37,10 @@ import math
 import re
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from decimal import Decimal
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -56,7 +56,7 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
-from batchdb.reads import not_a_read
+from batchdb.reads import ReadChunk, not_a_read
 from batchdb.schema import TableInfo, create_statements
 from batchdb.settings import redact_dsn
 
@@ -320,6 +320,7 @@ class PostgresBackend(Backend):
     """A PostgreSQL server through psycopg 3: pooled connections, COPY + set-based writes."""
 
     name = "postgres"
+    paramstyle = "format"
     settings_model = PostgresSettings
     maintenance_tasks = ("analyze", "vacuum")
 
@@ -437,6 +438,57 @@ class PostgresBackend(Backend):
                 await _rollback(conn)
                 raise
         return [tuple(r) for r in rows]
+
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, in a read-only transaction on one
+        pooled connection held until the iteration ends (REPEATABLE READ: the rows of one
+        snapshot, as a SQLite reader and DuckDB give them). psycopg's ``stream()`` has libpq
+        send the result in chunks of that size (libpq 17+; row by row before), so the
+        client never holds more than a chunk, whatever the statement (a server-side
+        cursor would take only SELECT, not EXPLAIN or SHOW)."""
+        query = _portable_placeholders(sql, len(params)) if params else sql
+        size = chunk_rows if self._pg.pq.version() >= 170000 else 1
+        async with self._require_pool().connection() as conn:
+            raw = conn.raw
+            try:
+                await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+                                  prepare=False)
+                cur = raw.cursor()
+                rows: list[tuple[Any, ...]] = []
+                yielded = False
+                # aclosing: left early, psycopg's stream cancels the rest of the result
+                stream = cast(AsyncGenerator[Any, None],
+                              cur.stream(query, params or None, size=size))
+                async with contextlib.aclosing(stream):
+                    async for row in stream:
+                        rows.append(tuple(row))
+                        if len(rows) >= chunk_rows:
+                            yield ReadChunk(_column_names(cur), rows)
+                            yielded, rows = True, []
+                if rows:
+                    yield ReadChunk(_column_names(cur), rows)
+                elif not yielded:
+                    # an empty result: the stream leaves no description behind, so the
+                    # statement runs once more, on the same snapshot (REPEATABLE READ), for
+                    # its column names (it returns no row again)
+                    await cur.execute(query, params or None)
+                    yield ReadChunk(_column_names(cur), [])
+                await raw.execute("COMMIT", prepare=False)
+            except self._pg.errors.ReadOnlySqlTransaction as exc:
+                await _rollback(conn)
+                raise not_a_read(sql, self._scrub(str(exc).strip())) from None
+            except BaseException:
+                await _rollback(conn)
+                raise
+
+    async def list_tables(self) -> list[str]:
+        """Tables (plain and partitioned, not the partitions) of the current schema."""
+        rows = await self.fetch(
+            "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = pg_catalog.current_schema() "
+            "AND c.relkind IN ('r', 'p') AND NOT c.relispartition")
+        return sorted(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------ schema
     async def _describe(self, name: str) -> Target | None:
@@ -866,6 +918,10 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND n.nspname = ANY (pg_catalog.current_schemas(false))
 ORDER BY array_position(pg_catalog.current_schemas(false), n.nspname), c.relname
 """
+
+
+def _column_names(cursor: Any) -> tuple[str, ...]:
+    return tuple(c.name for c in cursor.description or ())
 
 
 async def _rollback(conn: PooledConnection) -> None:

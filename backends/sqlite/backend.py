@@ -9,7 +9,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
-from batchdb.reads import not_a_read
+from batchdb.reads import ReadChunk, not_a_read
 from batchdb.schema import TableInfo, create_statements, on_conflict_sql, quote_ident
 
 from .connections import (
@@ -290,6 +290,35 @@ class SQLiteBackend(Backend):
                 if refused_as_write(exc):
                     raise not_a_read(sql, str(exc)) from None
                 raise
+
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, from one reader connection held
+        until the iteration ends (its WAL snapshot too: the rows are those of one moment,
+        and the WAL cannot restart past that snapshot meanwhile)."""
+        async with self._reader() as conn:
+            try:
+                async with conn.execute(sql, params) as cursor:
+                    columns = tuple(d[0] for d in cursor.description or ())
+                    first = True
+                    while True:
+                        rows = await cursor.fetchmany(chunk_rows)
+                        if not rows and not first:
+                            return
+                        first = False
+                        yield ReadChunk(columns, rows if type(rows) is list else list(rows))
+                        if len(rows) < chunk_rows:
+                            return
+            except sqlite3.DatabaseError as exc:
+                if refused_as_write(exc):
+                    raise not_a_read(sql, str(exc)) from None
+                raise
+
+    async def list_tables(self) -> list[str]:
+        """Tables of the main database, without SQLite's own (``sqlite_%``)."""
+        rows = await self.fetch("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")
+        return sorted(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:

@@ -27,7 +27,6 @@ BUILT_IN_BACKENDS = frozenset({"sqlite", "duckdb", "postgres"})
 #: and backend-settings work of issue 12 (one backend registering exactly like a third-party
 #: one). Remove a file from this set when it is fixed; the test below fails on a stale entry.
 KNOWN_OFFENDERS = frozenset({
-    "cli.py",  # `status` lists tables by a query that branches on "sqlite"
     # the value of the `backend` setting when nothing sets it: the embedded default has to be
     # named once, and a setting's default is where a reader looks for it
     "settings.py",
