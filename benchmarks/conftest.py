@@ -26,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import sqlite3
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,3 +348,51 @@ def verdict_table(results: list[bench.BenchResult], enforced: bool) -> Table:
     table.caption = (f"{missed} target(s) missed beyond the margin" if missed
                      else "no target missed beyond the margin")
     return table
+
+
+def plain_table(path: Path) -> None:
+    """The one-table schema of the everyday suites: ``t (id INTEGER PRIMARY KEY, v, s)``."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL NOT NULL, s TEXT)")
+    conn.commit()
+    conn.close()
+
+
+def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
+                 variants: dict[str, Callable[[Path], float]], baseline: str,
+                 label: str = "") -> dict[str, Any]:
+    """Run every variant once per round on a fresh ``plain_table`` file, the variant that
+    goes first rotating round by round; record medians, every round and the ratios to
+    ``baseline`` in ``extra_info``, and print them."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counter = iter(range(10**9))
+
+    def one_round() -> None:
+        names = list(variants)
+        k = next(counter)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate who goes first
+            path = tmp_path / f"{name.replace(' ', '-').replace(',', '')}-{k}.sqlite3"
+            plain_table(path)
+            times[name].append(variants[name](path))
+            path.unlink()
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    info = {
+        "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
+        "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
+        "ratio": {name: round(medians[baseline] / m, 3) for name, m in medians.items()},
+    }
+    benchmark.extra_info.update(info)
+    print()
+    for name in variants:
+        print(f"  {label}{name:<28} {info['rows_per_s'][name]:>10,} rows/s  "
+              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
+    return info
+
+
+@pytest.fixture
+def interleaved() -> Callable[..., dict[str, Any]]:
+    """``interleaved(benchmark, tmp_path, rounds, n_rows, variants, baseline, label="")``:
+    variants of one workload measured round by round in one run (see ``_interleaved``)."""
+    return _interleaved

@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-import sqlite3
-import statistics
 import threading
 import time
 import urllib.request
@@ -35,13 +33,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _table(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL NOT NULL, s TEXT)")
-    conn.commit()
-    conn.close()
 
 
 def _rows_committed(url: str) -> float:
@@ -88,7 +79,7 @@ async def _timed(path: Path, ops: list[list[dict[str, Any]]], metrics: bool) -> 
 
 @pytest.mark.parametrize("rows_per_op", [1, 100])
 def test_metrics_cost(benchmark: Any, tmp_path: Path, bench_rows: int, bench_rounds: int,
-                      rows_per_op: int) -> None:
+                      interleaved: Callable[..., dict[str, Any]], rows_per_op: int) -> None:
     """One table, one priority: metrics off vs on (served, observed, read every second)."""
     n_ops = bench_rows // (10 if rows_per_op == 1 else rows_per_op)
     ops = [[{"id": i * rows_per_op + j, "v": 1.5, "s": "x"} for j in range(rows_per_op)]
@@ -97,30 +88,8 @@ def test_metrics_cost(benchmark: Any, tmp_path: Path, bench_rows: int, bench_rou
         "metrics off": lambda path: asyncio.run(_timed(path, ops, metrics=False)),
         "metrics on": lambda path: asyncio.run(_timed(path, ops, metrics=True)),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    counter = iter(range(10**9))
-
-    def one_round() -> None:
-        names = list(variants)
-        k = next(counter)
-        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate who goes first
-            path = tmp_path / f"{name.replace(' ', '-')}-{k}.sqlite3"
-            _table(path)
-            times[name].append(variants[name](path))
-            path.unlink()
-
-    benchmark.pedantic(one_round, rounds=bench_rounds, iterations=1)
-    n_rows = n_ops * rows_per_op
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    info = {
-        "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
-        "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
-        "ratio": {name: round(medians["metrics off"] / m, 3) for name, m in medians.items()},
-        "target": "metrics on >= 0.95x of off",
-    }
-    benchmark.extra_info.update(info)
-    print()
-    for name in variants:
-        print(f"  {rows_per_op}-row ops, {name:<12} {info['rows_per_s'][name]:>10,} rows/s  "
-              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
+    info = interleaved(benchmark, tmp_path, bench_rounds, n_ops * rows_per_op, variants,
+                       "metrics off", label=f"{rows_per_op}-row ops, ")
+    info["target"] = "metrics on >= 0.95x of off"
+    benchmark.extra_info["target"] = info["target"]
     assert min(info["rows_per_s"].values()) > 0

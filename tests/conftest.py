@@ -18,11 +18,17 @@ from tests.pgserver import PostgresServer, with_search_path
 
 
 @pytest.fixture
-def db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh SQLite path; the working directory is tmp_path (no stray settings.toml)."""
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The working directory is tmp_path (no stray settings.toml) and no BATCHDB_* variable
+    of the caller leaks in."""
     monkeypatch.chdir(tmp_path)
     for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
         monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, clean_env: None) -> Path:
+    """A fresh SQLite path in a clean environment (see ``clean_env``)."""
     return tmp_path / "test.sqlite3"
 
 

@@ -37,7 +37,7 @@ import math
 import re
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
@@ -424,12 +424,20 @@ class PostgresBackend(Backend):
         refused by the server and changes nothing). Placeholders are psycopg's ``%s``; a
         query without any ``%s`` may use ``?`` (the SQLite/DuckDB form) instead."""
         query = _portable_placeholders(sql, len(params)) if params else sql
+        async with self._read_only(sql, "BEGIN READ ONLY") as raw:
+            cur = await raw.execute(query, params or None)
+            rows = await cur.fetchall() if cur.description is not None else []
+        return [tuple(r) for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def _read_only(self, sql: str, begin: str) -> AsyncIterator[Any]:
+        """A pooled connection in a read-only transaction (``begin``), committed at the end;
+        rolled back on any error, a write the server refused reported as not a read."""
         async with self._require_pool().connection() as conn:
             raw = conn.raw
             try:
-                await raw.execute("BEGIN READ ONLY", prepare=False)
-                cur = await raw.execute(query, params or None)
-                rows = await cur.fetchall() if cur.description is not None else []
+                await raw.execute(begin, prepare=False)
+                yield raw
                 await raw.execute("COMMIT", prepare=False)
             except self._pg.errors.ReadOnlySqlTransaction as exc:
                 await _rollback(conn)
@@ -437,7 +445,6 @@ class PostgresBackend(Backend):
             except BaseException:
                 await _rollback(conn)
                 raise
-        return [tuple(r) for r in rows]
 
     async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
                           chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
@@ -449,38 +456,27 @@ class PostgresBackend(Backend):
         cursor would take only SELECT, not EXPLAIN or SHOW)."""
         query = _portable_placeholders(sql, len(params)) if params else sql
         size = chunk_rows if self._pg.pq.version() >= 170000 else 1
-        async with self._require_pool().connection() as conn:
-            raw = conn.raw
-            try:
-                await raw.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
-                                  prepare=False)
-                cur = raw.cursor()
-                rows: list[tuple[Any, ...]] = []
-                yielded = False
-                # aclosing: left early, psycopg's stream cancels the rest of the result
-                stream = cast(AsyncGenerator[Any, None],
-                              cur.stream(query, params or None, size=size))
-                async with contextlib.aclosing(stream):
-                    async for row in stream:
-                        rows.append(tuple(row))
-                        if len(rows) >= chunk_rows:
-                            yield ReadChunk(_column_names(cur), rows)
-                            yielded, rows = True, []
-                if rows:
-                    yield ReadChunk(_column_names(cur), rows)
-                elif not yielded:
-                    # an empty result: the stream leaves no description behind, so the
-                    # statement runs once more, on the same snapshot (REPEATABLE READ), for
-                    # its column names (it returns no row again)
-                    await cur.execute(query, params or None)
-                    yield ReadChunk(_column_names(cur), [])
-                await raw.execute("COMMIT", prepare=False)
-            except self._pg.errors.ReadOnlySqlTransaction as exc:
-                await _rollback(conn)
-                raise not_a_read(sql, self._scrub(str(exc).strip())) from None
-            except BaseException:
-                await _rollback(conn)
-                raise
+        async with self._read_only(sql, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                                   ) as raw:
+            cur = raw.cursor()
+            rows: list[tuple[Any, ...]] = []
+            yielded = False
+            # aclosing: left early, psycopg's stream cancels the rest of the result
+            stream = cast(AsyncGenerator[Any, None], cur.stream(query, params or None, size=size))
+            async with contextlib.aclosing(stream):
+                async for row in stream:
+                    rows.append(tuple(row))
+                    if len(rows) >= chunk_rows:
+                        yield ReadChunk(_column_names(cur), rows)
+                        yielded, rows = True, []
+            if rows:
+                yield ReadChunk(_column_names(cur), rows)
+            elif not yielded:
+                # an empty result: the stream leaves no description behind, so the statement
+                # runs once more, on the same snapshot (REPEATABLE READ), for its column
+                # names (it returns no row again)
+                await cur.execute(query, params or None)
+                yield ReadChunk(_column_names(cur), [])
 
     async def list_tables(self) -> list[str]:
         """Tables (plain and partitioned, not the partitions) of the current schema."""

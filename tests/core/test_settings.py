@@ -14,12 +14,7 @@ from batchdb.settings import Settings, explain_settings, redact_dsn
 REPO_SETTINGS = Path(__file__).resolve().parents[2] / "settings.toml"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    import os
-    for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
-        monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 def _sqlite(settings: Settings) -> SQLiteSettings:

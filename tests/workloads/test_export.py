@@ -9,10 +9,8 @@ import asyncio
 import csv
 import io
 import json
-import os
 import sqlite3
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,7 @@ from batchdb.models import BatchDBError
 from batchdb.reads import bind_named, epoch_ms
 from batchdb.workloads.export import export_table, write_csv
 
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.startswith("BATCHDB_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    yield
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 @pytest.fixture

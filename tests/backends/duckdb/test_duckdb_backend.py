@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
-import os
 import subprocess
 import sys
 import threading
@@ -32,11 +31,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
-def duck_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh DuckDB path; the working directory is tmp_path (no stray settings.toml)."""
-    monkeypatch.chdir(tmp_path)
-    for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
-        monkeypatch.delenv(key)
+def duck_path(tmp_path: Path, clean_env: None) -> Path:
+    """A fresh DuckDB path in a clean environment (tests/conftest.py ``clean_env``)."""
     return tmp_path / "test.duckdb"
 
 
