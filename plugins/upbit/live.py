@@ -52,6 +52,12 @@ class TradeCandle:
         self.seeded = False
         self._pending: list[dict[str, Any]] = []
 
+    def reset(self) -> None:
+        """A new connection: hold trades until the next REST seed (trades may have been
+        missed meanwhile, and the seed has them)."""
+        self.seeded = False
+        self._pending = []
+
     def seed(self, candle: dict[str, Any] | None) -> list[dict[str, Any]]:
         """Start from Upbit's current candle (REST); apply the trades that came first."""
         self.candle = dict(candle) if candle is not None else None
@@ -156,6 +162,8 @@ class LiveFollower:
         """One connection: subscribe, fill the gap over REST, upsert updates. True if any
         update came (the connection worked)."""
         collector = self.collector
+        for builder in self.builders.values():
+            builder.reset()
         await ws.send(json.dumps(self.subscription()))
         collector.report.live_connections += 1
         gap = asyncio.ensure_future(self._fill_gaps())
