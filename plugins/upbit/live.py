@@ -63,7 +63,8 @@ class TradeCandle:
         self.candle = dict(candle) if candle is not None else None
         self.seeded = True
         pending, self._pending = self._pending, []
-        changed: list[dict[str, Any]] = []
+        # the seed itself is written too: it holds the trades missed while disconnected
+        changed: list[dict[str, Any]] = [self.candle] if self.candle is not None else []
         for trade in pending:
             changed = self._merge(changed, self.add(trade))
         return changed
@@ -230,6 +231,8 @@ class LiveFollower:
             market, when = key
             current = self.builders[market].candle
             finished = current is None or current["candle_date_time_utc"] != when
+            if current is not None and not finished:
+                candle = current  # (a re-seed replaced the object that was marked)
             if force or finished or now - self._written.get(key, 0.0) >= _WRITE_EVERY:
                 del self._dirty[key]
                 if finished:

@@ -321,11 +321,12 @@ class FakeUpbit:
         """Run on 127.0.0.1 (a free port) in a thread; ``url``/``ws_url`` are set."""
         loop = asyncio.new_event_loop()
         ready = threading.Event()
-        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
+        runner = web.AppRunner(self.app(), handle_signals=False, access_log=None,
+                               shutdown_timeout=0.5)
 
         async def start() -> None:
             await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0, shutdown_timeout=0.5)
+            site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             server = site._server  # noqa: SLF001 - the port the OS chose
             assert server is not None
