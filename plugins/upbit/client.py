@@ -128,14 +128,17 @@ class UpbitClient:
             sent_at = await self.limiter.acquire()
             self.counters.requests += 1
             delay: float | None = None
+            remaining = None
+            response: httpx.Response | None = None
             try:
                 response = await self._client.get(tf.path, params=params)
+                remaining = parse_remaining(response.headers.get("Remaining-Req"))
             except httpx_.TransportError as exc:  # timeouts, refused/dropped connections
                 self.counters.network_errors += 1
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                self.limiter.observe(sent_at, parse_remaining(
-                    response.headers.get("Remaining-Req")))
+            finally:  # (cancelled by stop() too)
+                self.limiter.done(sent_at, remaining)
+            if response is not None:
                 status = response.status_code
                 if status == 200:
                     try:

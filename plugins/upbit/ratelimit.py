@@ -37,7 +37,7 @@ def parse_remaining(header: str | None) -> int | None:
 
 
 class RateLimiter:
-    """``await acquire()`` before each request; ``observe(sent_at, sec)`` with each
+    """``await acquire()`` before each request, ``done(sent_at, sec)`` after it with the
     response's remaining count; ``pause(seconds)`` after a 429."""
 
     def __init__(self, rate: float, window: float = 1.05,
@@ -51,13 +51,17 @@ class RateLimiter:
         self._hold_until = 0.0  # after a 429, or the server's second used up
         self._server_left: int | None = None  # sends the server still allows until ...
         self._server_until = 0.0
-        self._observed_at = -math.inf
+        self._in_flight = 0
+        self._capacity: int | None = None  # the most the server allowed in one second
 
     async def acquire(self) -> float:
-        """Wait for a free slot; the send time it was granted (for :meth:`observe`)."""
+        """Wait for a free slot; the send time it was granted (for :meth:`done`)."""
         async with self._lock:  # one waiter at a time: the slots go out in order
             while True:
                 now = self._clock()
+                if self._capacity is not None and now >= self._server_until:
+                    # a new second of the server: as many as it allowed at most so far
+                    self._server_left, self._server_until = self._capacity, now + self.window
                 wait = self._hold_until - now
                 if self._server_left is not None and now < self._server_until \
                         and self._server_left <= 0:
@@ -70,20 +74,28 @@ class RateLimiter:
                     break
                 await asyncio.sleep(wait)
             self._sent.append(now)
+            self._in_flight += 1
             if self._server_left is not None and now < self._server_until:
                 self._server_left -= 1
             return now
 
-    def observe(self, sent_at: float, remaining: int | None) -> None:
-        """A response to the request sent at ``sent_at`` said ``sec=remaining``: the sends
-        made since then already used some of that, and the rest of the server's second
-        ends at the latest one second after the request."""
-        if remaining is None or sent_at < self._observed_at:
-            return  # no news, or older news than what we know
-        self._observed_at = sent_at
-        later = sum(1 for t in self._sent if t > sent_at)
-        self._server_left = remaining - later
-        self._server_until = sent_at + self.window
+    def done(self, sent_at: float, remaining: int | None) -> None:
+        """The request sent at ``sent_at`` ended; its response said ``sec=remaining``
+        (None: no header, or no response). Requests reach the server in any order, so every
+        request still in flight may yet count in the server's second: they are taken off
+        what it allows. Within one second of the server the lowest figure holds."""
+        self._in_flight -= 1
+        if remaining is None:
+            return
+        now = self._clock()
+        self._capacity = max(self._capacity or 0, remaining + 1)
+        left = remaining - self._in_flight
+        until = sent_at + self.window  # the server's second ends by then at the latest
+        if self._server_left is None or now >= self._server_until:
+            self._server_left, self._server_until = left, until
+        else:
+            self._server_left = min(self._server_left, left)
+            self._server_until = max(self._server_until, until)
 
     def pause(self, seconds: float) -> None:
         """No request from anyone for ``seconds`` (a 429's back-off)."""

@@ -179,6 +179,19 @@ async def test_many_markets_share_one_limit_and_the_server_never_sees_more(
     assert len(server.requests) == 30 and elapsed >= 1.9  # 30 requests at 10/s: 3 windows
 
 
+async def test_the_servers_remaining_req_count_is_obeyed(tmp_path: Path) -> None:
+    # the server allows 5 a second, fewer than our own ceiling of 10: Remaining-Req says so
+    server = FakeUpbit(limit=5)
+    markets = [f"KRW-C{i}" for i in range(4)]
+    for i, m in enumerate(markets):
+        server.add(M1, minute_series(m, START, 1200, seed=i))
+    db = tmp_path / "c.sqlite3"
+    with server.serve():
+        report = await collect(db, server, markets, since=START, until=START + 60_000 * 1200)
+    assert report.ok and report.candles == 4800
+    assert server.max_per_second <= 5 and server.rejected == 0
+
+
 async def test_a_418_stops_everything_with_upbits_block_time(tmp_path: Path) -> None:
     server = FakeUpbit(faults={4: "418"}, block_seconds=900)
     markets = ["KRW-BTC", "KRW-ETH"]
@@ -323,7 +336,7 @@ async def test_the_limiter_obeys_remaining_req_and_pauses() -> None:
     assert parse_remaining("group=default") is None and parse_remaining(None) is None
     limiter = RateLimiter(0)  # no ceiling of our own: only what the server says
     sent = await limiter.acquire()
-    limiter.observe(sent, 0)  # the server's second is used up
+    limiter.done(sent, 0)  # the server's second is used up
     start = time.monotonic()
     await limiter.acquire()
     assert time.monotonic() - start >= 0.9
@@ -373,8 +386,9 @@ def test_bad_upbit_settings_name_the_key(tmp_path: Path) -> None:
     result = runner.invoke(app, ["collect", "KRW-BTC", "-t", "1m"],
                            env={"BATCHDB_UPBIT__REQUESTS_PER_SECOND": "-1", "COLUMNS": "200"})
     assert result.exit_code == 2
-    assert "requests_per_second" in result.output and "BATCHDB_UPBIT" in result.output
-    assert not (tmp_path / "market_data.sqlite3").exists() or True
+    assert "upbit.requests_per_second: Input should be greater than or equal to 0" in \
+        " ".join(result.output.split())
+    assert not (tmp_path / "market_data.sqlite3").exists()  # refused before opening anything
 
 
 def test_a_missing_extra_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
