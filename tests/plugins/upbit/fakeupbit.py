@@ -225,9 +225,9 @@ class FakeUpbit:
         codes = list(kind["codes"])
         try:
             if kind["type"] == "trade":
-                await self._stream_trades(ws, codes)
+                await self._stream_trades(ws, codes, request.transport)
             else:
-                await self._stream_candles(ws, codes, kind["type"])
+                await self._stream_candles(ws, codes, kind["type"], request.transport)
         except (ConnectionError, RuntimeError):
             pass
         return ws
@@ -242,10 +242,9 @@ class FakeUpbit:
         return False
 
     async def _stream_candles(self, ws: web.WebSocketResponse, codes: list[str],
-                              kind: str) -> None:
+                              kind: str, transport: Any) -> None:
         assert kind == "candle.1s", kind  # the tests follow one-second candles
         path = "/v1/candles/seconds"
-        transport = ws._req.transport if ws._req is not None else None  # noqa: SLF001
         while not ws.closed:
             now = int(time.time() * 1000)
             start = now - now % 1000
@@ -275,9 +274,9 @@ class FakeUpbit:
                 return
             await asyncio.sleep(self.ws_interval)
 
-    async def _stream_trades(self, ws: web.WebSocketResponse, codes: list[str]) -> None:
+    async def _stream_trades(self, ws: web.WebSocketResponse, codes: list[str],
+                             transport: Any) -> None:
         path = "/v1/candles/days"
-        transport = ws._req.transport if ws._req is not None else None  # noqa: SLF001
         seq = 0
         while not ws.closed:
             for code in codes:
@@ -328,9 +327,7 @@ class FakeUpbit:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
-            server = site._server  # noqa: SLF001 - the port the OS chose
-            assert server is not None
-            port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            port = runner.addresses[0][1]  # the port the OS chose
             self.url = f"http://127.0.0.1:{port}"
             self.ws_url = f"ws://127.0.0.1:{port}/websocket/v1"
             ready.set()

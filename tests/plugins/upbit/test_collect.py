@@ -439,3 +439,21 @@ def test_sigint_during_a_backfill_commits_what_was_fetched(tmp_path: Path) -> No
         assert rows == expected(in_range(server.served(M1, m), rows[0][0], rows[-1][0] + 1))
     fetched = next(line for line in out.splitlines() if "market(s)" in line).split()
     assert int(fetched[2].replace(",", "")) == total > 0
+
+
+def test_the_readme_python_example_runs_against_the_fake_upbit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
+    code, = [c for c in re.findall(r"^```py\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
+             if "Collector(" in c]
+    server = FakeUpbit()
+    for i, m in enumerate(["KRW-BTC", "KRW-ETH"]):
+        server.add(M1, minute_series(m, START, 1440, gaps=40, seed=i))
+    with server.serve():
+        monkeypatch.setenv("BATCHDB_UPBIT__BASE_URL", server.url)
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.split() == ["2800", str(len(server.requests)), "True"]
+    assert len(stored(tmp_path / "market_data.sqlite3", "KRW-ETH")) == 1400
