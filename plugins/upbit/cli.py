@@ -148,7 +148,7 @@ def _summary(out: Console, err: Console, collector: Collector, report: CollectRe
 
     table = _table(f"collected {report.timeframe} candles from Upbit")
     table.add_column("market", no_wrap=True)
-    for name in ("stored before", "fetched", "requests"):
+    for name in ("stored before", "fetched", "committed", "requests"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("status", overflow="fold")
     for m in report.markets.values():
@@ -159,11 +159,13 @@ def _summary(out: Console, err: Console, collector: Collector, report: CollectRe
         else:
             status = Text("interrupted", style="yellow")
         table.add_row(Text(m.market), _fmt_int(m.stored_before), _fmt_int(m.candles),
-                      _fmt_int(m.requests), status)
+                      _fmt_int(m.committed), _fmt_int(m.requests), status)
     c = report.counters
     table.add_section()
     table.add_row(Text(f"{len(report.markets)} market(s)", style="bold"), "",
-                  _fmt_int(report.candles), _fmt_int(c.requests), "")
+                  _fmt_int(report.candles),
+                  _fmt_int(sum(m.committed for m in report.markets.values())),
+                  _fmt_int(c.requests), "")
     out.print(table)
     figures: list[tuple[str, Any]] = [
         ("candles", _fmt_int(report.candles)),

@@ -133,7 +133,7 @@ class UpbitClient:
             try:
                 response = await self._client.get(tf.path, params=params)
                 remaining = parse_remaining(response.headers.get("Remaining-Req"))
-            except httpx_.TransportError as exc:  # timeouts, refused/dropped connections
+            except httpx_.RequestError as exc:  # timeouts, refused/dropped connections, …
                 self.counters.network_errors += 1
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             finally:  # (cancelled by stop() too)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from batchdb.models import BatchDBError, Priority
+from batchdb.models import BatchDBError, BatchOperation, Priority
 from batchdb.schema import candles_table
 
 from .client import MAX_COUNT, Counters, UpbitBlocked, UpbitClient, UpbitError
@@ -68,6 +68,7 @@ class MarketReport:
     ranges: list[tuple[int | None, int]] = field(default_factory=list)  # [lo, hi) to fetch
     stored_before: int = 0  # candles of this market/timeframe in the store at the start
     candles: int = 0  # candles fetched and queued for writing
+    committed: int = 0  # of which committed (the others failed: see error)
     requests: int = 0  # pages fetched
     span_ms: int | None = 0  # time the ranges cover (None: down to the market's start)
     covered_ms: int = 0  # of which already paged through
@@ -173,7 +174,8 @@ class Collector:
                       live: bool = False) -> CollectReport:
         """Backfill ``markets`` from ``until`` (default now) down to ``since`` (default:
         the market's first candle), fetching only what the store lacks; with ``live``,
-        then follow their current candles until :meth:`stop`."""
+        then follow their current candles until :meth:`stop`. Returns once everything
+        fetched is committed."""
         codes = list(dict.fromkeys(check_market(m) for m in markets))
         if not codes:
             raise ValueError("no market given")
@@ -196,6 +198,7 @@ class Collector:
                 from .live import LiveFollower
 
                 await LiveFollower(self, codes).run()
+            await self.manager.flush()  # the report speaks of committed candles
         finally:
             await self._client.aclose()
             self._client = None
@@ -264,7 +267,8 @@ class Collector:
                 [c for c in page if c["candle_date_time_utc"] >= lo_iso]
             if keep:
                 # a write is never cancelled: once fetched, a page is queued (and committed)
-                await self.manager.insert_candles_batch(report.market, tf.name, keep, priority)
+                await self.manager.insert_candles_batch(report.market, tf.name, keep, priority,
+                                                        self.write_callback(report, len(keep)))
                 report.candles += len(keep)
                 newest = _ms(max(c["candle_date_time_utc"] for c in keep))
                 if report.newest_ms is None or newest > report.newest_ms:
@@ -284,6 +288,16 @@ class Collector:
         if lo is not None:
             report.covered_ms = base + hi - lo
         return True
+
+    @staticmethod
+    def write_callback(report: MarketReport, n: int) -> Callable[[BatchOperation], None]:
+        """Counts the candles of one write as committed, or records why they were not."""
+        def done(op: BatchOperation) -> None:
+            if op.error is None:
+                report.committed += n
+            elif report.error is None:
+                report.error = f"writing {n} candles failed: {op.error}"
+        return done
 
     async def latest(self, market: str) -> dict[str, Any] | None:
         """The current (newest) candle of ``market`` over REST, or None."""

@@ -242,11 +242,12 @@ class LiveFollower:
                 await self._upsert(market, [dict(candle)])
 
     async def _upsert(self, market: str, candles: list[dict[str, Any]]) -> None:
-        await self.collector.manager.insert_candles_batch(market, self.tf.name, candles,
-                                                          Priority.HIGH)
         report = self.collector.report
-        report.live_updates += len(candles)
         mreport = report.markets[market]
+        await self.collector.manager.insert_candles_batch(
+            market, self.tf.name, candles, Priority.HIGH,
+            self.collector.write_callback(mreport, 0))  # (counts only failures)
+        report.live_updates += len(candles)
         for candle in candles:
             ts = _ms(candle["candle_date_time_utc"])
             if mreport.newest_ms is None or ts > mreport.newest_ms:

@@ -86,7 +86,7 @@ async def test_backfill_stores_every_candle_once_with_its_values(tmp_path: Path)
     for m in markets:
         want = expected(in_range(server.served(M1, m), since, until))
         assert stored(db, m) == want
-        assert report.markets[m].candles == len(want)  # nothing fetched twice
+        assert report.markets[m].candles == report.markets[m].committed == len(want)
     assert {r.count for r in server.requests} == {200}
     for m in markets:  # newest first, each `to` older than the one before
         tos = [ms_of(r.to) for r in server.requests if r.market == m and r.to]
@@ -239,6 +239,24 @@ async def test_duckdb_backfill_and_resume(tmp_path: Path) -> None:
     with duckdb.connect(str(db)) as conn:
         rows = conn.execute("SELECT ts, open_price, high_price, low_price, close_price, volume, "
                             "quote_volume, source FROM candles ORDER BY ts").fetchall()
+    assert [tuple(r) for r in rows] == expected(candles)
+
+
+async def test_postgres_backfill_and_resume(make_pg_manager: Any) -> None:
+    server = FakeUpbit()
+    candles = minute_series("KRW-BTC", START, 700, gaps=30)
+    server.add(M1, candles)
+    with server.serve():
+        async with make_pg_manager(upbit=server.settings()) as mgr:
+            await Collector(mgr, "1m").collect(["KRW-BTC"], since=START + 60_000 * 300,
+                                               until=START + 60_000 * 600)
+        async with make_pg_manager(upbit=server.settings()) as mgr:
+            report = await Collector(mgr, "1m").collect(["KRW-BTC"], since=START,
+                                                        until=START + 60_000 * 700)
+            rows = await mgr.fetch(
+                "SELECT ts, open_price, high_price, low_price, close_price, volume, "
+                "quote_volume, source FROM candles ORDER BY ts")
+    assert report.markets["KRW-BTC"].stored_before > 0
     assert [tuple(r) for r in rows] == expected(candles)
 
 
@@ -437,8 +455,9 @@ def test_sigint_during_a_backfill_commits_what_was_fetched(tmp_path: Path) -> No
         rows = stored(db, m)
         total += len(rows)
         assert rows == expected(in_range(server.served(M1, m), rows[0][0], rows[-1][0] + 1))
-    fetched = next(line for line in out.splitlines() if "market(s)" in line).split()
-    assert int(fetched[2].replace(",", "")) == total > 0
+    totals = next(line for line in out.splitlines() if "market(s)" in line).split()
+    fetched, committed = (int(n.replace(",", "")) for n in totals[2:4])
+    assert fetched == committed == total > 0
 
 
 def test_the_readme_python_example_runs_against_the_fake_upbit(
