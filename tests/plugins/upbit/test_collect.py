@@ -220,6 +220,29 @@ async def test_a_market_upbit_does_not_know_fails_alone(tmp_path: Path) -> None:
     assert error is not None and "HTTP 404" in error and "Code not found" in error
 
 
+async def test_a_write_the_database_refuses_fails_its_market_and_says_why(
+        tmp_path: Path) -> None:
+    db = tmp_path / "c.sqlite3"
+    with sqlite3.connect(db) as conn:  # batchdb's candles table, plus a rule of the user's
+        conn.execute(
+            "CREATE TABLE candles (symbol TEXT NOT NULL, timeframe TEXT NOT NULL, "
+            "ts INTEGER NOT NULL, open_price REAL NOT NULL, high_price REAL NOT NULL, "
+            "low_price REAL NOT NULL, close_price REAL NOT NULL, volume REAL NOT NULL, "
+            "quote_volume REAL, source TEXT, ingested_at INTEGER NOT NULL, "
+            "CHECK (symbol <> 'KRW-BAD'), PRIMARY KEY (symbol, timeframe, ts))")
+    server = FakeUpbit()
+    for m in ("KRW-BTC", "KRW-BAD"):
+        server.add(M1, minute_series(m, START, 300))
+    with server.serve():
+        report = await collect(db, server, ["KRW-BTC", "KRW-BAD"], since=START,
+                               until=START + 60_000 * 300)
+    bad, good = report.markets["KRW-BAD"], report.markets["KRW-BTC"]
+    assert good.error is None and good.committed == 300 == len(stored(db, "KRW-BTC"))
+    assert bad.committed == 0 and bad.error is not None
+    assert bad.error.startswith("writing 200 candles failed") and "CHECK" in bad.error
+    assert not report.ok
+
+
 async def test_duckdb_backfill_and_resume(tmp_path: Path) -> None:
     pytest.importorskip("duckdb")
     import duckdb
