@@ -147,7 +147,7 @@ class Collector:
         """True once :meth:`stop` was called (or Upbit blocked us)."""
         return self._stop.is_set()
 
-    async def _unless_stopped(self, work: Awaitable[_T]) -> tuple[bool, _T | None]:
+    async def unless_stopped(self, work: Awaitable[_T]) -> tuple[bool, _T | None]:
         """``(True, result)`` of ``work``, or ``(False, None)`` if stop() came first (the
         work is cancelled: an HTTP request or a wait, never a write)."""
         task = asyncio.ensure_future(work)
@@ -183,7 +183,7 @@ class Collector:
         if lo is not None and hi is not None and lo >= hi:
             raise ValueError(f"since ({_iso(lo)}) must be before until ({_iso(hi)})")
         if live and hi is not None:
-            raise ValueError("--until and --live do not go together: live follows now")
+            raise ValueError("until and live do not go together: live follows now")
         start = time.monotonic()
         self._client = UpbitClient(self.settings, self.limiter, self.counters,
                                    backoff_base=self.backoff_base, backoff_cap=self.backoff_cap)
@@ -252,7 +252,7 @@ class Collector:
         to = hi
         base = report.covered_ms  # progress: the time paged through, as a share of the span
         while True:
-            finished, page = await self._unless_stopped(
+            finished, page = await self.unless_stopped(
                 self._client.candles(tf, report.market, to))
             if not finished or page is None:
                 return False

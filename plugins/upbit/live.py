@@ -134,7 +134,7 @@ class LiveFollower:
         attempt = 0
         while not collector.stopping:
             try:
-                opened, ws = await collector._unless_stopped(client.connect(
+                opened, ws = await collector.unless_stopped(client.connect(
                     settings.websocket_url, open_timeout=settings.timeout_seconds,
                     ping_interval=20, ping_timeout=20, close_timeout=1, max_size=2 ** 22))
                 if not opened or ws is None:
@@ -156,7 +156,7 @@ class LiveFollower:
                 break
             delay = backoff(attempt, collector.backoff_base, collector.backoff_cap)
             attempt += 1
-            await collector._unless_stopped(asyncio.sleep(delay))
+            await collector.unless_stopped(asyncio.sleep(delay))
         await self._flush(force=True)
 
     async def _session(self, ws: Any) -> bool:
@@ -171,7 +171,7 @@ class LiveFollower:
         got = False
         try:
             while not collector.stopping:
-                received, message = await collector._unless_stopped(ws.recv())
+                received, message = await collector.unless_stopped(ws.recv())
                 if not received or message is None:
                     break
                 got = True
@@ -196,7 +196,7 @@ class LiveFollower:
                 if report.newest_ms is not None and report.newest_ms < now:
                     await collector.fetch_range(report, report.newest_ms, now, Priority.LOW)
                 if self.by_trades and not collector.stopping:
-                    seeded, seed = await collector._unless_stopped(collector.latest(market))
+                    seeded, seed = await collector.unless_stopped(collector.latest(market))
                     if seeded:
                         for candle in self.builders[market].seed(seed):
                             self._dirty[(market, candle["candle_date_time_utc"])] = candle
