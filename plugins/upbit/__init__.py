@@ -2,6 +2,10 @@
 
 Dates are converted for the whole batch in one numpy call: a per-row
 ``datetime.fromisoformat`` would cost most of SQLite's write budget.
+
+The collector (``batchdb collect``, :class:`Collector`) lives beside it in
+``collector.py``, ``client.py``, ``ratelimit.py``, ``live.py`` and ``cli.py``; it needs the
+``upbit`` extra (httpx, websockets) and is imported only when used.
 """
 
 from __future__ import annotations
@@ -10,20 +14,36 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from batchdb.candles import CANDLE_COLUMNS
-from batchdb.hookspecs import hookimpl
+from batchdb.hookspecs import RegisterSettings, hookimpl
 
-__all__ = [
-    "UPBIT_FIELDS",
-    "UPBIT_NUMERIC_FIELDS",
-    "UPBIT_REQUIRED_FIELDS",
-    "batchdb_normalize_candles",
-    "normalize_upbit_candles",
-]
+if TYPE_CHECKING:
+    import typer
+
+    from .collector import Collector, CollectReport, MarketReport
+    from .settings import UpbitSettings
+
+__all__ = ["UPBIT_FIELDS", "UPBIT_NUMERIC_FIELDS", "UPBIT_REQUIRED_FIELDS", "CollectReport",
+           "Collector", "MarketReport", "UpbitSettings", "batchdb_normalize_candles",
+           "batchdb_register_commands", "batchdb_register_settings", "normalize_upbit_candles"]
+
+_LAZY = {"Collector": "collector", "CollectReport": "collector", "MarketReport": "collector",
+         "UpbitSettings": "settings"}
+
+
+def __getattr__(name: str) -> Any:
+    """The collector's names, imported on first use (every manager loads this plugin for
+    its normaliser; the collector is only needed by those who collect)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 #: Upbit field → candles column: the one list of Upbit's candle fields (the file readers
 #: of ``batchdb ingest`` and the normaliser below both use it)
@@ -150,3 +170,19 @@ def batchdb_normalize_candles(
     if source != "upbit":
         return None
     return normalize_upbit_candles(symbol, timeframe, candles, source)
+
+
+@hookimpl
+def batchdb_register_commands(app: typer.Typer) -> None:
+    """``batchdb collect``: the Upbit candle collector."""
+    from .cli import register
+
+    register(app)
+
+
+@hookimpl
+def batchdb_register_settings(register: RegisterSettings) -> None:
+    """The ``[upbit]`` section: checked whenever settings load, shown by ``batchdb config``."""
+    from .settings import UpbitSettings
+
+    register("upbit", UpbitSettings)

@@ -21,7 +21,8 @@ def test_builtins_come_from_entry_points() -> None:
     info = {p["name"]: p for p in plugin_info(create_plugin_manager())}
     assert {"sqlite", "duckdb", "postgres", "upbit"} <= set(info)
     assert info["sqlite"]["hooks"] == ["batchdb_register_backends"]
-    assert info["upbit"]["hooks"] == ["batchdb_normalize_candles"]
+    assert info["upbit"]["hooks"] == ["batchdb_normalize_candles", "batchdb_register_commands",
+                                      "batchdb_register_settings"]
     assert info["sqlite"]["distribution"].startswith("batchdb ")
 
 

@@ -159,10 +159,14 @@ def test_misspelt_and_invalid_settings_are_errors_naming_the_file(
             err.value).startswith(f"settings file {path}: ")
 
 
-def test_sections_of_installed_plugins_are_accepted(tmp_path: Path) -> None:
+def test_sections_of_installed_plugins_are_accepted_and_checked(tmp_path: Path) -> None:
     path = tmp_path / "settings.toml"
-    path.write_text('[upbit]\nanything = 1\n')  # the upbit plugin's entry point
-    assert load_settings(path).model_extra == {"upbit": {"anything": 1}}
+    path.write_text('[upbit]\nrequests_per_second = 5\n')  # the upbit plugin's entry point
+    assert load_settings(path).model_extra == {"upbit": {"requests_per_second": 5}}
+    path.write_text('[upbit]\nrequests_per_secnd = 5\n')  # checked by the plugin's own model
+    with pytest.raises(SettingsError, match=r"settings\.toml: upbit\.requests_per_secnd: unknown "
+                                            r"setting \(did you mean 'requests_per_second'\?\)"):
+        load_settings(path)
 
 
 def test_misspelt_argument_is_an_error_but_a_plugin_section_in_code_is_not() -> None:
