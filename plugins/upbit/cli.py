@@ -75,7 +75,7 @@ def collect(
     candle fetched is committed. Exit code 0 when every market was collected (or the run
     was interrupted), 1 when a market failed or Upbit blocked the IP (HTTP 418).
     """
-    from batchdb.cli import _expected_errors, _manager
+    from batchdb.cli import expected_errors, manager_from_options
 
     try:
         codes = list(dict.fromkeys(check_market(m) for m in markets))
@@ -89,8 +89,8 @@ def collect(
     if live and until:
         raise typer.BadParameter("--live follows the current candles: it takes no --until",
                                  param_hint="'--until'")
-    with _expected_errors():
-        manager = _manager(settings, backend)
+    with expected_errors():
+        manager = manager_from_options(settings, backend)
         upbit = manager.settings.section("upbit", UpbitSettings)
         require("httpx")
         if live:
@@ -101,11 +101,11 @@ def collect(
 
 async def _run(manager: BatchDBManager, upbit: UpbitSettings, codes: list[str], tf: str,
                since: int | None, until: int | None, live: bool) -> int:
-    from batchdb.cli import _on_signals, _stderr, _stdout
+    from batchdb.cli import on_signals, stderr_console, stdout_console
 
     from .collector import Collector
 
-    out, err = _stdout(), _stderr()
+    out, err = stdout_console(), stderr_console()
     progress = Progress(
         TextColumn("{task.description:<12}"), BarColumn(), TaskProgressColumn(),
         TextColumn("{task.fields[candles]:>10,} candles {task.fields[requests]:>7,} req"),
@@ -132,7 +132,7 @@ async def _run(manager: BatchDBManager, upbit: UpbitSettings, codes: list[str], 
 
     await manager.start()
     try:
-        with _on_signals(on_signal), progress:
+        with on_signals(on_signal), progress:
             if live:
                 progress.console.print(Text("after the backfill: following live until "
                                             "SIGINT/SIGTERM", style="dim"))
@@ -144,9 +144,9 @@ async def _run(manager: BatchDBManager, upbit: UpbitSettings, codes: list[str], 
 
 
 def _summary(out: Console, err: Console, collector: Collector, report: CollectReport) -> None:
-    from batchdb.cli import _fmt_int, _fmt_seconds, _table
+    from batchdb.cli import fmt_int, fmt_seconds, rich_table
 
-    table = _table(f"collected {report.timeframe} candles from Upbit")
+    table = rich_table(f"collected {report.timeframe} candles from Upbit")
     table.add_column("market", no_wrap=True)
     for name in ("stored before", "fetched", "committed", "requests"):
         table.add_column(name, justify="right", no_wrap=True)
@@ -158,20 +158,20 @@ def _summary(out: Console, err: Console, collector: Collector, report: CollectRe
             status = Text("ok", style="green")
         else:
             status = Text("interrupted", style="yellow")
-        table.add_row(Text(m.market), _fmt_int(m.stored_before), _fmt_int(m.candles),
-                      _fmt_int(m.committed), _fmt_int(m.requests), status)
+        table.add_row(Text(m.market), fmt_int(m.stored_before), fmt_int(m.candles),
+                      fmt_int(m.committed), fmt_int(m.requests), status)
     c = report.counters
     table.add_section()
     table.add_row(Text(f"{len(report.markets)} market(s)", style="bold"), "",
-                  _fmt_int(report.candles),
-                  _fmt_int(sum(m.committed for m in report.markets.values())),
-                  _fmt_int(c.requests), "")
+                  fmt_int(report.candles),
+                  fmt_int(sum(m.committed for m in report.markets.values())),
+                  fmt_int(c.requests), "")
     out.print(table)
     figures: list[tuple[str, Any]] = [
-        ("candles", _fmt_int(report.candles)),
+        ("candles", fmt_int(report.candles)),
         ("requests", f"{c.requests:,} ({c.retries:,} retries: {c.rate_limited:,} 429s, "
                      f"{c.server_errors:,} 5xx, {c.network_errors:,} timeouts/drops)"),
-        ("time", _fmt_seconds(report.elapsed)),
+        ("time", fmt_seconds(report.elapsed)),
     ]
     if report.live_connections or report.live_updates:
         figures.append(("live", f"{report.live_updates:,} updates over "
@@ -189,6 +189,6 @@ def _summary(out: Console, err: Console, collector: Collector, report: CollectRe
 
 def register(app: typer.Typer) -> None:
     """Add ``collect`` to the ``batchdb`` program, with the core's tidy command class."""
-    from batchdb.cli import _Command
+    from batchdb.cli import Command
 
-    app.command("collect", cls=_Command)(collect)
+    app.command("collect", cls=Command)(collect)
