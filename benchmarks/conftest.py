@@ -1,4 +1,5 @@
-"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from batchdb.bench.
+"""pytest-benchmark suites: raw drivers and batchdb side by side, workloads from
+batchdb.workloads.bench.
 
 Run them explicitly (``pytest`` alone collects only ``tests/``)::
 
@@ -13,7 +14,11 @@ peak memory is its own). PostgreSQL runs against ``BATCHDB_BENCH_PG_DSN`` or, wh
 binaries are installed, a throwaway server started for the session (tests/pgserver.py).
 
 Each benchmark records ``rows_per_s``, ``ratio_to_raw``, ``peak_rss_delta_mb`` and its target
-in ``extra_info``; a summary table is printed at the end of the session.
+in ``extra_info``; a summary table and a verdict table (each target: met, missed within the
+margin, missed) are printed at the end of the session. ``--bench-enforce`` (or
+``BATCHDB_BENCH_ENFORCE=1``) turns a target missed beyond the margin into a failed
+benchmark; the margin is ``bench.TARGET_MARGIN`` (a lower bound passes at 90% of it, an
+upper bound at 110%).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import sqlite3
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +35,10 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 _HERE = Path(__file__).resolve().parent
 
@@ -67,6 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-isolate", action="store_true", default=False,
                     dest="bench_isolate",
                     help="run every round in a fresh spawned process (own peak memory)")
+    group.addoption("--bench-enforce", action="store_true", default=False,
+                    dest="bench_enforce",
+                    help="fail a benchmark that misses its design target by more than "
+                         "the margin (default: $BATCHDB_BENCH_ENFORCE=1)")
 
 
 def _isolated(config: pytest.Config, workload: str) -> bool:
@@ -103,6 +116,17 @@ def bench_rounds(pytestconfig: pytest.Config) -> int:
     if value < 1:
         raise pytest.UsageError("--bench-rounds must be at least 1")
     return int(value)
+
+
+def _enforced(config: pytest.Config) -> bool:
+    env = os.environ.get("BATCHDB_BENCH_ENFORCE", "").strip().lower()
+    return bool(config.getoption("bench_enforce")) or env in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def bench_enforce(pytestconfig: pytest.Config) -> bool:
+    """Whether a missed design target fails the benchmark (``--bench-enforce``)."""
+    return _enforced(pytestconfig)
 
 
 def _load_pgserver() -> Any:
@@ -194,6 +218,27 @@ def bench_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 RunCase = Callable[[Any, bench.Case], bench.BenchResult]
+CheckTarget = Callable[[bench.BenchResult], None]
+
+
+@pytest.fixture
+def check_target(bench_enforce: bool) -> CheckTarget:
+    """Hold a result to its design target: with ``--bench-enforce`` a miss by more than
+    ``bench.TARGET_MARGIN`` fails the benchmark; without, it is only reported (the verdict
+    table at the end of the session). A result without a target passes."""
+
+    def check(result: bench.BenchResult) -> None:
+        target = result.target_check()
+        if target is None or not bench_enforce:
+            return
+        margin = bench.TARGET_MARGIN
+        side = "at least" if target.at_least else "at most"
+        assert target.met_within(margin), (
+            f"{result.case.name}: target {target.text} missed: measured {target.shown}, "
+            f"needed {side} {target.show(target.bound(margin))} (the target with a "
+            f"{margin:.0%} margin)")
+
+    return check
 
 
 @pytest.fixture
@@ -267,3 +312,87 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         bench.render_table(report))
     terminalreporter.write_sep("=", "batchdb: raw vs batchdb")
     terminalreporter.write(out.getvalue())
+    out = io.StringIO()
+    Console(file=out, width=160, force_terminal=False, color_system=None).print(
+        verdict_table(results, _enforced(terminalreporter.config)))
+    terminalreporter.write_sep("=", "batchdb: design targets")
+    terminalreporter.write(out.getvalue())
+
+
+def verdict_table(results: list[bench.BenchResult], enforced: bool) -> Table:
+    """One line per result that has a design target: the target, the figure, the verdict
+    (met; missed but within ``bench.TARGET_MARGIN``; missed)."""
+    margin = bench.TARGET_MARGIN
+    if enforced:
+        title = f"targets ENFORCED (--bench-enforce, {margin:.0%} margin)"
+    else:
+        title = "targets reported, not enforced (--bench-enforce or BATCHDB_BENCH_ENFORCE=1)"
+    table = Table(title=title, title_justify="left")
+    table.add_column("benchmark")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    table.add_column("verdict")
+    missed = 0
+    for r in results:
+        target = r.target_check()
+        if target is None:
+            continue
+        if target.met:
+            verdict = "met"
+        elif target.met_within(margin):
+            verdict = f"missed, within the {margin:.0%} margin"
+        else:
+            missed += 1
+            verdict = "MISSED, benchmark failed" if enforced else "MISSED"
+        table.add_row(escape(r.case.name), target.text, target.shown, verdict)
+    table.caption = (f"{missed} target(s) missed beyond the margin" if missed
+                     else "no target missed beyond the margin")
+    return table
+
+
+def plain_table(path: Path) -> None:
+    """The one-table schema of the everyday suites: ``t (id INTEGER PRIMARY KEY, v, s)``."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL NOT NULL, s TEXT)")
+    conn.commit()
+    conn.close()
+
+
+def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
+                 variants: dict[str, Callable[[Path], float]], baseline: str,
+                 label: str = "") -> dict[str, Any]:
+    """Run every variant once per round on a fresh ``plain_table`` file, the variant that
+    goes first rotating round by round; record medians, every round and the ratios to
+    ``baseline`` in ``extra_info``, and print them."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counter = iter(range(10**9))
+
+    def one_round() -> None:
+        names = list(variants)
+        k = next(counter)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate who goes first
+            path = tmp_path / f"{name.replace(' ', '-').replace(',', '')}-{k}.sqlite3"
+            plain_table(path)
+            times[name].append(variants[name](path))
+            path.unlink()
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    info = {
+        "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
+        "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
+        "ratio": {name: round(medians[baseline] / m, 3) for name, m in medians.items()},
+    }
+    benchmark.extra_info.update(info)
+    print()
+    for name in variants:
+        print(f"  {label}{name:<28} {info['rows_per_s'][name]:>10,} rows/s  "
+              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
+    return info
+
+
+@pytest.fixture
+def interleaved() -> Callable[..., dict[str, Any]]:
+    """``interleaved(benchmark, tmp_path, rounds, n_rows, variants, baseline, label="")``:
+    variants of one workload measured round by round in one run (see ``_interleaved``)."""
+    return _interleaved

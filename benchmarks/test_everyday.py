@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sqlite3
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +26,6 @@ import pytest
 from batchdb import BatchDBManager, BatchOperation, OperationType, Priority
 
 ROTATION = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
-
-
-def _table(path: Path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v REAL NOT NULL, s TEXT)")
-    conn.commit()
-    conn.close()
 
 
 async def _timed(path: Path, ops: list[list[dict[str, Any]]], op_type: OperationType,
@@ -55,37 +46,9 @@ async def _timed(path: Path, ops: list[list[dict[str, Any]]], op_type: Operation
     return elapsed
 
 
-def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
-                 variants: dict[str, Callable[[Path], float]], baseline: str) -> dict[str, Any]:
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    counter = iter(range(10**9))
-
-    def one_round() -> None:
-        names = list(variants)
-        k = next(counter)
-        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate who goes first
-            path = tmp_path / f"{name}-{k}.sqlite3"
-            _table(path)
-            times[name].append(variants[name](path))
-            path.unlink()
-
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    info = {
-        "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
-        "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
-        "ratio": {name: round(medians[baseline] / m, 3) for name, m in medians.items()},
-    }
-    benchmark.extra_info.update(info)
-    print()
-    for name in variants:
-        print(f"  {name:<28} {info['rows_per_s'][name]:>10,} rows/s  "
-              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
-    return info
-
-
 @pytest.mark.parametrize("rows_per_op", [1, 100])
 def test_callbacks(benchmark: Any, tmp_path: Path, bench_rows: int, bench_rounds: int,
+                   interleaved: Callable[..., dict[str, Any]],
                    rows_per_op: int) -> None:
     """One table, one priority; no callback vs a plain vs an async completion callback."""
     n_ops = bench_rows // (10 if rows_per_op == 1 else rows_per_op)
@@ -108,14 +71,14 @@ def test_callbacks(benchmark: Any, tmp_path: Path, bench_rows: int, bench_rounds
             return seconds
         return run
 
-    info = _interleaved(benchmark, tmp_path, bench_rounds, n_ops * rows_per_op,
+    info = interleaved(benchmark, tmp_path, bench_rounds, n_ops * rows_per_op,
                         {"no callback": variant(None), "plain callback": variant(plain),
                          "async callback": variant(coroutine)}, "no callback")
     assert min(info["rows_per_s"].values()) > 0
 
 
 def test_priorities(benchmark: Any, tmp_path: Path, bench_rows: int,
-                    bench_rounds: int) -> None:
+                    bench_rounds: int, interleaved: Callable[..., dict[str, Any]]) -> None:
     """One table written at one priority vs at four rotating priorities (distinct keys), and
     with every tenth operation rewriting the keys of one queued five operations earlier
     (at another priority: 'the later submission wins' has work to do)."""
@@ -135,7 +98,7 @@ def test_priorities(benchmark: Any, tmp_path: Path, bench_rows: int,
     def rotating(i: int) -> Priority:
         return ROTATION[i % 4]
 
-    info = _interleaved(benchmark, tmp_path, bench_rounds, n_ops * 100, {
+    info = interleaved(benchmark, tmp_path, bench_rounds, n_ops * 100, {
         "one priority": variant(distinct, lambda i: Priority.NORMAL),
         "four priorities, distinct": variant(distinct, rotating),
         "four priorities, 10% rewrite": variant(overlapping, rotating),

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from batchdb import bench
+from batchdb.workloads import bench
 
 CHILD = Path(__file__).resolve().parent.parent / "tests" / "reliability" / "priority_child.py"
 BOT_WRITES = 300

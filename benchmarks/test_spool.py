@@ -39,8 +39,8 @@ from batchdb import BatchDBManager, load_settings
 
 # the server helpers of the test suite (benchmarks/ is not on the path of tests/)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.backends.postgres.outage import start_again, stop_immediate
 from tests.pgserver import PostgresServer, sql_exec, sql_rows
-from tests.postgres.outage import start_again, stop_immediate
 
 OP_ROWS = 100
 

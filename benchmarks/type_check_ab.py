@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from batchdb import BatchDBManager, OperationType
-from batchdb.bench import candle_rows, order_rows
 from batchdb.settings import Settings
+from batchdb.workloads.bench import candle_rows, order_rows
 
 ORDERS = ("CREATE TABLE orders (order_id INTEGER PRIMARY KEY, symbol TEXT NOT NULL, "
           "side TEXT NOT NULL, price REAL NOT NULL, quantity REAL NOT NULL, "

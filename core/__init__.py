@@ -1,6 +1,7 @@
 """batchdb: priority-queued, memory-bounded batch writes through pluggable storage backends."""
 
 from .backend import Backend, Batch, Capabilities, ErrorKind
+from .candles import candles_table
 from .hookspecs import hookimpl
 from .manager import BatchDBManager
 from .models import (
@@ -14,7 +15,7 @@ from .models import (
     SchemaError,
     UnknownOperation,
 )
-from .schema import TableInfo, candles_table
+from .schema import TableInfo
 from .settings import BatchConfig, Settings, SettingsError, load_settings
 
 __version__ = "0.1.0"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import random
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -15,6 +17,7 @@ from pydantic import BaseModel
 
 from .batch import Batch, BatchResult
 from .models import BatchDBError
+from .reads import ReadChunk
 from .schema import TableInfo
 
 __all__ = ["Backend", "BackendContext", "Batch", "BatchResult", "Capabilities", "ErrorKind",
@@ -30,6 +33,10 @@ class ErrorKind(enum.Enum):
     RESOURCE = "resource"  # disk full, read-only, corrupt: fail the batch's operations as they are
 
 
+_E = TypeVar("_E", bound=BaseException)
+_T = TypeVar("_T")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter for transient errors (locked, busy, connection lost)."""
@@ -43,6 +50,38 @@ class RetryPolicy:
         with jitter (x0.5 to x1.5), never more than ``max_delay``."""
         exponential = self.base_delay * 2.0 ** min(max(attempt - 1, 0), 64)
         return float(min(self.max_delay, exponential * random.uniform(0.5, 1.5)))
+
+    def call(self, fn: Callable[[], _T], transient: Callable[[Exception], bool]) -> _T:
+        """``fn()``, called again after :meth:`delay` while it raises an error that
+        ``transient`` accepts, at most ``max_retries`` times (in a backend's own thread)."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Exception as exc:
+                if not transient(exc) or attempt >= self.max_retries:
+                    note_retries(exc, attempt)
+                    raise
+                attempt += 1
+                time.sleep(self.delay(attempt))
+
+    async def call_async(self, fn: Callable[[], Awaitable[_T]],
+                         transient: Callable[[Exception], bool],
+                         before_retry: Callable[[], Awaitable[object]] | None = None) -> _T:
+        """:meth:`call` for a coroutine function, sleeping without blocking the loop;
+        ``before_retry`` runs before each new attempt (e.g. to drop dead connections)."""
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except Exception as exc:
+                if not transient(exc) or attempt >= self.max_retries:
+                    note_retries(exc, attempt)
+                    raise
+                attempt += 1
+                if before_retry is not None:
+                    await before_retry()
+                await asyncio.sleep(self.delay(attempt))
 
 
 @dataclass(frozen=True)
@@ -97,7 +136,6 @@ class BackendContext:
     spool_id: str = ""
 
 
-_E = TypeVar("_E", bound=BaseException)
 
 
 def with_location(exc: _E, where: str, fallback: type[BatchDBError] = BatchDBError
@@ -145,6 +183,10 @@ class Backend(ABC):
     maintenance_tasks: ClassVar[tuple[str, ...]] = ()
     #: whether ``connection_factory`` (a callable opening a new driver connection) is taken
     takes_connection_factory: ClassVar[bool] = False
+    #: the DB-API paramstyle of the positional parameters ``fetch`` and ``read_chunks``
+    #: take: "qmark" (``?``) or "format" (``%s``). The manager compiles named parameters
+    #: (``:name``) to it, so one SQL text works on every backend.
+    paramstyle: ClassVar[str] = "qmark"
 
     def __init__(
         self, settings: BaseModel, *, connection_factory: Callable[[], Any] | None = None
@@ -190,13 +232,43 @@ class Backend(ABC):
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """Tell the scheduler whether to retry, split, or fail a batch that raised ``exc``."""
 
-    @abstractmethod
     async def maintenance(self, task: str) -> dict[str, Any]:
-        """Run one of ``maintenance_tasks``; return what it did."""
+        """Run one of ``maintenance_tasks``: the task is checked, :meth:`run_maintenance`
+        does it, and what it returns gets the task's ``seconds`` (unless it set them)."""
+        if task not in self.maintenance_tasks:
+            raise ValueError(f"unknown {self.name} maintenance task {task!r}; known: "
+                             f"{', '.join(self.maintenance_tasks) or 'none'}")
+        start = time.perf_counter()
+        result = await self.run_maintenance(task)
+        result.setdefault("seconds", round(time.perf_counter() - start, 4))
+        return result
+
+    @abstractmethod
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
+        """Do one of ``maintenance_tasks`` (already checked); return what it did."""
+
+    def not_open(self) -> BatchDBError:
+        """The error for a call that needs an open backend: ``raise self.not_open()``."""
+        return BatchDBError(f"the {self.name} backend is not open")
 
     @abstractmethod
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only query on a reader connection (never the writer)."""
+
+    @abstractmethod
+    def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                    chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """Run a read-only query like ``fetch`` and yield its rows ``chunk_rows`` at a time,
+        each chunk with the result's column names; at least one chunk (with no rows for an
+        empty result). Rows are read from the database as the chunks are taken, so a
+        result of any size goes through in constant memory; the reader it holds is given
+        back when the iteration ends or is closed (``aclose``)."""
+
+    @abstractmethod
+    async def list_tables(self) -> list[str]:
+        """The user's tables in the default schema, sorted by name: never the database's
+        catalog or its internal tables (``sqlite_%``, ``pg_catalog``, DuckDB's internal
+        ones), nor temporary ones."""
 
     async def status(self) -> dict[str, Any]:
         """Health and size figures for ``get_queue_status``/``batchdb status``."""

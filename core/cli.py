@@ -1,4 +1,5 @@
-"""The ``batchdb`` command line: ingest, demo, status, maintain, plugins, config.
+"""The ``batchdb`` command line: ingest, demo, status, export, query, maintain, plugins,
+config.
 
 Every command reads the settings file given by ``--settings`` (default ``$BATCHDB_SETTINGS``
 or ``./settings.toml``; built-in defaults when there is none) and takes ``--backend`` to use
@@ -16,11 +17,12 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 import typer.core
@@ -33,22 +35,24 @@ from rich.panel import Panel
 from rich.progress import (
     BarColumn,
     DownloadColumn,
+    MofNCompleteColumn,
     Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .demo import DEMO_TABLES, DemoReport, DemoWorkload
-from .ingest import DEFAULT_CHUNK_SIZE, FileReport, Ingester
+from .candles import candles_table
 from .manager import BatchDBManager
 from .models import BatchDBError, Priority
 from .pluginmanager import BackendRegistry, UnknownBackend, create_plugin_manager, plugin_info
-from .schema import candles_table, quote_ident
+from .reads import epoch_ms
+from .schema import quote_ident
 from .settings import (
     SettingsError,
     explain_settings,
@@ -56,8 +60,26 @@ from .settings import (
     redact_dsn,
     resolve_settings_path,
 )
+from .workloads.demo import DEMO_TABLES, DemoReport, DemoWorkload
+from .workloads.export import (
+    DEFAULT_CHUNK_ROWS,
+    ExportArgumentError,
+    ExportReport,
+    check_table,
+    export_format,
+    export_table,
+    rows_as_json,
+    run_query,
+    write_csv,
+)
+from .workloads.ingest import FileReport, Ingester
+from .workloads.readers import DEFAULT_CHUNK_SIZE
 
-__all__ = ["app", "main"]
+# the command kit for plugins adding commands (batchdb_register_commands, docs/hooks.md)
+__all__ = ["Command", "app", "expected_errors", "fmt_int", "fmt_seconds", "main",
+           "manager_from_options", "on_signals", "rich_table", "stderr_console", "stdout_console"]
+
+T = TypeVar("T")
 
 def _tidy_param(param: Any) -> None:
     """A parameter shown as a careful CLI shows it: a flag without a value type (``--help``,
@@ -108,7 +130,7 @@ class _TidyParams:
         return params
 
 
-class _Command(_TidyParams, typer.core.TyperCommand):
+class Command(_TidyParams, typer.core.TyperCommand):
     """typer's command, its help and its option errors tidied (see _tidy_param)."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
@@ -166,24 +188,24 @@ def _priority_option(value: str) -> str:
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _stdout() -> Console:
+def stdout_console() -> Console:
     return Console(highlight=False)
 
 
-def _stderr() -> Console:
+def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
 @contextlib.contextmanager
-def _expected_errors() -> Iterator[None]:
+def expected_errors() -> Iterator[None]:
     """Turn the errors batchdb raises on purpose into one message and an exit code."""
     try:
         yield
     except SettingsError as exc:
-        _stderr().print(Text(f"error: {exc}", style="bold red"))
+        stderr_console().print(Text(f"error: {exc}", style="bold red"))
         raise typer.Exit(2) from None
     except BatchDBError as exc:
-        _stderr().print(Text(f"error: {exc}", style="bold red"))
+        stderr_console().print(Text(f"error: {exc}", style="bold red"))
         raise typer.Exit(1) from None
 
 
@@ -204,7 +226,7 @@ def _setup_logging(level_name: str) -> None:
     logger = logging.getLogger("batchdb")
     logger.setLevel(level if level < logging.INFO else max(level, logging.WARNING))
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        logger.addHandler(RichHandler(console=_stderr(), show_path=False, markup=False))
+        logger.addHandler(RichHandler(console=stderr_console(), show_path=False, markup=False))
         logger.propagate = False
 
 
@@ -222,8 +244,10 @@ def _check_backend_option(backend: str | None) -> None:
         raise typer.BadParameter(str(exc), param_hint="'--backend'") from None
 
 
-def _manager(settings: Path | None, backend: str | None, **overrides: Any) -> BatchDBManager:
-    """A manager from the settings file; logging set up from its settings."""
+def manager_from_options(settings: Path | None, backend: str | None,
+                         **overrides: Any) -> BatchDBManager:
+    """A manager from the ``--settings`` and ``--backend`` options and ``overrides``
+    (the settings file's structure); logging set up from its settings."""
     _check_backend_option(backend)
     manager = BatchDBManager.from_settings(settings, **_overrides(backend), **overrides)
     _setup_logging(manager.settings.log_level)
@@ -262,7 +286,7 @@ def _require_database(manager: BatchDBManager) -> None:
 
 
 @contextlib.contextmanager
-def _on_signals(callback: Callable[[str], None]) -> Iterator[None]:
+def on_signals(callback: Callable[[str], None]) -> Iterator[None]:
     """Call ``callback(name)`` on the first SIGINT/SIGTERM; a second one acts as usual."""
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -288,13 +312,13 @@ def _on_signals(callback: Callable[[str], None]) -> Iterator[None]:
         uninstall()
 
 
-def _table(title: str, **options: Any) -> Table:
+def rich_table(title: str, **options: Any) -> Table:
     """A compact table (it has to fit 80 columns when the output is not a terminal)."""
     return Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD,
                  pad_edge=False, collapse_padding=True, **options)
 
 
-def _fmt_int(value: float | int | None) -> str:
+def fmt_int(value: float | int | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
@@ -302,7 +326,7 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def _fmt_seconds(seconds: float) -> str:
+def fmt_seconds(seconds: float) -> str:
     return f"{seconds:,.2f}s"
 
 
@@ -324,7 +348,7 @@ def _iso_ms(ms: Any) -> str:
 # ---------------------------------------------------------------------- app
 def _version(value: bool) -> None:
     if value:
-        _stdout().print(f"batchdb {__version__}")
+        stdout_console().print(f"batchdb {__version__}")
         raise typer.Exit()
 
 
@@ -337,7 +361,7 @@ def _root(
 
 
 # ---------------------------------------------------------------------- ingest
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def ingest(
     files: Annotated[list[Path], typer.Argument(
         show_default=False, help="Candle files: JSON array (.json), NDJSON (.ndjson/.jsonl) "
@@ -374,8 +398,8 @@ def ingest(
     for name, value in (("--symbol", symbol), ("--timeframe", timeframe), ("--source", source)):
         if value is not None and not value.strip():
             raise typer.BadParameter("must not be empty", param_hint=f"'{name}'")
-    with _expected_errors():
-        manager = _manager(settings, backend)
+    with expected_errors():
+        manager = manager_from_options(settings, backend)
         ingester = Ingester(manager, symbol=symbol, timeframe=timeframe,
                             priority=Priority.parse(priority), source=source, fmt=fmt.lower(),
                             chunk_size=chunk_size)
@@ -389,7 +413,7 @@ def ingest(
 
 async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[Path],
                   max_errors: int) -> int:
-    out, err = _stdout(), _stderr()
+    out, err = stdout_console(), stderr_console()
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
         TextColumn("{task.fields[candles]:>10,} candles"), TimeElapsedColumn(),
@@ -428,7 +452,7 @@ async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[P
     start = time.monotonic()
     await manager.start()
     try:
-        with _on_signals(on_signal), progress:
+        with on_signals(on_signal), progress:
             reports = await ingester.ingest(files)
     finally:
         await manager.stop()
@@ -442,7 +466,7 @@ async def _ingest(manager: BatchDBManager, ingester: Ingester, files: Sequence[P
 
 def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Path],
                     elapsed: float, interrupted: str | None) -> None:
-    table = _table("ingest summary: candles read, rows committed, lines or candles failed")
+    table = rich_table("ingest summary: candles read, rows committed, lines or candles failed")
     table.add_column("file", overflow="fold", min_width=12)
     table.add_column("format", no_wrap=True)
     for name in ("read", "committed", "failed", "rows/s", "elapsed"):
@@ -460,8 +484,8 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
         else:
             status = Text("ok", style="green")
         table.add_row(Text(Path(r.path).name if short else r.path), r.format or "-",
-                      _fmt_int(r.candles_read), _fmt_int(r.rows_committed), _fmt_int(r.failed),
-                      _fmt_int(r.rows_per_second), _fmt_seconds(r.elapsed), status)
+                      fmt_int(r.candles_read), fmt_int(r.rows_committed), fmt_int(r.failed),
+                      fmt_int(r.rows_per_second), fmt_seconds(r.elapsed), status)
     for path in files[len(reports):]:
         table.add_row(Text(path.name if short else str(path)), "-", "0", "0", "0", "-", "-",
                       Text("not read (interrupted)", style="yellow"))
@@ -470,9 +494,9 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
     failed = sum(r.failed for r in reports)
     table.add_section()
     plural = "" if len(files) == 1 else "s"
-    table.add_row(Text(f"{len(files)} file{plural}", style="bold"), "", _fmt_int(read),
-                  _fmt_int(committed), _fmt_int(failed),
-                  _fmt_int(committed / elapsed if elapsed > 0 else 0), _fmt_seconds(elapsed), "")
+    table.add_row(Text(f"{len(files)} file{plural}", style="bold"), "", fmt_int(read),
+                  fmt_int(committed), fmt_int(failed),
+                  fmt_int(committed / elapsed if elapsed > 0 else 0), fmt_seconds(elapsed), "")
     out.print(table)
     bad_files = [r for r in reports if r.error is not None]
     if failed or bad_files:
@@ -493,7 +517,7 @@ def _ingest_summary(out: Console, reports: list[FileReport], files: Sequence[Pat
 
 
 # ---------------------------------------------------------------------- demo
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def demo(
     seconds: Annotated[float, typer.Option(
         "--seconds", min=0.5, help="How long the producers run.")] = 8.0,
@@ -512,7 +536,7 @@ def demo(
     if db is not None and not db.parent.is_dir():
         raise typer.BadParameter(f"the directory {db.parent} of {db} does not exist",
                                  param_hint="'--db'")
-    with _expected_errors():
+    with expected_errors():
         overrides: dict[str, Any] = {}
         if db is not None:
             name = load_settings(settings, **_overrides(backend)).backend
@@ -521,7 +545,7 @@ def demo(
                 raise typer.BadParameter(f"--db sets the file of a file-based backend; the "
                                          f"{name!r} backend has no file")
             overrides[name] = {"path": str(db)}
-        manager = _manager(settings, backend, **overrides)
+        manager = manager_from_options(settings, backend, **overrides)
         for table in DEMO_TABLES:
             manager.declare_table(table)
         report = asyncio.run(_demo(manager, seconds))
@@ -537,16 +561,16 @@ def _queue_panel(status: dict[str, Any], elapsed: float, seconds: float,
     sizes = status.get("queue_sizes", {})
     ages = status.get("oldest_wait_seconds", {})
     for prio in ("CRITICAL", "HIGH", "NORMAL", "LOW"):
-        queues.add_row(prio, _fmt_int(sizes.get(prio, 0)), f"{ages.get(prio, 0.0):.3f}s")
+        queues.add_row(prio, fmt_int(sizes.get(prio, 0)), f"{ages.get(prio, 0.0):.3f}s")
     stats = status.get("stats", {})
     latency = status.get("commit_latency", {})
     figures = Table(box=None, show_header=False, pad_edge=False)
     figures.add_column(style="bold")
     figures.add_column(justify="right")
     figures.add_row("memory", f"{status.get('estimated_memory_mb', 0.0):,.1f} MB")
-    figures.add_row("rows committed", _fmt_int(stats.get("rows_committed")))
-    figures.add_row("batches", _fmt_int(stats.get("batches_committed")))
-    figures.add_row("in flight", _fmt_int(status.get("batches_in_flight")))
+    figures.add_row("rows committed", fmt_int(stats.get("rows_committed")))
+    figures.add_row("batches", fmt_int(stats.get("batches_committed")))
+    figures.add_row("in flight", fmt_int(status.get("batches_in_flight")))
     figures.add_row("commit latency p50", f"{_fmt_ms(latency.get('p50_ms'))} ms")
     figures.add_row("commit latency p99", f"{_fmt_ms(latency.get('p99_ms'))} ms")
     producers = Table(box=None, pad_edge=False)
@@ -556,8 +580,8 @@ def _queue_panel(status: dict[str, Any], elapsed: float, seconds: float,
     producers.add_column("failed", justify="right")
     producers.add_column("rows", justify="right")
     for p in workload.producers:
-        producers.add_row(p.name, p.priority.name, _fmt_int(p.ops_ok), _fmt_int(p.ops_failed),
-                          _fmt_int(p.rows_ok))
+        producers.add_row(p.name, p.priority.name, fmt_int(p.ops_ok), fmt_int(p.ops_failed),
+                          fmt_int(p.rows_ok))
     grid = Table.grid(padding=(0, 4))
     grid.add_row(queues, figures)
     title = f"batchdb demo · {status.get('backend', '')} · {elapsed:,.1f}s of {seconds:g}s"
@@ -567,7 +591,7 @@ def _queue_panel(status: dict[str, Any], elapsed: float, seconds: float,
 async def _demo(manager: BatchDBManager, seconds: float) -> DemoReport:
     from rich.live import Live
 
-    out = _stdout()
+    out = stdout_console()
     await manager.start()
     try:
         workload = DemoWorkload(manager)
@@ -590,7 +614,7 @@ async def _demo(manager: BatchDBManager, seconds: float) -> DemoReport:
         def on_signal(name: str) -> None:
             workload.request_stop(name)
 
-        with _on_signals(on_signal), live:
+        with on_signals(on_signal), live:
             report = await workload.run(seconds, on_status)
     finally:
         await manager.stop()
@@ -601,20 +625,20 @@ async def _demo(manager: BatchDBManager, seconds: float) -> DemoReport:
 
 
 def _demo_report(out: Console, report: DemoReport) -> None:
-    rows = _table("rows in the database")
+    rows = rich_table("rows in the database")
     rows.add_column("table")
     rows.add_column("rows", justify="right")
     for table, count in report.table_rows.items():
-        rows.add_row(table, _fmt_int(count))
-    producers = _table("producers (latency: queued to committed)")
+        rows.add_row(table, fmt_int(count))
+    producers = rich_table("producers (latency: queued to committed)")
     producers.add_column("producer", no_wrap=True)
     producers.add_column("priority", no_wrap=True)
     producers.add_column("table", overflow="fold")
     for name in ("ops ok", "failed", "rows", "p50 ms", "p99 ms"):
         producers.add_column(name, justify="right", no_wrap=True)
     for p in report.producers:
-        producers.add_row(p.name, p.priority.name, p.table, _fmt_int(p.ops_ok),
-                          _fmt_int(p.ops_failed), _fmt_int(p.rows_ok),
+        producers.add_row(p.name, p.priority.name, p.table, fmt_int(p.ops_ok),
+                          fmt_int(p.ops_failed), fmt_int(p.rows_ok),
                           _fmt_ms(p.latency_ms(0.5)), _fmt_ms(p.latency_ms(0.99)))
     out.print(rows)
     out.print(producers)
@@ -643,11 +667,11 @@ def _demo_report(out: Console, report: DemoReport) -> None:
 
 
 # ---------------------------------------------------------------------- status
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def status(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """Show the database: backend status, tables with row counts, candles per market."""
-    with _expected_errors():
-        manager = _manager(settings, backend, maintenance={"enabled": False})
+    with expected_errors():
+        manager = manager_from_options(settings, backend, maintenance={"enabled": False})
         _require_database(manager)
         # the spool is read, not opened: a running producer holds its lock
         spool = manager.settings.spool.model_copy()
@@ -667,9 +691,9 @@ def _spool_panel(path: str, error: str | None) -> None:
     """The spool's figures and the database's state (``up``, ``down since …``)."""
     from .spool import inspect_spool
 
-    out = _stdout()
+    out = stdout_console()
     found = inspect_spool(path)
-    table = _table(f"spool {Path(path).absolute()}", show_header=False)
+    table = rich_table(f"spool {Path(path).absolute()}", show_header=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     if found is not None and found["down_since"] is not None:
@@ -682,29 +706,19 @@ def _spool_panel(path: str, error: str | None) -> None:
         table.add_row("operations", Text("0 (no spool there yet)"))
     else:
         age = found["oldest_age_seconds"]
-        table.add_row("operations", _fmt_int(found["operations"]))
-        table.add_row("bytes", _fmt_int(found["bytes"]))
-        table.add_row("oldest", Text("-" if age is None else _fmt_seconds(age)))
+        table.add_row("operations", fmt_int(found["operations"]))
+        table.add_row("bytes", fmt_int(found["bytes"]))
+        table.add_row("oldest", Text("-" if age is None else fmt_seconds(age)))
         table.add_row("tables", Text(", ".join(found["tables"]) or "-"))
     out.print(table)
 
 
-async def _list_tables(manager: BatchDBManager) -> list[str]:
-    if manager.backend_name == "sqlite":
-        sql = ("SELECT name FROM sqlite_master WHERE type = 'table' "
-               "AND name NOT LIKE 'sqlite_%' ORDER BY name")
-    else:  # information_schema: DuckDB, PostgreSQL and most SQL databases
-        sql = ("SELECT table_name FROM information_schema.tables WHERE "
-               "table_schema = current_schema() AND table_type = 'BASE TABLE' ORDER BY 1")
-    return [str(r[0]) for r in await manager.fetch(sql)]
-
-
 async def _status(manager: BatchDBManager) -> None:
-    out = _stdout()
+    out = stdout_console()
     await manager.start()
     try:
         backend_status = await manager.backend.status()
-        tables = await _list_tables(manager)
+        tables = await manager.list_tables()
         counts: dict[str, int | str] = {}
         for name in tables:
             try:
@@ -734,7 +748,7 @@ async def _status(manager: BatchDBManager) -> None:
                     not_ours = f"candles per market cannot be read: {exc}"
     finally:
         await manager.stop()
-    info = _table(f"backend {manager.backend_name}", show_header=False)
+    info = rich_table(f"backend {manager.backend_name}", show_header=False)
     info.add_column(style="bold")
     info.add_column(overflow="fold")
     for key, value in backend_status.items():
@@ -743,30 +757,159 @@ async def _status(manager: BatchDBManager) -> None:
             shown = f"{value:,}"
         info.add_row(key, Text(_show_value(shown)))
     out.print(info)
-    table = _table("tables")
+    table = rich_table("tables")
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, count in counts.items():
         table.add_row(Text(name), Text(count, style="red") if isinstance(count, str)
-                      else _fmt_int(count))
+                      else fmt_int(count))
     if not counts:
         table.add_row(Text("(no tables yet)", style="dim"), "")
     out.print(table)
     if per_market:
-        candles = _table("candles per market and timeframe")
+        candles = rich_table("candles per market and timeframe")
         for name, justify in (("symbol", "left"), ("timeframe", "left"), ("rows", "right"),
                               ("first (UTC)", "left"), ("last (UTC)", "left")):
             candles.add_column(name, justify=justify)  # type: ignore[arg-type]
         for symbol, timeframe, count, first, last in per_market:
-            candles.add_row(Text(str(symbol)), Text(str(timeframe)), _fmt_int(count),
+            candles.add_row(Text(str(symbol)), Text(str(timeframe)), fmt_int(count),
                             _iso_ms(first), _iso_ms(last))
         out.print(candles)
     if not_ours is not None:
         out.print(Text(not_ours, style="yellow"))
 
 
+# ---------------------------------------------------------------------- export
+def _when_option(value: str | None) -> str | None:
+    """``--since``/``--until``: ISO 8601 or epoch milliseconds (checked before anything
+    opens; the export converts it)."""
+    if value is not None:
+        try:
+            epoch_ms(value)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc).removeprefix("time: ")) from None
+    return value
+
+
+@app.command(cls=Command)
+def export(
+    table: Annotated[str, typer.Argument(
+        show_default=False, help="Table to export, as `batchdb status` lists it.")],
+    to: Annotated[Path, typer.Option(
+        "--to", dir_okay=False, show_default=False,
+        help="File to write: FILE.parquet or FILE.csv (the extension chooses the format).")],
+    market: Annotated[str | None, typer.Option(
+        "--market", help="Only this market (the symbol column, or market).")] = None,
+    timeframe: Annotated[str | None, typer.Option(
+        "--timeframe", help="Only this timeframe, e.g. 1m.")] = None,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="WHEN", callback=_when_option,
+        help="Only rows with ts >= WHEN: ISO 8601 (2024-01-02, 2024-01-02T09:00:00Z; "
+             "UTC unless it says otherwise) or epoch milliseconds.")] = None,
+    until: Annotated[str | None, typer.Option(
+        "--until", metavar="WHEN", callback=_when_option,
+        help="Only rows with ts < WHEN (as --since).")] = None,
+    chunk_rows: Annotated[int, typer.Option(
+        "--chunk-rows", min=1, help="Rows read and written at a time (a Parquet row group).",
+    )] = DEFAULT_CHUNK_ROWS,
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Export a table to Parquet or CSV, streamed in chunks, with a progress bar.
+
+    Memory stays flat whatever the table's size. --market, --timeframe, --since and --until
+    apply to tables with those columns (candles); the file appears complete or not at all.
+    """
+    try:
+        export_format(to)
+    except ExportArgumentError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--to'") from None
+    with expected_errors():
+        manager = manager_from_options(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        try:
+            report = asyncio.run(_export(manager, table, to, market=market,
+                                         timeframe=timeframe, since=since, until=until,
+                                         chunk_rows=chunk_rows))
+        except ExportArgumentError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    stdout_console().print(Text(
+        f"Exported {report.rows:,} rows of {report.table} to {report.path} ({report.format}, "
+        f"{report.bytes:,} bytes) in {fmt_seconds(report.seconds)} "
+        f"({fmt_int(report.rows_per_second)} rows/s).", style="bold green"))
+
+
+async def _export(manager: BatchDBManager, table: str, to: Path,
+                  **options: Any) -> ExportReport:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("rows"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=stderr_console(), transient=False)
+    task = progress.add_task(escape(f"{table} → {to.name}"), total=None)
+    await manager.start()
+    try:
+        await check_table(manager, table)  # before the progress bar shows
+        with progress:
+            return await _database_errors(export_table(
+                manager, table, to, on_total=lambda n: progress.update(task, total=n),
+                on_rows=lambda n: progress.advance(task, n), **options))
+    finally:
+        await manager.stop()
+
+
+async def _database_errors(work: Awaitable[T]) -> T:
+    """``work``, with an error of the database's driver (a syntax error, a missing column)
+    or of the file (a full disk) turned into a BatchDBError carrying its message: exit
+    code 1, no traceback."""
+    try:
+        return await work
+    except BatchDBError:
+        raise
+    except Exception as exc:
+        raise BatchDBError(f"{type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------- query
+@app.command(cls=Command)
+def query(
+    sql: Annotated[str, typer.Argument(
+        show_default=False, help="A read-only statement: SELECT, WITH … SELECT, EXPLAIN.")],
+    fmt: Annotated[Literal["table", "csv", "json"], typer.Option(
+        "--format", case_sensitive=False,
+        help="table: a table on the terminal; csv or json: for other programs.")] = "table",
+    settings: SettingsOption = None,
+    backend: BackendOption = None,
+) -> None:
+    """Run a read-only query and print its rows; a statement that would write is refused."""
+    with expected_errors():
+        manager = manager_from_options(settings, backend, maintenance={"enabled": False})
+        _require_database(manager)
+        columns, rows = asyncio.run(_query(manager, sql))
+    fmt = fmt.lower()  # type: ignore[assignment]
+    if fmt == "csv":
+        write_csv(sys.stdout, columns, rows)
+        return
+    if fmt == "json":
+        sys.stdout.write(rows_as_json(columns, rows) + "\n")
+        return
+    table = rich_table(f"{len(rows):,} row{'' if len(rows) == 1 else 's'}")
+    for name in columns:
+        table.add_column(Text(name), overflow="fold")
+    for row in rows:
+        table.add_row(*(Text("NULL", style="dim") if v is None else Text(str(v)) for v in row))
+    stdout_console().print(table)
+
+
+async def _query(manager: BatchDBManager, sql: str
+                 ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+    await manager.start()
+    try:
+        return await _database_errors(run_query(manager, sql))
+    finally:
+        await manager.stop()
+
+
 # ---------------------------------------------------------------------- maintain
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def maintain(
     tasks: Annotated[list[str] | None, typer.Argument(
         show_default=False, help="Tasks to run, e.g. checkpoint analyze vacuum "
@@ -775,8 +918,8 @@ def maintain(
     backend: BackendOption = None,
 ) -> None:
     """Run maintenance tasks now and show what they did."""
-    with _expected_errors():
-        manager = _manager(settings, backend, maintenance={"enabled": False})
+    with expected_errors():
+        manager = manager_from_options(settings, backend, maintenance={"enabled": False})
         known = manager.backend.maintenance_tasks
         unknown = [t for t in tasks or () if t not in known]
         if unknown:  # before anything runs: an argument mistake
@@ -787,8 +930,8 @@ def maintain(
         _require_database(manager)
         chosen = list(tasks) if tasks else [t for t in known if t != "integrity_check"]
         results = asyncio.run(_maintain(manager, chosen))
-    out = _stdout()
-    table = _table(f"maintenance on {manager.backend_name}")
+    out = stdout_console()
+    table = rich_table(f"maintenance on {manager.backend_name}")
     table.add_column("task")
     table.add_column("status")
     table.add_column("result", overflow="fold")
@@ -823,17 +966,17 @@ async def _maintain(manager: BatchDBManager,
 
 
 # ---------------------------------------------------------------------- plugins
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """List the plugins found through the ``batchdb`` entry points, and the backends."""
-    with _expected_errors():
+    with expected_errors():
         _check_backend_option(backend)
         loaded = load_settings(settings, **_overrides(backend))
         _setup_logging(loaded.log_level)
         pm = create_plugin_manager(loaded.plugins.disabled)
         registry = BackendRegistry(pm)
-    out = _stdout()
-    table = _table("plugins (entry-point group 'batchdb')")
+    out = stdout_console()
+    table = rich_table("plugins (entry-point group 'batchdb')")
     for name in ("name", "module", "distribution", "hooks (batchdb_…)", "status"):
         table.add_column(name, overflow="fold")
     for info in sorted(plugin_info(pm), key=lambda i: str(i["name"])):
@@ -847,7 +990,7 @@ def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> N
         table.add_row(Text(str(info["name"])), Text(str(info["module"])),
                       Text(str(info["distribution"])), Text(hooks), state)
     out.print(table)
-    backends = _table("backends")
+    backends = rich_table("backends")
     backends.add_column("name")
     backends.add_column("class", overflow="fold")
     backends.add_column("maintenance tasks", overflow="fold")
@@ -859,7 +1002,7 @@ def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> N
                          Text("configured", style="bold") if name == loaded.backend else "")
     out.print(backends)
     if loaded.backend not in registry.names():
-        _stderr().print(Text(f"error: {loaded.where('backend')}: the backend "
+        stderr_console().print(Text(f"error: {loaded.where('backend')}: the backend "
                              f"{loaded.backend!r} is not available", style="bold red"))
         raise typer.Exit(2)
 
@@ -868,16 +1011,16 @@ def plugins(settings: SettingsOption = None, backend: BackendOption = None) -> N
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def config(settings: SettingsOption = None, backend: BackendOption = None) -> None:
     """Show the effective settings and where each value comes from."""
-    with _expected_errors():
+    with expected_errors():
         _check_backend_option(backend)
         sections = BackendRegistry(create_plugin_manager()).settings_sections()
         rows = explain_settings(settings, sections, **_overrides(backend))
         path = resolve_settings_path(settings)
-    out = _stdout()
-    table = _table("effective settings", caption=f"settings file: {path or '(none)'}",
+    out = stdout_console()
+    table = rich_table("effective settings", caption=f"settings file: {path or '(none)'}",
                    caption_justify="left")
     table.add_column("key", no_wrap=True)
     table.add_column("value", overflow="fold")
@@ -896,7 +1039,7 @@ def config(settings: SettingsOption = None, backend: BackendOption = None) -> No
 
 
 # ---------------------------------------------------------------------- bench
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def bench(
     backends: Annotated[str, typer.Option(
         "--backends", help="Comma-separated backends to compare: sqlite,duckdb,postgres "
@@ -909,9 +1052,9 @@ def bench(
         "and batchdb-bench.png.")] = Path("bench-results"),
 ) -> None:
     """Raw drivers vs batchdb on this machine: rows/s, ratio to raw, peak memory."""
-    from .bench import render_table, rich_progress, run_comparison
+    from .workloads.bench import render_table, rich_progress, run_comparison
 
-    console = _stdout()
+    console = stdout_console()
     names = [b.strip() for b in backends.split(",") if b.strip()]
     try:  # before minutes of benchmarking: the results must have somewhere to go
         out.mkdir(parents=True, exist_ok=True)
@@ -920,7 +1063,7 @@ def bench(
     except OSError as exc:
         raise typer.BadParameter(f"cannot write to the folder {out}: "
                                  f"{exc.strerror or exc}", param_hint="'--out'") from None
-    with _expected_errors():
+    with expected_errors():
         try:
             with rich_progress(console) as progress:
                 report = run_comparison(names, rows, out, progress, rounds=rounds)

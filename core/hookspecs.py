@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from .backend import Backend, Batch
+    from .manager import BatchDBManager
     from .models import BatchOperation
 
 __all__ = ["PROJECT", "RegisterBackend", "RegisterSettings", "hookimpl", "hookspec"]
@@ -77,6 +78,25 @@ def batchdb_batch_failed(batch: Batch, error: BaseException, backend: Backend) -
 @hookspec
 def batchdb_maintenance_done(task: str, seconds: float, result: dict[str, Any]) -> None:
     """A maintenance task (checkpoint, analyze, vacuum, …) finished."""
+
+
+@hookspec
+def batchdb_manager_started(manager: BatchDBManager) -> None:
+    """``manager.start()`` opened the backend and is about to take operations.
+
+    Called on the manager's event loop, before the per-batch hooks are looked up: a
+    plugin may register observers on ``manager.pm`` here and their hooks are called for
+    this run. An exception fails ``start()`` (the backend is closed again).
+    """
+
+
+@hookspec
+def batchdb_manager_stopped(manager: BatchDBManager) -> None:
+    """``manager.stop()`` committed what was queued and closed the backend.
+
+    Called even when ``stop()`` did not drain, and after a ``start()`` that
+    ``batchdb_manager_started`` failed; an exception is logged, never raised.
+    """
 
 
 @hookspec

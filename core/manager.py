@@ -1,4 +1,5 @@
-"""BatchDBManager: the seed's public API over the scheduler and a backend plugin."""
+"""BatchDBManager: the public API (queue, wait, flush, status, maintenance) over the
+scheduler and a backend plugin."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import (
+    AsyncGenerator,
     Awaitable,
     Callable,
     Collection,
@@ -22,11 +24,13 @@ from collections.abc import (
 )
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, overload
+from typing import Any, Literal, Self, overload
 
 import sqlalchemy as sa
 
+from . import reads
 from .backend import Backend, Batch, ErrorKind
+from .candles import candles_table
 from .models import (
     BatchOperation,
     NotRunningError,
@@ -43,8 +47,9 @@ from .pluginmanager import (
     await_me_maybe,
     create_plugin_manager,
 )
+from .reads import ReadChunk, ReadShape
 from .scheduler import Scheduler
-from .schema import TableInfo, candles_table, check_identifier, filled_columns
+from .schema import TableInfo, check_identifier, filled_columns
 from .settings import (
     BatchConfig,
     Settings,
@@ -141,7 +146,7 @@ class _FilledRows(Sequence[Mapping[str, Any]]):
 class BatchDBManager:
     """Takes writes from many producers and commits them in batches through a backend.
 
-    ``BatchDBManager(lambda: sqlite3.connect("market.sqlite3"))`` is the seed's form;
+    ``BatchDBManager(lambda: sqlite3.connect("market.sqlite3"))`` is the shortest form;
     :meth:`from_settings` reads ``settings.toml`` and ``BATCHDB_*`` variables.
     """
 
@@ -196,7 +201,7 @@ class BatchDBManager:
 
     def _factory_backend(self, backend: str | None) -> str:
         """The backend a connection factory goes to: the one named, else the configured one
-        (the embedded default for the seed's ``BatchDBManager(lambda: sqlite3.connect(p))``);
+        (the embedded default for ``BatchDBManager(lambda: sqlite3.connect(p))``);
         it must take a factory."""
         name = backend or self.settings.backend
         if name not in self.registry.names() or self.registry.get(name).takes_connection_factory:
@@ -223,13 +228,7 @@ class BatchDBManager:
         async with self._state_lock:
             if self._scheduler is not None:
                 return
-            hook = self.pm.hook
-            committed = (self._hook_committed
-                         if hook.batchdb_batch_committed.get_hookimpls() else None)
-            failed = self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None
-            self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
-            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__,
-                                  committed, failed)
+            scheduler = Scheduler(self.config, self.backend, self._tables.__getitem__)
             spooler = self._open_spool(scheduler) if self.settings.spool.enabled else None
             database_up = True
             try:
@@ -245,6 +244,20 @@ class BatchDBManager:
                             "%s", exc, spooler.spool.path)
                 database_up = False
             self._backend_open = database_up
+            try:  # plugins may register observers on self.pm here (see hookspecs)
+                for result in self.pm.hook.batchdb_manager_started(manager=self):
+                    await await_me_maybe(result)
+            except BaseException:
+                if spooler is not None:
+                    await spooler.close()
+                await self.backend.close()
+                await self._hook_stopped()
+                raise
+            hook = self.pm.hook
+            scheduler.observe(
+                self._hook_committed if hook.batchdb_batch_committed.get_hookimpls() else None,
+                self._hook_failed if hook.batchdb_batch_failed.get_hookimpls() else None)
+            self._queued_hook = bool(hook.batchdb_operation_queued.get_hookimpls())
             self._scheduler = scheduler
             self._scheduler.start()
             if spooler is not None:
@@ -281,6 +294,7 @@ class BatchDBManager:
                 self._scheduler = None
                 self._stopped_at = time.monotonic()
                 await self.backend.close()
+                await self._hook_stopped()
 
     def _open_spool(self, scheduler: Scheduler) -> Spooler:
         """The spool of ``[spool]``, wired to ``scheduler`` (its directory is opened and
@@ -426,10 +440,10 @@ class BatchDBManager:
         if shape.fill:
             data_rows = _FilledRows(data_rows, shape.fill)
         self._op_counter += 1
-        op = BatchOperation(f"{self._id_prefix}-{self._op_counter}", shape.table.name,
-                            shape.op_type, data_rows, priority, nbytes / _MB, callback, None,
-                            None, 0.0, False, None, None, 0, shape.columns, None,
-                            shape.row_columns, n_rows, nbytes)
+        op = BatchOperation.queued(
+            f"{self._id_prefix}-{self._op_counter}", shape.table.name, shape.op_type,
+            data_rows, priority, callback, columns=shape.columns, values=None,
+            row_columns=shape.row_columns, n_rows=n_rows, nbytes=nbytes)
         waiting = self._place(op)
         if waiting is not None:
             await waiting
@@ -510,9 +524,10 @@ class BatchDBManager:
         """An operation whose rows are already tuples (normalised candles)."""
         self._op_counter += 1
         nbytes = _row_bytes(data_rows[0], values[0]) * len(values)
-        return BatchOperation(f"{self._id_prefix}-{self._op_counter}", table.name, op_type,
-                              data_rows, priority, nbytes / _MB, callback, columns=columns,
-                              values=values, n_rows=len(values), nbytes=nbytes)
+        return BatchOperation.queued(
+            f"{self._id_prefix}-{self._op_counter}", table.name, op_type, data_rows, priority,
+            callback, columns=columns, values=values, row_columns=(), n_rows=len(values),
+            nbytes=nbytes)
 
     def _place(self, op: BatchOperation) -> Awaitable[None] | None:
         """Queue ``op`` now when there is room and return None (no coroutine on the hot path
@@ -581,12 +596,55 @@ class BatchDBManager:
         await self.scheduler.flush()
 
     # ------------------------------------------------------------------ reading & status
-    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Run a read-only query on a reader connection of the backend."""
-        return await self.backend.fetch(sql, params)
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["tuples"] = "tuples") -> list[tuple[Any, ...]]: ...
+
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["dicts"]) -> list[dict[str, Any]]: ...
+
+    @overload
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: Literal["arrow"]) -> Any: ...
+
+    async def fetch(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                    *, as_: ReadShape = "tuples") -> Any:
+        """Run a read-only query on a reader connection of the backend.
+
+        ``params`` as a mapping binds named parameters (``:name``, SQLAlchemy ``text()``
+        style), the same SQL on every backend; as a tuple, the positional ``?`` form.
+        ``as_``: "tuples" (rows as tuples), "dicts" (one dict per row, keyed by column
+        name) or "arrow" (a pyarrow Table; needs pyarrow). A statement that would write is
+        refused with ``ReadOnlyFetchError``."""
+        return await reads.fetch(self.backend, sql, params, as_)
+
+    def fetch_chunks(self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None,
+                     *, chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """Like ``fetch``, but the rows come ``chunk_rows`` at a time as the database
+        produces them (each chunk with the column names), in constant memory."""
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows!r}")
+        query, values = reads.positional(sql, params, self.backend.paramstyle)
+        return self.backend.read_chunks(query, values, chunk_rows)
+
+    async def list_tables(self) -> list[str]:
+        """The database's tables (user tables of the default schema), sorted by name."""
+        return await self.backend.list_tables()
+
+    async def read_candles(self, symbol: str, timeframe: str,
+                           start: int | datetime | str | None = None,
+                           end: int | datetime | str | None = None,
+                           *, as_: ReadShape = "tuples") -> Any:
+        """Candles of one market and timeframe with ``start <= ts < end`` (epoch ms,
+        datetimes, naive ones as UTC, or ISO 8601 strings; None: unbounded), in time
+        order, read along the primary key's index."""
+        sql, params = reads.candles_query(symbol, timeframe, start, end)
+        return await reads.fetch(self.backend, sql, params, as_)
 
     async def get_queue_status(self) -> dict[str, Any]:
-        """Queue sizes, memory estimate, statistics and maintenance times (seed keys and more)."""
+        """Queue sizes, memory estimate, statistics and maintenance times (every key is in
+        the README)."""
         # The same keys in every state: while running the scheduler's figures; after stop()
         # the last run's totals; before start() those of a scheduler that never ran.
         scheduler = self._scheduler or self._last_scheduler
@@ -664,6 +722,13 @@ class BatchDBManager:
     def _hook_failed(self, batch: Batch, error: BaseException) -> None:
         self._call_hook(self.pm.hook.batchdb_batch_failed, batch=batch, error=error,
                         backend=self.backend)
+
+    async def _hook_stopped(self) -> None:
+        try:
+            for result in self.pm.hook.batchdb_manager_stopped(manager=self):
+                await await_me_maybe(result)
+        except Exception:
+            log.exception("plugin hook batchdb_manager_stopped raised")
 
     def _call_hook(self, hook: Any, **kwargs: Any) -> None:
         try:

@@ -1,4 +1,4 @@
-"""The seed's data model: operation types, priorities and the batch operation record."""
+"""The data model: operation types, priorities, errors and the batch operation record."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class OperationFailed(BatchDBError):
 
 
 class OperationType(enum.StrEnum):
-    """What an operation does to its rows (the seed's four kinds)."""
+    """What an operation does to its rows."""
 
     INSERT = "INSERT"
     UPDATE = "UPDATE"
@@ -118,6 +118,8 @@ def _single(column: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     return get
 
 
+_MB = 1024 * 1024
+
 OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 
 
@@ -125,8 +127,18 @@ OperationCallback = Callable[["BatchOperation"], Awaitable[Any] | Any]
 class BatchOperation:
     """One producer's request, kept whole: it commits or fails as a unit.
 
-    The seed's fields come first and keep their meaning. ``data_rows`` holds the rows as
-    the producer gave them; batchdb works on ``columns``/``values`` (one tuple per row).
+    The record a producer sees: what was asked (``operation_id`` … ``callback``) and how it
+    ended (``created_at``, ``processed_at``, ``processing_time``, ``state`` — ``queued``,
+    ``spooled`` (durable in the spool, waiting for the database), ``committed`` or
+    ``failed`` —, ``is_processed``, ``error``, ``rows_affected``).
+    ``data_rows`` holds the rows as given, until the callback has run.
+
+    The engine's fields, read by the scheduler and the backends and set once by
+    :meth:`queued`: ``columns`` (what the rows write, in order), ``values`` (rows already as
+    tuples, when they came so), ``row_columns`` (row 0's keys), ``n_rows``, ``nbytes``
+    (the memory estimate), ``keys`` (primary-key values, for the order across priorities),
+    ``seq`` (submission order), ``enqueued_at``, ``lane`` (the priority whose queue it
+    joined) and ``future`` (for ``wait()``).
     """
 
     operation_id: str
@@ -143,6 +155,10 @@ class BatchOperation:
     error: str | None = None
     exception: BaseException | None = field(default=None, repr=False)
     rows_affected: int = 0
+    #: "queued" until the operation ends "committed" or "failed"; "spooled" meanwhile
+    #: while it waits in the spool for the database (durable, not committed yet)
+    state: str = "queued"
+    # the engine's fields
     columns: tuple[str, ...] = field(default=(), repr=False)
     values: list[tuple[Any, ...]] | None = field(default=None, repr=False)
     row_columns: tuple[str, ...] = field(default=(), repr=False)
@@ -152,17 +168,11 @@ class BatchOperation:
     seq: int = 0
     enqueued_at: float = field(default_factory=time.monotonic, repr=False)
     future: asyncio.Future[BatchOperation] | None = field(default=None, repr=False)
-    #: "queued" until the operation ends "committed" or "failed"; "spooled" meanwhile
-    #: while it waits in the spool for the database (durable, not committed yet)
-    state: str = "queued"
-    lane: int = field(default=-1, repr=False)  # the priority whose queue it joined
+    lane: int = field(default=-1, repr=False)
     #: its sequence number in the spool once spooled (0: never spooled); a backend with
     #: ``Capabilities.spool_marks`` records it when it commits the operation
     spool_seq: int = field(default=0, repr=False)
 
-    # Written out rather than generated: the generated __init__ (keyword arguments, two
-    # default factories) was a tenth of the cost of a one-row operation. Same parameters,
-    # same defaults, same order as the fields above.
     def __init__(
         self,
         operation_id: str,
@@ -172,24 +182,44 @@ class BatchOperation:
         priority: Priority = Priority.NORMAL,
         estimated_size_mb: float = 0.0,
         callback: OperationCallback | None = None,
-        created_at: float | None = None,
-        processed_at: float | None = None,
-        processing_time: float = 0.0,
-        is_processed: bool = False,
-        error: str | None = None,
-        exception: BaseException | None = None,
-        rows_affected: int = 0,
-        columns: tuple[str, ...] = (),
-        values: list[tuple[Any, ...]] | None = None,
-        row_columns: tuple[str, ...] = (),
-        n_rows: int = 0,
-        nbytes: int = 0,
-        keys: list[Any] | None = None,
-        seq: int = 0,
-        enqueued_at: float | None = None,
-        future: asyncio.Future[BatchOperation] | None = None,
-        state: str = "queued",
     ) -> None:
+        """A request, rows given as mappings (row 0's keys are the
+        columns). An operation the manager queues is built by :meth:`queued`."""
+        first = data_rows[0] if data_rows else None
+        columns = tuple(first) if isinstance(first, Mapping) else ()
+        self._set(operation_id, table_name, operation_type, data_rows, priority,
+                  estimated_size_mb, callback, columns, None, columns, len(data_rows), 0)
+
+    @classmethod
+    def queued(
+        cls,
+        operation_id: str,
+        table_name: str,
+        operation_type: OperationType,
+        data_rows: Sequence[Mapping[str, Any]],
+        priority: Priority,
+        callback: OperationCallback | None,
+        *,
+        columns: tuple[str, ...],
+        values: list[tuple[Any, ...]] | None,
+        row_columns: tuple[str, ...],
+        n_rows: int,
+        nbytes: int,
+    ) -> BatchOperation:
+        """An operation the manager checked and is about to queue, with the engine's
+        fields (see the class docstring)."""
+        op = object.__new__(cls)
+        op._set(operation_id, table_name, operation_type, data_rows, priority, nbytes / _MB,
+                callback, columns, values, row_columns, n_rows, nbytes)
+        return op
+
+    def _set(self, operation_id: str, table_name: str, operation_type: OperationType,
+             data_rows: Sequence[Mapping[str, Any]], priority: Priority,
+             estimated_size_mb: float, callback: OperationCallback | None,
+             columns: tuple[str, ...], values: list[tuple[Any, ...]] | None,
+             row_columns: tuple[str, ...], n_rows: int, nbytes: int) -> None:
+        # every field, assigned once (a generated __init__ with keyword arguments and two
+        # default factories cost a tenth of a one-row operation)
         self.operation_id = operation_id
         self.table_name = table_name
         self.operation_type = operation_type
@@ -197,25 +227,25 @@ class BatchOperation:
         self.priority = priority
         self.estimated_size_mb = estimated_size_mb
         self.callback = callback
-        self.created_at = _time() if created_at is None else created_at
-        self.processed_at = processed_at
-        self.processing_time = processing_time
-        self.is_processed = is_processed
-        self.error = error
-        self.state = state
-        self.lane = -1
+        self.created_at = _time()
+        self.processed_at = None
+        self.processing_time = 0.0
+        self.is_processed = False
+        self.error = None
+        self.exception = None
+        self.rows_affected = 0
+        self.state = "queued"
         self.spool_seq = 0
-        self.exception = exception
-        self.rows_affected = rows_affected
         self.columns = columns
         self.values = values
         self.row_columns = row_columns
         self.n_rows = n_rows
         self.nbytes = nbytes
-        self.keys = keys
-        self.seq = seq
-        self.enqueued_at = _monotonic() if enqueued_at is None else enqueued_at
-        self.future = future
+        self.keys = None
+        self.seq = 0
+        self.enqueued_at = _monotonic()
+        self.future = None
+        self.lane = -1
 
     @property
     def row_count(self) -> int:
@@ -267,6 +297,6 @@ class BatchOperation:
 
     @property
     def succeeded(self) -> bool:
-        """True once committed (the seed's ``is_processed``); False while queued and for a
+        """True once committed (``is_processed``); False while queued and for a
         failed operation, whose ``error`` says why."""
         return self.state == "committed"

@@ -112,15 +112,35 @@ def _canonical(value: Any) -> Any:
 
 
 class KeyIndex:
-    """A table's queued operations by key, kept while the table has operations queued at
-    more than one priority: each key's last queued writer. The ordering across priorities
-    keeps every queued writer of a key in one lane, so that writer's lane is the key's."""
+    """What a table's queued operations write, kept while the table has operations queued
+    at more than one priority, in one of two modes.
 
-    __slots__ = ("last", "malformed")
+    First, the *bounds* of each lane's keys (``bounds[lane] = [lowest, highest]``, grown as
+    operations join, forgotten when the lane empties): an operation whose keys lie outside
+    the bounds of every other lane writes no key queued elsewhere, so it joins its own lane
+    after two comparisons per lane. That is what producers writing ascending keys (new
+    candles, new orders) at several priorities do.
+
+    Then, from the first operation whose keys fall inside another lane's bounds (or cannot
+    be compared) until the table has nothing queued, the exact index: ``last`` holds each
+    key's last queued writer. The ordering across priorities keeps every queued writer of a
+    key in one lane, so that writer's lane is the key's.
+    """
+
+    __slots__ = ("bounds", "last", "malformed")
 
     def __init__(self) -> None:
+        self.bounds: dict[int, list[Any]] | None = {}  # None: the exact index is kept
         self.last: dict[Any, BatchOperation] = {}
         self.malformed = 0  # queued operations whose keys could not be read
+
+
+def _bounds(keys: list[Any]) -> tuple[Any, Any] | None:
+    """The lowest and highest of ``keys``, or None if they cannot be ordered (mixed types)."""
+    try:
+        return min(keys), max(keys)
+    except TypeError:
+        return None
 
 
 class Lane:
@@ -159,8 +179,12 @@ class Lanes:
         pk = info.primary_key
         index = self.indexes.get(table)
         if index is None:
-            index = self.indexes[table] = self._build_index(table, pk)
+            index = self.indexes[table] = self._start_index(table, pk)
         own = keys_of(op, pk)
+        if index.bounds is not None:
+            if own is not None and self._apart(index.bounds, op.priority, own):
+                return op.priority
+            self._index_keys(index, table, pk)  # a key may be queued in another lane
         last = index.last
         if own is None or index.malformed:  # rows with unreadable keys: the slow, safe way
             target = self._order_by_scan(op)
@@ -194,8 +218,51 @@ class Lanes:
         last.update(zip(own, repeat(op)))
         return target
 
-    def _build_index(self, table: str, pk: tuple[str, ...]) -> KeyIndex:
+    @staticmethod
+    def _apart(bounds: dict[int, list[Any]], prio: int, keys: list[Any]) -> bool:
+        """Whether ``keys`` lie outside the bounds of every lane but ``prio``'s; if so they
+        join ``prio``'s bounds. False when some key may be queued in another lane (or the
+        keys cannot be compared with the others)."""
+        if not keys:
+            return True  # rows without the key (AUTOINCREMENT): they overwrite nothing
+        span = _bounds(keys)
+        if span is None:
+            return False
+        low, high = span
+        try:
+            for lane, (lane_low, lane_high) in bounds.items():
+                if lane != prio and not (high < lane_low or low > lane_high):
+                    return False
+            own = bounds.get(prio)
+            if own is None:
+                bounds[prio] = [low, high]
+            else:
+                if low < own[0]:
+                    own[0] = low
+                if high > own[1]:
+                    own[1] = high
+        except TypeError:  # keys of other types than the queued ones'
+            return False
+        return True
+
+    def _start_index(self, table: str, pk: tuple[str, ...]) -> KeyIndex:
+        """The key index of a table that now has operations at a second priority: the
+        bounds of what its lanes hold, or the exact index if those cannot be told apart."""
         index = KeyIndex()
+        bounds = index.bounds
+        assert bounds is not None
+        for prio in _PRIORITIES:
+            lane = self.lanes[prio].get(table)
+            for op in lane.ops if lane is not None else ():
+                keys = keys_of(op, pk)
+                if keys is None or not self._apart(bounds, prio, keys):
+                    self._index_keys(index, table, pk)
+                    return index
+        return index
+
+    def _index_keys(self, index: KeyIndex, table: str, pk: tuple[str, ...]) -> None:
+        """Switch ``index`` to the exact index of every queued operation of ``table``."""
+        index.bounds = None
         queued = [op for prio in _PRIORITIES if (lane := self.lanes[prio].get(table))
                   for op in lane.ops]
         for op in sorted(queued, key=lambda o: o.seq):
@@ -204,7 +271,6 @@ class Lanes:
                 index.malformed += 1
             else:
                 index.last.update(zip(keys, repeat(op)))
-        return index
 
     def unindex(self, table: str, ops: list[BatchOperation]) -> None:
         """``ops`` are taken out of the queues: forget them as their keys' last writers (the
@@ -213,6 +279,11 @@ class Lanes:
             del self.indexes[table]
             return
         index = self.indexes[table]
+        bounds = index.bounds
+        if bounds is not None:  # forget the bounds of the lanes that emptied
+            for lane in [lane for lane in bounds if table not in self.lanes[Priority(lane)]]:
+                del bounds[lane]
+            return
         last = index.last
         for op in ops:
             keys = op.keys
@@ -325,26 +396,38 @@ class Lanes:
         return rows
 
     def top_up(self, prio: Priority, table: str, ops: list[BatchOperation], rows: int,
-                limit: int) -> Priority:
+               limit: int) -> Priority:
         """Fill a batch that is not full with the heads of the table's other lanes (same
-        shape), highest priority first: fewer, fuller batches when producers outrun the
-        database on one table at several priorities (a CRITICAL batch of the few rows that
-        came in during the last batch otherwise went alone). Safe for
+        shape), oldest submission first across them: fewer, fuller batches when producers
+        outrun the database on one table at several priorities (a CRITICAL batch of the few
+        rows that came in during the last batch otherwise went alone), whose rows follow
+        the producers' order as one priority's would (the database appends in key order
+        instead of at four places), and lanes that drain at the same pace. Safe for
         "the later submission wins": the key index keeps every queued writer of a key in one
         lane, so operations of different lanes share no key, and each lane still gives up
         its operations in order. Those operations only commit earlier than they had to.
         Returns the batch's priority: the highest of its operations' lanes."""
+        first = ops[0]
+        op_type, columns = first.operation_type, first.columns
+        lanes = [(other, lane) for other in _PRIORITIES
+                 if other is not prio and (lane := self.lanes[other].get(table)) is not None]
         batch_prio = prio
-        for other in _PRIORITIES:
-            if other is prio or rows >= limit:
+        while lanes and rows < limit:
+            # the lane whose head was submitted first
+            at = min(range(len(lanes)), key=lambda i: lanes[i][1].ops[0].seq)
+            other, lane = lanes[at]
+            nxt = lane.ops[0]
+            if (nxt.operation_type is not op_type or rows + nxt.n_rows > limit
+                    or (nxt.columns is not columns and nxt.columns != columns)):
+                del lanes[at]  # its head does not fit: the lane keeps its order
                 continue
-            lane = self.lanes[other].get(table)
-            if lane is None:
-                continue
-            before = len(ops)
-            rows = self.take_from(other, table, lane, ops, rows, limit)
-            taken = len(ops) - before
-            if taken:
-                self.counts[other] -= taken
-                batch_prio = max(batch_prio, other)
+            ops.append(lane.ops.popleft())
+            rows += nxt.n_rows
+            lane.rows -= nxt.n_rows
+            self.counts[other] -= 1
+            if other > batch_prio:
+                batch_prio = other
+            if not lane.ops:
+                del self.lanes[other][table]
+                del lanes[at]
         return batch_prio

@@ -1,4 +1,6 @@
-"""Table descriptions, identifier safety and the built-in ``candles`` table (SQLAlchemy Core)."""
+"""Table descriptions and identifier safety (SQLAlchemy Core): what a backend knows of a
+table (:class:`TableInfo`), the shared :data:`metadata` declared tables live in, and the
+``epoch_ms_now`` server default. The built-in ``candles`` table is in :mod:`batchdb.candles`."""
 
 from __future__ import annotations
 
@@ -6,16 +8,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .models import SchemaError
 
 __all__ = [
-    "CANDLE_COLUMNS",
     "TableInfo",
-    "candles_table",
     "check_identifier",
+    "create_statements",
     "epoch_ms_now",
     "filled_columns",
     "metadata",
@@ -50,32 +53,6 @@ def _epoch_ms_now(element: epoch_ms_now, compiler: SQLCompiler, **kw: object) ->
 def _epoch_ms_now_sqlite(element: epoch_ms_now, compiler: SQLCompiler, **kw: object) -> str:
     # julianday() works on every SQLite version (unixepoch('subsec') needs 3.42)
     return "CAST(ROUND((julianday('now') - 2440587.5) * 86400000) AS INTEGER)"
-
-
-_REAL: sa.types.TypeEngine[float] = sa.Double().with_variant(sa.REAL(), "sqlite")
-_BIGINT: sa.types.TypeEngine[int] = sa.BigInteger().with_variant(sa.INTEGER(), "sqlite")
-
-candles_table = sa.Table(
-    "candles",
-    metadata,
-    sa.Column("symbol", sa.Text, nullable=False, comment="market code, e.g. KRW-BTC"),
-    sa.Column("timeframe", sa.Text, nullable=False, comment="candle unit, e.g. 1m, 1d"),
-    sa.Column("ts", _BIGINT, nullable=False, comment="candle start, epoch milliseconds UTC"),
-    sa.Column("open_price", _REAL, nullable=False),
-    sa.Column("high_price", _REAL, nullable=False),
-    sa.Column("low_price", _REAL, nullable=False),
-    sa.Column("close_price", _REAL, nullable=False),
-    sa.Column("volume", _REAL, nullable=False, comment="base-currency volume"),
-    sa.Column("quote_volume", _REAL, nullable=True, comment="quote-currency volume"),
-    sa.Column("source", sa.Text, nullable=True, comment="where the candle came from"),
-    sa.Column("ingested_at", _BIGINT, nullable=False, server_default=epoch_ms_now(),
-              comment="epoch ms of the write"),
-    sa.PrimaryKeyConstraint("symbol", "timeframe", "ts", name="candles_pk"),
-    sqlite_with_rowid=False,
-    sqlite_strict=True,
-)
-
-CANDLE_COLUMNS: tuple[str, ...] = tuple(c.name for c in candles_table.columns)
 
 
 def filled_columns(table: sa.Table) -> tuple[str, ...]:
@@ -164,3 +141,16 @@ def on_conflict_sql(table: TableInfo, values: list[str], differs: str | None = N
         clause += " WHERE " + " OR ".join(f"{name}.{q(c)} {differs} excluded.{q(c)}"
                                           for c in values)
     return clause
+
+
+def create_statements(table: sa.Table, dialect: Dialect, comments: bool = False) -> list[str]:
+    """``CREATE TABLE IF NOT EXISTS`` for a declared table and ``CREATE INDEX IF NOT
+    EXISTS`` for each of its indexes (by name, so the order is stable), compiled for
+    ``dialect``; with ``comments``, a ``COMMENT ON COLUMN`` per commented column."""
+    statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
+    statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
+                   for ix in sorted(table.indexes, key=lambda ix: str(ix.name))]
+    if comments:
+        statements += [str(SetColumnComment(c).compile(dialect=dialect))
+                       for c in table.columns if c.comment]
+    return statements

@@ -72,7 +72,7 @@ def database_path(value: Any) -> Any:
 
 
 class BatchConfig(Section):
-    """The seed's batch settings, plus the scheduler's own knobs."""
+    """How operations are batched, queued under a budget, lingered, retried and completed."""
 
     insert_batch_size: int = Field(1000, ge=1, description="rows per INSERT/UPSERT batch")
     update_batch_size: int = Field(500, ge=1, description="rows per UPDATE/DELETE batch")
@@ -125,7 +125,7 @@ class BatchConfig(Section):
 
 
 class MaintenanceConfig(Section):
-    """The seed's maintenance schedule (seconds); 0 disables a task."""
+    """How often the manager runs each maintenance task (seconds); 0 disables a task."""
 
     enabled: bool = True
     wal_checkpoint_interval_seconds: float = Field(3600.0, ge=0)

@@ -425,8 +425,12 @@ class Spooler:
                                                             strict=True):
                 op = self._ops.get(seq)
                 if op is None:  # spooled by an earlier process
-                    op = BatchOperation(op_id, table, op_type, (), Priority(prio),
-                                        created_at=created_at, state="spooled")
+                    op = BatchOperation.queued(
+                        op_id, table, op_type, (), Priority(prio), None,
+                        columns=record.columns, values=rows, row_columns=(),
+                        n_rows=len(rows), nbytes=0)
+                    op.created_at = created_at
+                    op.state = "spooled"
                     op.spool_seq = seq
                 elif op.state != "spooled":
                     continue  # finished by an interrupted replay (committed or failed)

@@ -67,7 +67,7 @@ class History:
     """The last ``keep`` finished operations by id, for wait(), and up to a quarter more
     plus two batches: they are kept in generations of plain dicts of about an eighth of
     ``keep``, each dropped whole (an OrderedDict evicting one entry per operation cost
-    ~0.5 µs per one-row write).
+    a measurable share of a one-row write).
     """
 
     __slots__ = ("_generations", "_keep", "_size", "_step")

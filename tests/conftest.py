@@ -18,11 +18,17 @@ from tests.pgserver import PostgresServer, with_search_path
 
 
 @pytest.fixture
-def db_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh SQLite path; the working directory is tmp_path (no stray settings.toml)."""
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The working directory is tmp_path (no stray settings.toml) and no BATCHDB_* variable
+    of the caller leaks in."""
     monkeypatch.chdir(tmp_path)
     for key in [k for k in os.environ if k.startswith("BATCHDB_")]:
         monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, clean_env: None) -> Path:
+    """A fresh SQLite path in a clean environment (see ``clean_env``)."""
     return tmp_path / "test.sqlite3"
 
 
@@ -101,7 +107,7 @@ def upbit_candles(n: int, market: str = "KRW-BTC", start_minute: int = 0,
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the session (``tests/postgres``,
+    """One throwaway PostgreSQL server for the session (``tests/backends/postgres``,
     ``tests/reliability``), stopped at the end; the test is skipped, with the reason,
     where none can be started."""
     reason = PostgresServer.unavailable_reason()
@@ -143,3 +149,23 @@ async def make_pg_manager(pg_dsn: str, tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.delenv(key)
     async with managers("postgres", {"dsn": pg_dsn}) as factory:
         yield factory
+
+
+# tables and settings shared by the scheduler and SQLite backend tests
+LOG_DDL = """
+CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, tag TEXT NOT NULL);
+CREATE TABLE kv (k INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER);
+"""
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+conn.execute("INSERT INTO log (tag) VALUES ('locker')")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+def batch_cfg(**kw: Any) -> dict[str, Any]:
+    return {"batch": kw}

@@ -12,9 +12,7 @@ import importlib
 import os
 import re
 import secrets
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,8 +28,9 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, OperationType, SchemaError
-from batchdb.reads import not_a_read
+from batchdb.reads import ReadChunk, not_a_read
 from batchdb.schema import TableInfo
+from batchdb.worker import Worker
 
 from .arrow import ArrowConverter, ConversionError
 from .settings import DuckDBSettings
@@ -116,8 +115,8 @@ class DuckDBBackend(Backend):
         super().__init__(settings, connection_factory=connection_factory)
         self.settings: DuckDBSettings = settings
         self._duckdb, self._pa = load_drivers()
-        self._writer: ThreadPoolExecutor | None = None
-        self._reader: ThreadPoolExecutor | None = None
+        self._writer: Worker | None = None
+        self._reader: Worker | None = None
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._cursor: duckdb.DuckDBPyConnection | None = None
         self._plans: dict[tuple[Any, ...], _Plan] = {}
@@ -170,27 +169,27 @@ class DuckDBBackend(Backend):
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         if self._writer is None:
-            raise BatchDBError("the DuckDB backend is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+            raise self.not_open()
+        return await asyncio.wrap_future(self._writer.submit(fn, *args))
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._reader is None:
-            raise BatchDBError("the DuckDB backend is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+            raise self.not_open()
+        return await asyncio.wrap_future(self._reader.submit(fn, *args))
 
     async def open(self, context: BackendContext) -> None:
         """Open the file (and its reader cursor) in the writer thread."""
         self.context = context
         if self._writer is not None:
             return
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-writer")
+        self._writer = Worker("batchdb-duckdb-writer")
         try:
             await self._call(self._open)
         except BaseException:
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown()
             self._writer = None
             raise
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="batchdb-duckdb-reader")
+        self._reader = Worker("batchdb-duckdb-reader")
 
     def _close(self) -> None:
         for conn in (self._cursor, self._conn):
@@ -202,11 +201,11 @@ class DuckDBBackend(Backend):
     async def close(self) -> None:
         """Close the reader cursor and the connection (DuckDB checkpoints on close)."""
         if self._reader is not None:
-            self._reader.shutdown(wait=True)
+            self._reader.shutdown()
             self._reader = None
         if self._writer is not None:
             await self._call(self._close)
-            self._writer.shutdown(wait=True)
+            self._writer.shutdown()
             self._writer = None
         self._plans.clear()
 
@@ -244,6 +243,48 @@ class DuckDBBackend(Backend):
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run a query on the reader cursor, in its own thread (writes go on meanwhile)."""
         return await self._read(self._fetch, sql, tuple(params))
+
+    def _start_read(self, sql: str, params: tuple[Any, ...]
+                    ) -> tuple[duckdb.DuckDBPyConnection, tuple[str, ...]]:
+        """A cursor of its own running ``sql`` (the shared reader cursor would lose the
+        pending result at the next ``fetch``), and the result's column names."""
+        assert self._conn is not None
+        self._check_read(sql)
+        cursor = self._conn.cursor()
+        try:
+            cursor.execute(sql, list(params))
+        except BaseException:
+            cursor.close()
+            raise
+        return cursor, tuple(str(d[0]) for d in cursor.description or ())
+
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, fetched in the reader thread from a
+        cursor of its own (DuckDB produces the result as it is fetched)."""
+        cursor, columns = await self._read(self._start_read, sql, tuple(params))
+        try:
+            first = True
+            while True:
+                rows = await self._read(cursor.fetchmany, chunk_rows)
+                if not rows and not first:
+                    return
+                first = False
+                yield ReadChunk(columns, rows)
+                if len(rows) < chunk_rows:
+                    return
+        finally:
+            if self._reader is not None:
+                await self._read(cursor.close)
+            else:
+                cursor.close()
+
+    async def list_tables(self) -> list[str]:
+        """Tables of the current database and schema, DuckDB's internal ones left out."""
+        rows = await self.fetch(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = current_schema() AND NOT internal AND NOT temporary")
+        return sorted(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:
@@ -323,7 +364,7 @@ class DuckDBBackend(Backend):
         DuckDB's auto-commit mode)."""
         conn = self._conn
         if conn is None:
-            raise BatchDBError("the DuckDB backend is not open")
+            raise self.not_open()
         plan = self._plan(batch)
         data = plan.converter.table_of(batch.operations)
         if plan.dedup:
@@ -343,8 +384,8 @@ class DuckDBBackend(Backend):
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         """Start ``batch`` in the writer thread at once; the future holds its result."""
         if self._writer is None:
-            raise BatchDBError("the DuckDB backend is not open")
-        return asyncio.get_running_loop().run_in_executor(self._writer, self._write, batch)
+            raise self.not_open()
+        return asyncio.wrap_future(self._writer.submit(self._write, batch))
 
     def classify_error(self, exc: BaseException) -> ErrorKind:
         """Bad values and constraints split the batch; conflicts and locks are retried;
@@ -430,15 +471,9 @@ class DuckDBBackend(Backend):
         raise ValueError(f"unknown DuckDB maintenance task {task!r}; "
                          f"known: {', '.join(self.maintenance_tasks)}")
 
-    async def maintenance(self, task: str) -> dict[str, Any]:
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
         """Run ``checkpoint``, ``analyze`` or ``vacuum`` in the writer thread."""
-        if task not in self.maintenance_tasks:
-            raise ValueError(f"unknown DuckDB maintenance task {task!r}; "
-                             f"known: {', '.join(self.maintenance_tasks)}")
-        start = time.perf_counter()
-        result = await self._call(self._maintain, task)
-        result["seconds"] = round(time.perf_counter() - start, 4)
-        return result
+        return await self._call(self._maintain, task)
 
     # ------------------------------------------------------------------ status
     def _status(self) -> dict[str, Any]:

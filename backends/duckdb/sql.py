@@ -11,10 +11,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql.base import PGDDLCompiler, PGDialect, PGIdentifierPreparer
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.models import OperationType, SchemaError
 from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
+from batchdb.schema import create_statements as schema_statements
 
 __all__ = ["build_sql", "create_statements"]
 
@@ -83,8 +83,4 @@ class _DuckDBDialect(PGDialect):
 
 def create_statements(table: sa.Table) -> list[str]:
     """``CREATE TABLE IF NOT EXISTS`` and its indexes, in DuckDB's SQL."""
-    dialect = _DuckDBDialect()  # type: ignore[no-untyped-call]
-    statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
-    statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
-                   for ix in sorted(table.indexes, key=lambda ix: str(ix.name))]
-    return statements
+    return schema_statements(table, _DuckDBDialect())  # type: ignore[no-untyped-call]

@@ -37,10 +37,10 @@ import math
 import re
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -56,8 +56,8 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, SchemaError
-from batchdb.reads import not_a_read
-from batchdb.schema import TableInfo
+from batchdb.reads import ReadChunk, not_a_read
+from batchdb.schema import TableInfo, create_statements
 from batchdb.settings import redact_dsn
 
 from .settings import PostgresSettings
@@ -320,6 +320,7 @@ class PostgresBackend(Backend):
     """A PostgreSQL server through psycopg 3: pooled connections, COPY + set-based writes."""
 
     name = "postgres"
+    paramstyle = "format"
     settings_model = PostgresSettings
     maintenance_tasks = ("analyze", "vacuum")
 
@@ -392,7 +393,7 @@ class PostgresBackend(Backend):
 
     def _require_pool(self) -> Pool:
         if self._pool is None or self._pool.closed:
-            raise BatchDBError("the postgres backend is not open")
+            raise self.not_open()
         return self._pool
 
     async def open(self, context: BackendContext) -> None:
@@ -424,12 +425,20 @@ class PostgresBackend(Backend):
         refused by the server and changes nothing). Placeholders are psycopg's ``%s``; a
         query without any ``%s`` may use ``?`` (the SQLite/DuckDB form) instead."""
         query = _portable_placeholders(sql, len(params)) if params else sql
+        async with self._read_only(sql, "BEGIN READ ONLY") as raw:
+            cur = await raw.execute(query, params or None)
+            rows = await cur.fetchall() if cur.description is not None else []
+        return [tuple(r) for r in rows]
+
+    @contextlib.asynccontextmanager
+    async def _read_only(self, sql: str, begin: str) -> AsyncIterator[Any]:
+        """A pooled connection in a read-only transaction (``begin``), committed at the end;
+        rolled back on any error, a write the server refused reported as not a read."""
         async with self._require_pool().connection() as conn:
             raw = conn.raw
             try:
-                await raw.execute("BEGIN READ ONLY", prepare=False)
-                cur = await raw.execute(query, params or None)
-                rows = await cur.fetchall() if cur.description is not None else []
+                await raw.execute(begin, prepare=False)
+                yield raw
                 await raw.execute("COMMIT", prepare=False)
             except self._pg.errors.ReadOnlySqlTransaction as exc:
                 await _rollback(conn)
@@ -437,7 +446,46 @@ class PostgresBackend(Backend):
             except BaseException:
                 await _rollback(conn)
                 raise
-        return [tuple(r) for r in rows]
+
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, in a read-only transaction on one
+        pooled connection held until the iteration ends (REPEATABLE READ: the rows of one
+        snapshot, as a SQLite reader and DuckDB give them). psycopg's ``stream()`` has libpq
+        send the result in chunks of that size (libpq 17+; row by row before), so the
+        client never holds more than a chunk, whatever the statement (a server-side
+        cursor would take only SELECT, not EXPLAIN or SHOW)."""
+        query = _portable_placeholders(sql, len(params)) if params else sql
+        size = chunk_rows if self._pg.pq.version() >= 170000 else 1
+        async with self._read_only(sql, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                                   ) as raw:
+            cur = raw.cursor()
+            rows: list[tuple[Any, ...]] = []
+            yielded = False
+            # aclosing: left early, psycopg's stream cancels the rest of the result
+            stream = cast(AsyncGenerator[Any, None], cur.stream(query, params or None, size=size))
+            async with contextlib.aclosing(stream):
+                async for row in stream:
+                    rows.append(tuple(row))
+                    if len(rows) >= chunk_rows:
+                        yield ReadChunk(_column_names(cur), rows)
+                        yielded, rows = True, []
+            if rows:
+                yield ReadChunk(_column_names(cur), rows)
+            elif not yielded:
+                # an empty result: the stream leaves no description behind, so the statement
+                # runs once more, on the same snapshot (REPEATABLE READ), for its column
+                # names (it returns no row again)
+                await cur.execute(query, params or None)
+                yield ReadChunk(_column_names(cur), [])
+
+    async def list_tables(self) -> list[str]:
+        """Tables (plain and partitioned, not the partitions) of the current schema."""
+        rows = await self.fetch(
+            "SELECT c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = pg_catalog.current_schema() "
+            "AND c.relkind IN ('r', 'p') AND NOT c.relispartition")
+        return sorted(str(r[0]) for r in rows)
 
     # ------------------------------------------------------------------ schema
     async def _describe(self, name: str) -> Target | None:
@@ -445,20 +493,13 @@ class PostgresBackend(Backend):
         unreachable (a producer's first write to a table during a restart still works)."""
         from .statements import describe
 
-        attempt = 0
-        while True:
-            try:
-                async with self._require_pool().connection() as conn:
-                    target = await describe(conn.raw, name)
-                break
-            except Exception as exc:
-                policy = self.context.retry_policy
-                if (self.classify_error(exc) is not ErrorKind.TRANSIENT
-                        or attempt >= policy.max_retries):
-                    raise
-                attempt += 1
-                await self._require_pool().drop_idle()
-                await asyncio.sleep(policy.delay(attempt))
+        async def read() -> Target | None:
+            async with self._require_pool().connection() as conn:
+                return await describe(conn.raw, name)
+
+        target = await self.context.retry_policy.call_async(
+            read, lambda exc: self.classify_error(exc) is ErrorKind.TRANSIENT,
+            before_retry=self._require_pool().drop_idle)
         if target is not None:
             self._targets[name] = target
         return target
@@ -472,14 +513,8 @@ class PostgresBackend(Backend):
     async def create_table(self, table: sa.Table) -> TableInfo:
         """Create a declared table (PostgreSQL dialect DDL, indexes, column comments) if
         it does not exist, under an advisory lock so concurrent writers do not race."""
-        from sqlalchemy.schema import CreateIndex, CreateTable, SetColumnComment
-
         dialect = sa.engine.make_url("postgresql+psycopg://").get_dialect()()
-        statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
-        statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
-                       for ix in table.indexes]
-        statements += [str(SetColumnComment(c).compile(dialect=dialect))
-                       for c in table.columns if c.comment]
+        statements = create_statements(table, dialect, comments=True)
         async with self._require_pool().connection() as conn:
             try:
                 await conn.raw.execute("BEGIN")
@@ -889,14 +924,11 @@ class PostgresBackend(Backend):
                 found.append((target.schema, target.relname))
         return found
 
-    async def maintenance(self, task: str) -> dict[str, Any]:
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
         """``vacuum``: VACUUM (ANALYZE) of the database's tables (those of the schemas on
         the search_path, where batchdb finds tables by name, and any other this backend
         wrote to), with their size before and after; ``analyze``: ANALYZE of them. Without
         statement timeout."""
-        if task not in self.maintenance_tasks:
-            raise ValueError(f"unknown PostgreSQL maintenance task {task!r}; "
-                             f"known: {', '.join(self.maintenance_tasks)}")
         from psycopg import sql
 
         tables = await self.maintenance_tables()
@@ -968,6 +1000,10 @@ WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND n.nspname = ANY (pg_catalog.current_schemas(false))
 ORDER BY array_position(pg_catalog.current_schemas(false), n.nspname), c.relname
 """
+
+
+def _column_names(cursor: Any) -> tuple[str, ...]:
+    return tuple(c.name for c in cursor.description or ())
 
 
 async def _rollback(conn: PooledConnection) -> None:

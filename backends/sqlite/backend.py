@@ -10,14 +10,13 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 import sqlalchemy as sa
 from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.schema import CreateIndex, CreateTable
 
 from batchdb.backend import (
     Backend,
@@ -30,8 +29,8 @@ from batchdb.backend import (
     with_location,
 )
 from batchdb.models import BatchDBError, BatchOperation, OperationType, Priority, SchemaError
-from batchdb.reads import not_a_read
-from batchdb.schema import TableInfo, on_conflict_sql, quote_ident
+from batchdb.reads import ReadChunk, not_a_read
+from batchdb.schema import TableInfo, create_statements, on_conflict_sql, quote_ident
 
 from .connections import (
     check_factory_connection,
@@ -76,7 +75,7 @@ _RESET_WAIT_SECONDS = 0.25
 
 
 class SQLiteBackend(Backend):
-    """The reference backend: an SQLite file in WAL mode, tuned with the seed's PRAGMAs."""
+    """The reference backend: an SQLite file in WAL mode, tuned by its PRAGMA settings."""
 
     name = "sqlite"
     settings_model = SQLiteSettings
@@ -167,7 +166,7 @@ class SQLiteBackend(Backend):
         """Run ``fn`` in the writer thread, in order with the batches, with SQLite's busy
         handler waiting up to ``busy_timeout_ms`` for locks (batches wait on their own)."""
         if self._writer is None:
-            raise BatchDBError("the SQLite backend is not open")
+            raise self.not_open()
         return await asyncio.wrap_future(self._writer.submit(self._patiently, fn, *args))
 
     def _patiently(self, fn: Callable[..., T], *args: Any) -> T:
@@ -248,7 +247,7 @@ class SQLiteBackend(Backend):
     @contextlib.asynccontextmanager
     async def _reader(self) -> Any:
         if self._readers is None:
-            raise BatchDBError("the SQLite backend is not open")
+            raise self.not_open()
         if self._readers.empty() and self._reader_count < self.settings.readers:
             self._reader_count += 1
             try:
@@ -294,6 +293,35 @@ class SQLiteBackend(Backend):
                     raise not_a_read(sql, str(exc)) from None
                 raise
 
+    async def read_chunks(self, sql: str, params: tuple[Any, ...] = (),
+                          chunk_rows: int = 10_000) -> AsyncGenerator[ReadChunk, None]:
+        """The rows of ``sql`` ``chunk_rows`` at a time, from one reader connection held
+        until the iteration ends (its WAL snapshot too: the rows are those of one moment,
+        and the WAL cannot restart past that snapshot meanwhile)."""
+        async with self._reader() as conn:
+            try:
+                async with conn.execute(sql, params) as cursor:
+                    columns = tuple(d[0] for d in cursor.description or ())
+                    first = True
+                    while True:
+                        rows = await cursor.fetchmany(chunk_rows)
+                        if not rows and not first:
+                            return
+                        first = False
+                        yield ReadChunk(columns, rows if type(rows) is list else list(rows))
+                        if len(rows) < chunk_rows:
+                            return
+            except sqlite3.DatabaseError as exc:
+                if refused_as_write(exc):
+                    raise not_a_read(sql, str(exc)) from None
+                raise
+
+    async def list_tables(self) -> list[str]:
+        """Tables of the main database, without SQLite's own (``sqlite_%``)."""
+        rows = await self.fetch("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")
+        return sorted(str(r[0]) for r in rows)
+
     # ------------------------------------------------------------------ schema
     def _describe(self, name: str) -> TableInfo | None:
         assert self._conn is not None
@@ -318,24 +346,19 @@ class SQLiteBackend(Backend):
         return await self._call(self._describe, name)
 
     def _create(self, table: sa.Table) -> TableInfo:
-        assert self._conn is not None
-        dialect = sqlite_dialect.dialect()
-        statements = [str(CreateTable(table, if_not_exists=True).compile(dialect=dialect))]
-        statements += [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect))
-                       for ix in table.indexes]
-        attempt = 0
-        while True:  # like a batch: wait out another process's write lock, with backoff
-            try:
-                with self._transaction():
-                    for stmt in statements:
-                        self._conn.execute(stmt)
-                break
-            except sqlite3.OperationalError as exc:
-                if (self.classify_error(exc) is not ErrorKind.TRANSIENT
-                        or attempt >= self.context.retry_policy.max_retries):
-                    raise
-                attempt += 1
-                time.sleep(self.context.retry_policy.delay(attempt))
+        conn = self._conn
+        assert conn is not None
+        statements = create_statements(table, sqlite_dialect.dialect())
+
+        def create() -> None:
+            with self._transaction():
+                for stmt in statements:
+                    conn.execute(stmt)
+
+        # like a batch: wait out another process's write lock, with backoff
+        self.context.retry_policy.call(
+            create, lambda exc: isinstance(exc, sqlite3.OperationalError)
+            and self.classify_error(exc) is ErrorKind.TRANSIENT)
         info = self._describe(table.name)
         assert info is not None
         return info
@@ -591,7 +614,7 @@ class SQLiteBackend(Backend):
 
     def write_batch(self, batch: Batch) -> asyncio.Future[BatchResult]:
         if self._writer is None:
-            raise BatchDBError("the SQLite backend is not open")
+            raise self.not_open()
         claims = self._claims
         if claims is None:
             return asyncio.wrap_future(self._writer.submit(self._write, batch,
@@ -679,14 +702,9 @@ class SQLiteBackend(Backend):
         raise ValueError(f"unknown SQLite maintenance task {task!r}; "
                          f"known: {', '.join(self.maintenance_tasks)}")
 
-    async def maintenance(self, task: str) -> dict[str, Any]:
-        if task not in self.maintenance_tasks:
-            raise ValueError(f"unknown SQLite maintenance task {task!r}; "
-                             f"known: {', '.join(self.maintenance_tasks)}")
-        start = time.perf_counter()
-        result = await self._call(self._maintain, task)
-        result["seconds"] = round(time.perf_counter() - start, 4)
-        return result
+    async def run_maintenance(self, task: str) -> dict[str, Any]:
+        """Run the task in the writer thread."""
+        return await self._call(self._maintain, task)
 
     def _file_size(self) -> int:
         if not self.path:

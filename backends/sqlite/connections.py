@@ -1,4 +1,4 @@
-"""What a connection factory (the seed's ``BatchDBManager(lambda: sqlite3.connect(...))``)
+"""What a connection factory (``BatchDBManager(lambda: sqlite3.connect(...))``)
 must hand over, checked when batchdb opens its writer and its readers, each with a message
 saying how to write the factory instead of a driver traceback."""
 

@@ -17,7 +17,7 @@ with an error naming the column and the row. ``[sqlite] check_types = false`` tu
 
 Cost: one C loop over each checked column per batch (``sum`` of a number column,
 ``"".join`` of a text column; the type of each value when those refuse, e.g. for NULLs),
-about 5 ns a value; STRICT tables (the built-in ``candles``) are not checked, SQLite does.
+a small cost per value; STRICT tables (the built-in ``candles``) are not checked, SQLite does.
 """
 
 from __future__ import annotations

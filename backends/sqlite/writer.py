@@ -15,16 +15,12 @@ step, so a batch of a higher priority submitted meanwhile starts at once.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any, TypeVar
+
+from batchdb.worker import Job, Worker
 
 __all__ = ["WriterThread"]
-
-T = TypeVar("T")
-
 
 #: a batch held back by the gate is looked at again this often (seconds)
 GATE_POLL_SECONDS = 0.0005
@@ -45,98 +41,38 @@ Gate = Callable[[int, float], bool]
 (it has been held ``seconds_held`` so far); it must be quick and bound the hold itself."""
 
 
-class _Job:
-    __slots__ = ("args", "fn", "future", "held_since", "priority", "table")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], table: str | None,
-                 priority: int) -> None:
-        self.fn = fn
-        self.args = args
-        self.table = table  # None: a barrier
-        self.priority = priority
-        self.held_since: float | None = None
-        self.future: Future[Any] = Future()
-
-
-class WriterThread:
-    """A single thread running submitted jobs (see the module's docstring for the order)."""
+class WriterThread(Worker):
+    """The SQLite writer: a :class:`~batchdb.worker.Worker` whose order is the module's."""
 
     def __init__(self, name: str, gate: Gate | None = None) -> None:
-        self._jobs: list[_Job] = []
         self._gate = gate
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        super().__init__(name)
 
-    def submit(self, fn: Callable[..., T], *args: Any, table: str | None = None,
-               priority: int = 0) -> Future[T]:
-        """Queue ``fn(*args)``; a job with a ``table`` is a batch that may pass waiting
-        batches of lower priority on other tables."""
-        job = _Job(fn, args, table, priority)
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("the writer thread is shut down")
-            self._jobs.append(job)
-            self._cond.notify()
-        return job.future
+    def _pick(self, jobs: list[Job]) -> int | float:
+        best = 0
+        if jobs[0].table is not None:
+            passed: set[str] = {jobs[0].table}
+            for i in range(1, len(jobs)):
+                job = jobs[i]
+                if job.table is None:
+                    break  # a barrier: nothing behind it may run first
+                if job.table not in passed and job.priority > jobs[best].priority:
+                    best = i
+                passed.add(job.table)
+        job = jobs[best]
+        # never hold a batch back that a higher one waits behind (same table: it may not
+        # pass): the higher one's priority is the held one's too
+        if (job.table is not None and self._gate is not None
+                and not [j for j in jobs if j.priority > job.priority]):
+            now = time.monotonic()
+            held = 0.0 if job.held_since is None else now - job.held_since
+            if self._gate(job.priority, held):
+                if job.held_since is None:
+                    job.held_since = now
+                return GATE_POLL_SECONDS  # woken early by a submission: pick again
+        return best
 
-    @property
-    def waiting(self) -> int:
-        """Jobs queued and not started yet."""
-        with self._cond:
-            return len(self._jobs)
-
-    def shutdown(self) -> None:
-        """Run the jobs already queued, then stop the thread and wait for it."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _take(self) -> _Job | None:
-        with self._cond:
-            while True:
-                while not self._jobs:
-                    if self._closed:
-                        return None
-                    self._cond.wait()
-                jobs = self._jobs
-                best = 0
-                if jobs[0].table is not None:
-                    passed: set[str] = {jobs[0].table}
-                    for i in range(1, len(jobs)):
-                        job = jobs[i]
-                        if job.table is None:
-                            break  # a barrier: nothing behind it may run first
-                        if job.table not in passed and job.priority > jobs[best].priority:
-                            best = i
-                        passed.add(job.table)
-                job = jobs[best]
-                # never hold a batch back that a higher one waits behind (same table: it
-                # may not pass): the higher one's priority is the held one's too
-                if (job.table is not None and self._gate is not None
-                        and not [j for j in jobs if j.priority > job.priority]):
-                    now = time.monotonic()
-                    held = 0.0 if job.held_since is None else now - job.held_since
-                    if self._gate(job.priority, held):
-                        if job.held_since is None:
-                            job.held_since = now
-                        # woken early by a submission: pick again (it may pass this one)
-                        self._cond.wait(GATE_POLL_SECONDS)
-                        continue
-                return jobs.pop(best)
-
-    def _run(self) -> None:
-        while (job := self._take()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = job.fn(*job.args)
-            except BaseException as exc:
-                job.future.set_exception(exc)
-            else:
-                job.future.set_result(result)
-            if (job.priority >= HAND_OVER_PRIORITY and job.table is not None
-                    and [j for j in self._jobs if j.priority < HAND_OVER_PRIORITY]):
-                time.sleep(HAND_OVER_SECONDS)  # (a racy look at the list: a hint only)
+    def _ran(self, job: Job) -> None:
+        if (job.priority >= HAND_OVER_PRIORITY and job.table is not None
+                and [j for j in self._jobs if j.priority < HAND_OVER_PRIORITY]):
+            time.sleep(HAND_OVER_SECONDS)  # (a racy look at the list: a hint only)

@@ -2,6 +2,10 @@
 
 Dates are converted for the whole batch in one numpy call: a per-row
 ``datetime.fromisoformat`` would cost most of SQLite's write budget.
+
+The collector (``batchdb collect``, :class:`Collector`) lives beside it in
+``collector.py``, ``client.py``, ``ratelimit.py``, ``live.py`` and ``cli.py``; it needs the
+``upbit`` extra (httpx, websockets) and is imported only when used.
 """
 
 from __future__ import annotations
@@ -10,16 +14,39 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from itertools import repeat
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from batchdb.hookspecs import hookimpl
-from batchdb.schema import CANDLE_COLUMNS
+from batchdb.candles import CANDLE_COLUMNS
+from batchdb.hookspecs import RegisterSettings, hookimpl
 
-__all__ = ["UPBIT_FIELDS", "batchdb_normalize_candles", "normalize_upbit_candles"]
+if TYPE_CHECKING:
+    import typer
 
-#: Upbit field → candles column
+    from .collector import Collector, CollectReport, MarketReport
+    from .settings import UpbitSettings
+
+__all__ = ["UPBIT_FIELDS", "UPBIT_NUMERIC_FIELDS", "UPBIT_REQUIRED_FIELDS", "CollectReport",
+           "Collector", "MarketReport", "UpbitSettings", "batchdb_normalize_candles",
+           "batchdb_register_commands", "batchdb_register_settings", "normalize_upbit_candles"]
+
+_LAZY = {"Collector": "collector", "CollectReport": "collector", "MarketReport": "collector",
+         "UpbitSettings": "settings"}
+
+
+def __getattr__(name: str) -> Any:
+    """The collector's names, imported on first use (every manager loads this plugin for
+    its normaliser; the collector is only needed by those who collect)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+#: Upbit field → candles column: the one list of Upbit's candle fields (the file readers
+#: of ``batchdb ingest`` and the normaliser below both use it)
 UPBIT_FIELDS: dict[str, str] = {
     "opening_price": "open_price",
     "high_price": "high_price",
@@ -28,7 +55,13 @@ UPBIT_FIELDS: dict[str, str] = {
     "candle_acc_trade_volume": "volume",
     "candle_acc_trade_price": "quote_volume",
 }
-_REQUIRED = ("candle_date_time_utc", *UPBIT_FIELDS)
+#: fields every Upbit candle carries (a CSV header must have them)
+UPBIT_REQUIRED_FIELDS: tuple[str, ...] = ("candle_date_time_utc", *UPBIT_FIELDS)
+#: Upbit fields that hold numbers (converted from text when reading CSV)
+UPBIT_NUMERIC_FIELDS: frozenset[str] = frozenset({
+    *UPBIT_FIELDS, "unit", "timestamp", "prev_closing_price", "change_price", "change_rate",
+    "converted_trade_price",
+})
 _NUMBER_TYPES = frozenset({int, float})
 
 
@@ -137,3 +170,19 @@ def batchdb_normalize_candles(
     if source != "upbit":
         return None
     return normalize_upbit_candles(symbol, timeframe, candles, source)
+
+
+@hookimpl
+def batchdb_register_commands(app: typer.Typer) -> None:
+    """``batchdb collect``: the Upbit candle collector."""
+    from .cli import register
+
+    register(app)
+
+
+@hookimpl
+def batchdb_register_settings(register: RegisterSettings) -> None:
+    """The ``[upbit]`` section: checked whenever settings load, shown by ``batchdb config``."""
+    from .settings import UpbitSettings
+
+    register("upbit", UpbitSettings)

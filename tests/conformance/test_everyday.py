@@ -83,25 +83,16 @@ async def test_maintenance_in_a_fresh_process_covers_the_tables_of_the_database(
                for task in manager.backend.maintenance_tasks if task != "integrity_check"}
     await manager.stop()
     assert "analyze" in results
-    if env.name == "postgres":
-        for task in ("vacuum", "analyze"):
-            assert "public.kv" in results[task]["tables"], results[task]
-        assert results["vacuum"]["bytes_before"] > 0
-        vacuumed, analyzed = env.query(
-            "SELECT last_vacuum IS NOT NULL, last_analyze IS NOT NULL "
-            "FROM pg_stat_user_tables WHERE relname = 'kv'")[0]
-        assert vacuumed and analyzed
-    elif env.name == "sqlite":
-        assert env.query("SELECT tbl FROM sqlite_stat1 WHERE idx = 'kv_v'") == [("kv",)]
+    env.check_maintained(results)
 
 
 async def test_a_batch_that_fails_after_retrying_counts_its_retries(env: BackendEnv) -> None:
     """Another session holds the table locked for longer than every retry: the batch fails
     with the database's error, and the status counts each retry (SQLite retries inside its
     writer, PostgreSQL through the scheduler); no delay is longer than the maximum."""
-    if env.name == "duckdb":
-        pytest.skip("DuckDB: one process holds the file and batchdb is its only writer, so "
-                    "no other session can lock a table against it")
+    if not env.lockable_by_another_session:
+        pytest.skip(f"{env.name}: one process holds the file and batchdb is its only writer, "
+                    "so no other session can lock a table against it")
     env.execute(KV)
     retry = {"max_retries": 2, "retry_base_delay_seconds": 0.05,
              "retry_max_delay_seconds": 0.06}
@@ -109,17 +100,7 @@ async def test_a_batch_that_fails_after_retrying_counts_its_retries(env: Backend
                           postgres={"statement_timeout_ms": 150})
     await manager.start()
     await manager.wait(await manager.queue_operation("kv", "UPSERT", [{"k": 0, "v": 0.0}]))
-    if env.name == "sqlite":
-        import sqlite3
-
-        blocker: Any = sqlite3.connect(env.path, isolation_level=None)
-        blocker.execute("BEGIN IMMEDIATE")
-    else:
-        import psycopg
-
-        assert env.dsn is not None
-        blocker = psycopg.connect(env.dsn)
-        blocker.execute("LOCK TABLE kv IN ACCESS EXCLUSIVE MODE")
+    blocker = env.hold_write_lock("kv")
     try:
         start = time.monotonic()
         op_id = await manager.queue_operation("kv", "UPSERT", [{"k": 1, "v": 1.0}])
@@ -127,8 +108,7 @@ async def test_a_batch_that_fails_after_retrying_counts_its_retries(env: Backend
             await manager.wait(op_id)
         seconds = time.monotonic() - start
     finally:
-        blocker.rollback() if env.name == "postgres" else blocker.execute("ROLLBACK")
-        blocker.close()
+        env.release(blocker)
     stats = (await manager.get_queue_status())["stats"]
     assert (stats["retries"], stats["failed_operations"]) == (2, 1)
     assert seconds < 2.0  # two delays of at most 0.06 s (and the statement timeouts)

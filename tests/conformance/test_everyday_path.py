@@ -191,9 +191,7 @@ async def test_fetch_refuses_a_write_and_later_writes_still_commit(env: BackendE
     assert await m.fetch("SELECT k, s FROM kv ORDER BY k") == [(1, "one"), (2, "two")]
     await m.stop()
     assert env.query("SELECT k, s FROM kv ORDER BY k") == [(1, "one"), (2, "two")]
-    names = {r[0] for r in env.query(
-        "SELECT table_name FROM information_schema.tables" if env.name != "sqlite"
-        else "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    names = {r[0] for r in env.query(env.tables_sql)}
     assert "sneaky" not in names
 
 
@@ -228,7 +226,7 @@ async def test_a_value_of_the_wrong_type_fails_its_operation_alone(
     await m.wait(before)
     await m.wait(after)
     await m.stop()
-    if env.name != "duckdb":  # DuckDB's cast error names no row
+    if env.cast_error_names_row:
         assert f"column '{column}'" in str(info.value) and "row 1" in str(info.value)
     assert env.query("SELECT k FROM tv ORDER BY k") == [(1,), (4,)]
 

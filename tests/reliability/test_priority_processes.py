@@ -22,7 +22,7 @@ from batchdb.backends.sqlite.coordination import (
     coordination_path,
     open_claims,
 )
-from batchdb.bench import SQLiteStore
+from batchdb.workloads.bench import SQLiteStore
 
 CHILD = Path(__file__).resolve().parent / "priority_child.py"
 # one-row writes awaited one by one: without this, each would linger (NORMAL 0.1 s, LOW 0.5 s)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends.postgres.outage import outage_server, start_again, stop_immediate
 from tests.pgserver import PostgresServer, sql_exec, sql_rows
-from tests.postgres.outage import outage_server, start_again, stop_immediate
 
 from .reporting import record
 from .spool_child import KV_KEYS, PRIORITIES, SCHEMA, SHARED_KEYS
