@@ -29,7 +29,7 @@ from .outage import outage_server, start_again, stop_immediate
 
 pytest.importorskip("psycopg")
 
-CHILD = Path(__file__).resolve().parent.parent / "reliability" / "spool_child.py"
+CHILD = Path(__file__).resolve().parents[2] / "reliability" / "spool_child.py"
 OPS = int(os.environ.get("BATCHDB_SPOOL_INGEST_OPS", "23000"))
 ROWS = 20  # rows of each log INSERT; each operation number also upserts 2 rows
 OUTAGE_SECONDS = float(os.environ.get("BATCHDB_SPOOL_OUTAGE_SECONDS", "21"))
