@@ -104,7 +104,8 @@ def test_ingest_at_four_priorities_through_a_20s_outage(server: PostgresServer,
         check_database(dsn, acked, ROWS)
     except AssertionError:
         print("\n".join(line for line in stderr.splitlines()
-                        if "COMMIT" in line or "transaction" in line or "committed" in line))
+                        if any(w in line for w in ("COMMIT", "transaction", "committed",
+                                                   "failed:"))))
         raise
     peak_mb = int((out / "peak_rss.txt").read_text()) / 1024
     assert peak_mb <= MEMORY_MB + 128, f"peak RSS {peak_mb:.0f} MB"
