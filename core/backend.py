@@ -33,6 +33,10 @@ class ErrorKind(enum.Enum):
     RESOURCE = "resource"  # disk full, read-only, corrupt: fail the batch's operations as they are
 
 
+#: tables a backend creates for batchdb's own bookkeeping (the spool's replay marks, see
+#: ``Backend.spool_applied``): not the user's, so ``manager.list_tables()`` leaves them out
+BOOKKEEPING_TABLES = frozenset({"batchdb_spool_applied"})
+
 _E = TypeVar("_E", bound=BaseException)
 _T = TypeVar("_T")
 

@@ -29,7 +29,7 @@ from typing import Any, Literal, Self, overload
 import sqlalchemy as sa
 
 from . import reads
-from .backend import Backend, Batch, ErrorKind
+from .backend import BOOKKEEPING_TABLES, Backend, Batch, ErrorKind
 from .candles import candles_table
 from .models import (
     BatchOperation,
@@ -629,8 +629,9 @@ class BatchDBManager:
         return self.backend.read_chunks(query, values, chunk_rows)
 
     async def list_tables(self) -> list[str]:
-        """The database's tables (user tables of the default schema), sorted by name."""
-        return await self.backend.list_tables()
+        """The database's tables (user tables of the default schema), sorted by name;
+        batchdb's own bookkeeping (the spool's replay marks) left out."""
+        return [t for t in await self.backend.list_tables() if t not in BOOKKEEPING_TABLES]
 
     async def read_candles(self, symbol: str, timeframe: str,
                            start: int | datetime | str | None = None,

@@ -73,6 +73,9 @@ async def test_a_crash_between_a_replayed_commit_and_the_spools_note(tmp_path: P
         assert status["skipped_as_committed"] == committed
         assert status["replayed_operations"] == 40 - committed
         assert (await m.wait("old-39")).state == "committed"  # replayed with its own id
+        # the marks table is batchdb's bookkeeping, not one of the user's tables
+        assert await m.list_tables() == ["log"]
+        assert "batchdb_spool_applied" in await m.backend.list_tables()
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*), count(DISTINCT id) FROM log").fetchone() == (40, 40)
         assert conn.execute("SELECT count(*) FROM batchdb_spool_applied").fetchone() == (0,)
