@@ -263,6 +263,34 @@ def _frame(payload: bytes) -> bytes:
     return _FRAME.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _frames(data: bytes, pos: int) -> Iterator[tuple[int, int, bytes]]:
+    """``(start, end, payload)`` of the whole frames of ``data`` from ``pos`` whose checksum
+    holds, in order, up to the first that does not (or does not fit): a torn tail or damage,
+    which the caller tells apart by where the last frame ended."""
+    while pos + _FRAME.size <= len(data):
+        length, crc = _FRAME.unpack_from(data, pos)
+        end = pos + _FRAME.size + length
+        if end > len(data):
+            return
+        payload = data[pos + _FRAME.size:end]
+        if zlib.crc32(payload) != crc:
+            return
+        yield pos, end, payload
+        pos = end
+
+
+def _done_seqs(data: bytes) -> set[int]:
+    """``first_seq`` of the records done.log's frames list; a torn tail ends the list
+    (those records are replayed again, and the database's marks skip them)."""
+    done: set[int] = set()
+    for _, _, payload in _frames(data, 0):
+        if not payload:
+            break
+        if payload[0] == _KIND_DONE:
+            done.update(struct.unpack_from(f"<{(len(payload) - 1) // 8}Q", payload, 1))
+    return done
+
+
 # ---------------------------------------------------------------------- files
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -492,29 +520,22 @@ class Spool:
             raise SpoolError(f"spool segment {path} has format version {version}; this "
                              f"batchdb reads version {FORMAT_VERSION}")
         pos = _SEG_HEADER.size
-        while pos < size:
-            good = pos + _FRAME.size <= size
-            if good:
-                length, crc = _FRAME.unpack_from(data, pos)
-                end = pos + _FRAME.size + length
-                good = end <= size and zlib.crc32(data[pos + _FRAME.size:end]) == crc
-            if not good:
-                if not last:
-                    raise SpoolCorrupt(
-                        f"spool segment {path}: the record at byte {pos} does not match its "
-                        "checksum, and it is not the tail of the spool: the file is damaged")
-                self.torn_bytes += size - pos
-                self._truncate(path, pos)
-                return
-            payload = data[pos + _FRAME.size:end]
+        for start, end, payload in _frames(data, pos):
             kind, appended_at, first_seq, count, rows, priority, table, _ = _decode_head(
                 payload)
             if kind != _KIND_OPS:
                 raise SpoolCorrupt(f"spool segment {path}: unknown record kind {kind}")
             self._last_seqs.append(first_seq + count)
-            yield SpoolEntry(number, pos, end - pos, table, first_seq, count, rows,
+            yield SpoolEntry(number, start, end - start, table, first_seq, count, rows,
                              appended_at, priority)
             pos = end
+        if pos < size:  # a record that does not fit or does not match its checksum
+            if not last:
+                raise SpoolCorrupt(
+                    f"spool segment {path}: the record at byte {pos} does not match its "
+                    "checksum, and it is not the tail of the spool: the file is damaged")
+            self.torn_bytes += size - pos
+            self._truncate(path, pos)
 
     def _truncate(self, path: Path, size: int, write_header: bool = False) -> None:
         with open(path, "r+b") as fh:
@@ -526,24 +547,9 @@ class Spool:
                 os.fsync(fh.fileno())
 
     def _read_done(self) -> set[int]:
-        """``first_seq`` of the records replayed; a torn tail of done.log is ignored
-        (those records are replayed again, and the database's marks skip them)."""
+        """``first_seq`` of the records replayed (see :func:`_done_seqs`)."""
         path = self.path / "done.log"
-        done: set[int] = set()
-        if not path.exists():
-            return done
-        data = path.read_bytes()
-        pos = 0
-        while pos + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, pos)
-            end = pos + _FRAME.size + length
-            payload = data[pos + _FRAME.size:end]
-            if end > len(data) or zlib.crc32(payload) != crc or not payload:
-                break
-            if payload[0] == _KIND_DONE:
-                done.update(struct.unpack_from(f"<{(length - 1) // 8}Q", payload, 1))
-            pos = end
-        return done
+        return _done_seqs(path.read_bytes()) if path.exists() else set()
 
     def _rewrite_done(self, done: list[int]) -> None:
         """done.log with only the records still in a segment (``done``)."""
@@ -886,16 +892,7 @@ def inspect_spool(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     done: set[int] = set()
     with contextlib.suppress(OSError):
-        data = (root / "done.log").read_bytes()
-        pos = 0
-        while pos + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, pos)
-            end = pos + _FRAME.size + length
-            payload = data[pos + _FRAME.size:end]
-            if end > len(data) or zlib.crc32(payload) != crc or not payload:
-                break
-            done.update(struct.unpack_from(f"<{(length - 1) // 8}Q", payload, 1))
-            pos = end
+        done = _done_seqs((root / "done.log").read_bytes())
     ops = size = 0
     oldest: float | None = None
     tables: set[str] = set()
@@ -907,22 +904,13 @@ def inspect_spool(path: str | os.PathLike[str]) -> dict[str, Any] | None:
             data = seg.read_bytes()
         except FileNotFoundError:  # replayed and deleted meanwhile
             continue
-        pos = _SEG_HEADER.size
-        while pos + _FRAME.size <= len(data):
-            length, crc = _FRAME.unpack_from(data, pos)
-            end = pos + _FRAME.size + length
-            if end > len(data):
-                break
-            payload = data[pos + _FRAME.size:end]
-            if zlib.crc32(payload) != crc:
-                break
+        for start, end, payload in _frames(data, _SEG_HEADER.size):
             _, appended_at, first_seq, count, _, _, table, _ = _decode_head(payload)
             if first_seq not in done:
                 ops += count
-                size += end - pos
+                size += end - start
                 tables.add(table)
                 oldest = appended_at if oldest is None else min(oldest, appended_at)
-            pos = end
     return {"path": str(root), "operations": ops, "bytes": size,
             "oldest_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
             "tables": sorted(tables), "down_since": down_since}
