@@ -9,6 +9,7 @@ tests/reliability/test_spool_kill.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -224,26 +225,7 @@ async def test_the_spool_directory_of_a_running_manager_is_refused(
             await other.start()
 
 
-_CRASH_AFTER_COMMIT = """
-import asyncio, os, sys
-from batchdb import BatchDBManager, hookimpl, load_settings
-
-class CrashAfterReplayCommit:
-    @hookimpl
-    def batchdb_batch_committed(self, batch, seconds, backend):
-        if any(op.spool_seq for op in batch.operations):
-            os._exit(9)  # committed, not yet noted in the spool: a crash right there
-
-async def main():
-    settings = load_settings(None, backend="postgres", maintenance={"enabled": False},
-                             postgres={"dsn": sys.argv[1]},
-                             spool={"enabled": True, "path": sys.argv[2]})
-    m = BatchDBManager(settings=settings, plugins=[CrashAfterReplayCommit()])
-    await m.start()
-    await asyncio.sleep(30)
-
-asyncio.run(main())
-"""
+CRASH_AFTER_REPLAY = Path(__file__).resolve().parents[2] / "reliability" / "crash_after_replay.py"
 
 
 async def test_a_crash_between_the_replayed_commit_and_the_spools_note_writes_nothing_twice(
@@ -270,9 +252,11 @@ async def test_a_crash_between_the_replayed_commit_and_the_spools_note_writes_no
     await first.stop()
     await loop.run_in_executor(None, start_again, server)
     proc = await loop.run_in_executor(None, lambda: subprocess.run(
-        [sys.executable, "-c", _CRASH_AFTER_COMMIT, dsn, str(spool)], capture_output=True,
-        text=True, timeout=120))
-    assert proc.returncode == 9, proc.stderr[-2000:]
+        [sys.executable, str(CRASH_AFTER_REPLAY), json.dumps({
+            "backend": "postgres", "maintenance": {"enabled": False}, "postgres": {"dsn": dsn},
+            "spool": {"enabled": True, "path": str(spool)}})],
+        capture_output=True, text=True, timeout=120))
+    assert proc.returncode == 9, proc.stderr[-2000:]  # crash_after_replay.CRASH_EXIT
     committed = sql_rows(dsn, "SELECT count(*) FROM log")[0][0]
     assert committed > 1  # the crashed process did commit (some of) the replay
     async with _manager(dsn, spool) as second:

@@ -5,6 +5,7 @@ note does not apply an INSERT twice when the spool is replayed again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -14,27 +15,7 @@ from batchdb import BatchDBManager, load_settings
 from batchdb.schema import TableInfo
 from batchdb.spool import Spool
 
-_CRASH_AFTER_COMMIT = """
-import asyncio, os, sys
-from batchdb import BatchDBManager, hookimpl, load_settings
-
-class CrashAfterReplayCommit:
-    @hookimpl
-    def batchdb_batch_committed(self, batch, seconds, backend):
-        if any(op.spool_seq for op in batch.operations):
-            os._exit(9)  # committed, not yet noted in the spool: a crash right there
-
-async def main():
-    settings = load_settings(None, backend="sqlite", maintenance={"enabled": False},
-                             sqlite={"path": sys.argv[1]},
-                             batch={"insert_batch_size": 10},
-                             spool={"enabled": True, "path": sys.argv[2]})
-    m = BatchDBManager(settings=settings, plugins=[CrashAfterReplayCommit()])
-    await m.start()
-    await asyncio.sleep(30)
-
-asyncio.run(main())
-"""
+CRASH_AFTER_REPLAY = Path(__file__).resolve().parents[2] / "reliability" / "crash_after_replay.py"
 
 LOG = TableInfo("log", ("id", "v"), (), {"id": "INTEGER", "v": "TEXT"})
 
@@ -52,9 +33,11 @@ async def test_a_crash_between_a_replayed_commit_and_the_spools_note(tmp_path: P
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE log (id INTEGER NOT NULL, v TEXT)")  # no key: twice shows
     _spool_with_records(spool, 40)
-    proc = subprocess.run([sys.executable, "-c", _CRASH_AFTER_COMMIT, str(db), str(spool)],
+    proc = subprocess.run([sys.executable, str(CRASH_AFTER_REPLAY), json.dumps({
+        "backend": "sqlite", "maintenance": {"enabled": False}, "sqlite": {"path": str(db)},
+        "batch": {"insert_batch_size": 10}, "spool": {"enabled": True, "path": str(spool)}})],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert proc.returncode == 9, proc.stderr[-2000:]  # crash_after_replay.CRASH_EXIT
     with sqlite3.connect(db) as conn:
         committed = conn.execute("SELECT count(*) FROM log").fetchone()[0]
         marks = conn.execute("SELECT count(*) FROM batchdb_spool_applied").fetchone()[0]
