@@ -6,7 +6,7 @@ import difflib
 import inspect
 import logging
 from collections.abc import Iterable
-from importlib.metadata import PackageNotFoundError, entry_points, metadata
+from importlib.metadata import Distribution, PackageNotFoundError, entry_points, metadata
 from typing import Any
 
 import pluggy
@@ -39,7 +39,9 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.load_errors: dict[str, BaseException] = {}
-        self.dists: dict[str, str] = {}
+        #: the distribution of each entry-point plugin (its metadata is parsed only when
+        #: shown: reading it cost two thirds of building a plugin manager)
+        self.dists: dict[str, Distribution] = {}
 
 
 def create_plugin_manager(
@@ -71,7 +73,7 @@ def create_plugin_manager(
             pm.load_errors[ep.name] = unknown
             continue
         if ep.dist is not None:
-            pm.dists[ep.name] = f"{ep.dist.name} {ep.dist.version}"
+            pm.dists[ep.name] = ep.dist
     for plugin in extra_plugins:
         registered = pm.register(plugin)
         unknown = _unknown_hooks(pm, plugin, registered or repr(plugin))
@@ -163,7 +165,7 @@ def _extras() -> list[str]:
 
 def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     """Name, module, entry point and hooks of every registered plugin (for ``batchdb plugins``)."""
-    dists: dict[str, str] = getattr(pm, "dists", {})
+    dists: dict[str, Distribution] = getattr(pm, "dists", {})
     out = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
@@ -172,7 +174,8 @@ def plugin_info(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
         out.append({
             "name": name,
             "module": getattr(plugin, "__name__", type(plugin).__name__),
-            "distribution": dists.get(name, ""),
+            "distribution": (f"{dist.name} {dist.version}"
+                             if (dist := dists.get(name)) is not None else ""),
             "hooks": hooks,
         })
     blocked = [n for n in (ep.name for ep in entry_points(group=hookspecs.PROJECT))

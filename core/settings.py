@@ -477,17 +477,25 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
 
 def _check_plugin_sections(settings: Settings) -> None:
     """Validate every section an installed plugin owns (a backend's included) that is set,
-    so a mistake in ``[duckdb]`` is reported even while another backend is in use."""
+    so a mistake in ``[duckdb]`` is reported even while another backend is in use. The
+    plugins are loaded only when something names a section that is not a core one."""
+    fields = Settings.model_fields
+    named = {*(settings.model_extra or {}), *(k for k in settings._arguments if k not in fields)}
+    for variable in os.environ:
+        upper = variable.upper()
+        if upper.startswith("BATCHDB_"):
+            section = upper.removeprefix("BATCHDB_").split("__", 1)[0].lower()
+            if section not in fields:
+                named.add(section)
+    if not named:
+        return
     from .pluginmanager import BackendRegistry, create_plugin_manager  # (imports backends)
 
-    given = [name for name in plugin_names() if settings.given(name)]
-    if not given:
-        return
     sections = BackendRegistry(create_plugin_manager(settings.plugins.disabled)
                                ).settings_sections()
-    for name in given:
+    for name in sorted(named):
         model = sections.get(name)
-        if model is not None:
+        if model is not None and settings.given(name):
             settings.section(name, model)
 
 
