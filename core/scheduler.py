@@ -533,8 +533,7 @@ class Scheduler:
                     and self.spooler is not None):  # the backend retried it already
                 self.spooler.mark_down()
                 self._start_recovery(self._spool(batch))
-            elif self._recovers_itself or kind is ErrorKind.RESOURCE or (
-                    kind is ErrorKind.DATA and len(batch.operations) == 1):
+            elif self._fails_as_is(batch, kind):
                 self._finish(batch, exc, seconds)
                 self._release(batch)
             else:
@@ -546,6 +545,13 @@ class Scheduler:
             return
         self._finish_result(batch, result, seconds)
         self._release(batch)
+
+    def _fails_as_is(self, batch: Batch, kind: ErrorKind) -> bool:
+        """Whether a batch that raised an error of ``kind`` fails as it is: nothing to
+        retry or split (the backend did both itself, the database cannot take it, or the
+        bad data is one operation's)."""
+        return self._recovers_itself or kind is ErrorKind.RESOURCE or (
+            kind is ErrorKind.DATA and len(batch.operations) == 1)
 
     def _start_recovery(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -602,8 +608,7 @@ class Scheduler:
             kind = self.backend.classify_error(exc)
             if self._recovers_itself and kind is ErrorKind.TRANSIENT:
                 return False
-            if self._recovers_itself or kind is ErrorKind.RESOURCE or (
-                    kind is ErrorKind.DATA and len(batch.operations) == 1):
+            if self._fails_as_is(batch, kind):
                 self._finish(batch, exc, time.perf_counter() - start)
                 return True
             try:
