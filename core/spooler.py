@@ -238,6 +238,9 @@ class Spooler:
                     chunks.appendleft(ops[:half])
                     continue
                 if self.down_since is None and not self.spool.has_pending(table):
+                    # the database takes them: no append is waiting on the disk any more,
+                    # so the status no longer reports one
+                    self.error = None
                     return refused, [op for chunk in chunks for op in chunk]
                 if self.error != str(exc):
                     log.error("%s", exc)
