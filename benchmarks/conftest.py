@@ -362,8 +362,9 @@ def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
                  variants: dict[str, Callable[[Path], float]], baseline: str,
                  label: str = "") -> dict[str, Any]:
     """Run every variant once per round on a fresh ``plain_table`` file, the variant that
-    goes first rotating round by round; record medians, every round and the ratios to
-    ``baseline`` in ``extra_info``, and print them."""
+    goes first rotating round by round; record medians, every round, the ratios of the
+    medians to ``baseline``'s and the median of the per-round ratios in ``extra_info``, and
+    print them."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     counter = iter(range(10**9))
 
@@ -382,13 +383,25 @@ def _interleaved(benchmark: Any, tmp_path: Path, rounds: int, n_rows: int,
         "rows_per_s": {name: round(n_rows / m) for name, m in medians.items()},
         "rounds_rows_per_s": {name: [round(n_rows / s) for s in t] for name, t in times.items()},
         "ratio": {name: round(medians[baseline] / m, 3) for name, m in medians.items()},
+        # each round's variants ran back to back: the median of the per-round ratios
+        # cancels the drift of this machine's speed between rounds
+        "paired_ratio": {name: round(statistics.median(
+            b / s for b, s in zip(times[baseline], t, strict=True)), 3)
+            for name, t in times.items()},
     }
     benchmark.extra_info.update(info)
     print()
     for name in variants:
         print(f"  {label}{name:<28} {info['rows_per_s'][name]:>10,} rows/s  "
-              f"{info['ratio'][name]:.3f}x  rounds {info['rounds_rows_per_s'][name]}")
+              f"{info['ratio'][name]:.3f}x (paired {info['paired_ratio'][name]:.3f}x)  "
+              f"rounds {info['rounds_rows_per_s'][name]}")
     return info
+
+
+@pytest.fixture
+def plain_table_at() -> Callable[[Path], None]:
+    """:func:`plain_table`: creates the everyday suites' table in a new SQLite file."""
+    return plain_table
 
 
 @pytest.fixture
