@@ -77,3 +77,50 @@ def test_bounds_of_an_emptied_lane_are_forgotten() -> None:
     assert index.bounds == {Priority.HIGH: [10, 10]}
     again = _queue(lanes, "op3", Priority.NORMAL, [2])  # LOW's old keys are no longer queued
     assert again.lane == Priority.NORMAL and index.bounds is not None
+
+
+def test_a_key_spelled_as_text_or_float_is_the_same_key() -> None:
+    """'2', 2.0 and 2 are one key to an INTEGER column: a rewrite spelled differently still
+    promotes the earlier writes of that key (the fast reading of plain numbers leaves text
+    to the canonical keys)."""
+    for queued, spelling in (([1, 2, 3], "2"), ([1, 2, 3], 2.0), ([1, 2, 3], " 2"),
+                             (["1", "2", "3"], "02"), (["2"], "2.0"), (["1", "2", "3"], 2)):
+        lanes = _lanes()
+        low = _queue(lanes, "op1", Priority.LOW, queued)
+        _queue(lanes, "op2", Priority.HIGH, [type(queued[0])(10)])
+        rewrite = _queue(lanes, "op3", Priority.CRITICAL, [spelling])
+        assert rewrite.lane == Priority.CRITICAL
+        assert list(lanes.lanes[Priority.CRITICAL]["t"].ops) == [low, rewrite], spelling
+
+
+def test_numbers_and_text_in_one_operation_are_read_as_keys() -> None:
+    lanes = _lanes()
+    _queue(lanes, "op1", Priority.LOW, [1, "5"])  # 1 and 5, apart from HIGH's range
+    high = _queue(lanes, "op2", Priority.HIGH, [10, 11])
+    assert high.lane == Priority.HIGH and lanes.indexes["t"].bounds is not None
+    later = _queue(lanes, "op3", Priority.HIGH, ["5"])  # inside LOW's range: rewrite of 5
+    assert later.lane == Priority.HIGH
+    assert [op.operation_id for op in lanes.lanes[Priority.HIGH]["t"].ops] == [
+        "op1", "op2", "op3"]
+
+
+def test_rows_given_as_tuples_are_ordered_like_mappings() -> None:
+    """Operations whose rows the manager already turned into tuples (normalised candles)."""
+    lanes = _lanes()
+
+    def queue(op_id: str, prio: Priority, keys: list[int]) -> BatchOperation:
+        op = BatchOperation.queued(op_id, "t", OperationType.UPSERT, [], prio, None,
+                                   columns=("v", "id"), values=[(1.0, k) for k in keys],
+                                   row_columns=(), n_rows=len(keys), nbytes=0)
+        op.lane = lanes.order(op) if lanes.lanes[Priority.LOW] else prio
+        op.seq = int(op_id.removeprefix("op"))
+        lanes.lanes[op.lane].setdefault("t", Lane()).ops.append(op)
+        lanes.counts[op.lane] += 1
+        return op
+
+    low = queue("op1", Priority.LOW, [1, 2, 3])
+    apart = queue("op2", Priority.HIGH, [7, 8])
+    assert apart.lane == Priority.HIGH and lanes.indexes["t"].bounds is not None
+    rewrite = queue("op3", Priority.HIGH, [3])
+    assert rewrite.lane == Priority.HIGH
+    assert list(lanes.lanes[Priority.HIGH]["t"].ops) == [low, apart, rewrite]

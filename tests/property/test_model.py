@@ -24,6 +24,8 @@ def operations(draw: st.DrawFn) -> tuple[str, Priority, list[dict[str, Any]]]:
     prio = draw(st.sampled_from(list(Priority)))
     # priorities share the keys: whatever the priorities, the later submission must win
     keys = draw(st.lists(KEYS, min_size=1, max_size=4))
+    # a key spelled as the number, its text or a float: one key to the INTEGER column
+    keys = [draw(st.sampled_from((k, k, str(k), float(k)))) for k in keys]
     if kind == "DELETE":
         rows = [{"k": k} for k in keys]
     else:
@@ -31,14 +33,24 @@ def operations(draw: st.DrawFn) -> tuple[str, Priority, list[dict[str, Any]]]:
     return kind, prio, rows
 
 
+def key(spelled: int | str | float) -> int:
+    """The key a spelling stands for."""
+    return int(float(spelled))
+
+
+def respelled(spelled: int | str | float, k: int) -> int | str | float:
+    """Key ``k`` spelled as ``spelled`` is."""
+    return type(spelled)(float(k)) if isinstance(spelled, float) else type(spelled)(k)
+
+
 def apply_model(model: dict[int, Any], kind: str, rows: list[dict[str, Any]]) -> bool:
     """Apply one operation to the model; False if the database must refuse it whole."""
     if kind == "INSERT":
-        keys = [r["k"] for r in rows]
+        keys = [key(r["k"]) for r in rows]
         if len(set(keys)) != len(keys) or any(k in model for k in keys):
             return False
     for row in rows:
-        k = row["k"]
+        k = key(row["k"])
         if kind in ("INSERT", "UPSERT") or (kind == "UPDATE" and k in model):
             model[k] = row["v"]
         elif kind == "DELETE":
@@ -97,7 +109,8 @@ def test_ascending_keys_at_several_priorities_match_the_model(
     at several priorities write them: the scheduler tells the lanes apart by their key
     bounds until an operation (one of ``back``) rewrites older keys, then by the exact
     index. The later submission must win throughout."""
-    moved = [(kind, prio, [{**row, "k": row["k"] + (0 if i in back else i * shift)}
+    moved = [(kind, prio, [{**row, "k": respelled(row["k"],
+                                                  key(row["k"]) + (0 if i in back else i * shift))}
                            for row in rows])
              for i, (kind, prio, rows) in enumerate(ops)]
     with tempfile.TemporaryDirectory() as tmp:
