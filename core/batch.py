@@ -46,6 +46,13 @@ class Batch:
     #: the priority of the queue it was taken from (an operation promoted behind a
     #: higher-priority write of the same key keeps its own ``priority``)
     priority: Priority = Priority.NORMAL
+    #: once committed: each operation's seconds from ``queue_operation()`` to the commit,
+    #: in the order of ``operations`` (None before, and for a batch the scheduler only
+    #: partly finished)
+    latencies: list[float] | None = field(default=None, repr=False)
+    #: every operation was queued at ``priority`` (the scheduler knows it of a batch taken
+    #: from one queue that no promotion reached): :meth:`priority_counts` need not look
+    _one_priority: bool = field(default=False, repr=False)
 
     @property
     def rows(self) -> list[tuple[Any, ...]]:
@@ -69,6 +76,16 @@ class Batch:
                 return flat
         return list(chain.from_iterable(self.rows))  # names a malformed row
 
+    def priority_counts(self) -> dict[Priority, int]:
+        """Operations per priority they were queued at (a promoted operation counts at its
+        own ``priority``, not the batch's)."""
+        if self._one_priority:
+            return {self.priority: len(self.operations)}
+        counts: dict[Priority, int] = {}
+        for op in self.operations:
+            counts[op.priority] = counts.get(op.priority, 0) + 1
+        return counts
+
     @property
     def row_count(self) -> int:
         """Rows in the batch."""
@@ -79,9 +96,9 @@ class Batch:
         mid = len(self.operations) // 2
         return (
             Batch(self.table, self.operation_type, self.columns, self.operations[:mid],
-                  priority=self.priority),
+                  priority=self.priority, _one_priority=self._one_priority),
             Batch(self.table, self.operation_type, self.columns, self.operations[mid:],
-                  priority=self.priority),
+                  priority=self.priority, _one_priority=self._one_priority),
         )
 
 

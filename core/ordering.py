@@ -169,13 +169,16 @@ def _bounds(keys: list[Any]) -> tuple[Any, Any] | None:
 
 
 class Lane:
-    """Queued operations of one table at one priority."""
+    """Queued operations of one table at one priority; ``promoted``: an operation of a lower
+    priority joined it (promoted, or queued behind a write of one of its keys) since it was
+    last empty."""
 
-    __slots__ = ("ops", "rows")
+    __slots__ = ("ops", "promoted", "rows")
 
     def __init__(self) -> None:
         self.ops: deque[BatchOperation] = deque()
         self.rows = 0
+        self.promoted = False
 
 
 class Lanes:
@@ -401,6 +404,7 @@ class Lanes:
             dst_lane = self.lanes[dst][table] = Lane()
         for queued in ops:
             queued.lane = dst
+        dst_lane.promoted = True
         if not dst_lane.ops or dst_lane.ops[-1].seq < ops[0].seq:
             dst_lane.ops.extend(ops)
         else:

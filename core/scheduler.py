@@ -266,6 +266,8 @@ class Scheduler:
             lane = lanes[table] = Lane()
         lane.ops.append(op)
         lane.rows += op.n_rows
+        if prio is not op.priority:
+            lane.promoted = True  # it joined a higher lane behind a write of one of its keys
         self.queued_ops += 1
         self._queued_by_prio[prio] += 1
         self.queued_bytes += op.nbytes
@@ -443,18 +445,22 @@ class Scheduler:
         op_type, columns = head.operation_type, head.columns
         limit = self._limits[op_type]
         ops: list[BatchOperation] = []
+        one_priority = not lane.promoted
         rows = self._queues.take_from(prio, table, lane, ops, 0, limit)
         self._queued_by_prio[prio] -= len(ops)
         index = self._indexes.get(table)
         batch_prio = prio
         if rows < limit and index is not None and not index.malformed and self._pressure():
+            own = len(ops)
             batch_prio = self._queues.top_up(prio, table, ops, rows, limit)
+            one_priority = one_priority and len(ops) == own
         if index is not None:
             self._queues.unindex(table, ops)
         nbytes = sum([op.nbytes for op in ops])
         self.queued_ops -= len(ops)
         self.queued_bytes -= nbytes
-        return Batch(self._table_of(table), op_type, columns, ops, priority=batch_prio)
+        return Batch(self._table_of(table), op_type, columns, ops, priority=batch_prio,
+                     _one_priority=one_priority)
 
     def _dispatch(self) -> None:
         """Hand every ready batch to the backend, up to the in-flight limit; arm the timer."""
@@ -719,7 +725,7 @@ class Scheduler:
         stats.total_operations += len(ops)
         if exc is None:
             stats.successful_operations += len(ops)
-            latencies = stats.latencies
+            latencies: list[float] = []
             keyed = batch.operation_type in _KEYED  # counted by _count_affected
             for op in ops:
                 if not keyed:
@@ -730,6 +736,9 @@ class Scheduler:
                 op.processing_time = seconds
                 op.values = None
                 latencies.append(now - op.enqueued_at)
+            stats.latencies.extend(latencies)
+            if ops is batch.operations:
+                batch.latencies = latencies
         else:
             stats.failed_operations += len(ops)
             error = f"{type(exc).__name__}: {exc}"

@@ -5,10 +5,14 @@ Two sources, chosen by cost:
 - **per batch** (``batchdb_batch_committed``, ``batchdb_batch_failed``,
   ``batchdb_maintenance_done``): operations, rows and batches by table, commit latency and
   batch write time. A batch is counted with one dictionary update per label set, and its
-  operations' latencies (commit time minus each operation's ``enqueued_at``) are bucketed
-  in one numpy call for large batches; prometheus-client's ``Histogram.observe`` per
-  operation (a lock and a bucket search each) would cost the one-row path several percent.
-  Nothing is done per queued operation (``batchdb_operation_queued`` is not implemented).
+  operations' latencies (``batch.latencies``, which the scheduler computes for its own
+  status anyway) are sorted once and bisected per bucket for large batches; the operations
+  themselves are not read when the batch knows it holds one priority
+  (``batch.priority_counts()``). prometheus-client's ``Histogram.observe`` per operation (a
+  lock and a bucket search each) would cost the one-row path several percent, and so did
+  reading each operation's priority and queue time and bucketing with numpy (210 µs per
+  1,000-operation batch, 3.4% of a one-row run, against 55 µs and 0.9% now). Nothing is
+  done per queued operation (``batchdb_operation_queued`` is not implemented).
 - **at scrape time**: the queues, memory, batches in flight, callbacks, retries and splits
   are read from ``manager.get_queue_status()`` when Prometheus asks, in a custom collector:
   no cost at all between scrapes. The scrape runs in the HTTP server's thread, so the
@@ -27,12 +31,10 @@ import asyncio
 import logging
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Coroutine, Iterable
-from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 
     from batchdb.backend import Backend, Batch
     from batchdb.manager import BatchDBManager
-    from batchdb.models import BatchOperation
 
 __all__ = ["LATENCY_BUCKETS", "MAINTENANCE_BUCKETS", "PrometheusMetrics"]
 
@@ -64,20 +65,17 @@ MAINTENANCE_BUCKETS: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 180
 
 _PRIORITY_NAMES = tuple(p.name for p in sorted(Priority, reverse=True))  # CRITICAL first
 _MB = 1024 * 1024
-_NUMPY_FROM = 16  # operations in a batch from which numpy buckets the latencies
-_priority_of = attrgetter("priority")
-_enqueued_at = attrgetter("enqueued_at")
+_SORT_FROM = 16  # values from which a histogram sorts them to count its buckets
 _monotonic = time.monotonic
 
 
 class _Histogram:
     """Counts per bucket (not cumulative; the last is +Inf) and the sum of the values."""
 
-    __slots__ = ("bounds", "counts", "edges", "total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.edges = np.asarray(bounds)
         self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
 
@@ -85,22 +83,26 @@ class _Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
         self.total += value
 
-    def observe_since(self, now: float, ops: list[BatchOperation]) -> None:
-        """Observe ``now - op.enqueued_at`` for every operation of ``ops``."""
+    def observe_all(self, values: list[float]) -> None:
+        """Observe every value of ``values``. Many values are sorted once (a batch's
+        latencies come nearly in order, which Timsort takes in one pass) and each bucket's
+        count is one bisection. numpy was slower here: its calls release the GIL, and on
+        the event loop each one then waited for the writer thread to hand it back (a
+        1,000-value batch: 160 µs in a run, against 15 µs alone)."""
         counts = self.counts
-        n = len(ops)
-        if n < _NUMPY_FROM:
-            bounds = self.bounds
-            for op in ops:
-                latency = now - op.enqueued_at
-                counts[bisect_left(bounds, latency)] += 1
-                self.total += latency
-            return
-        latencies = now - np.fromiter(map(_enqueued_at, ops), float, n)
-        found = np.bincount(np.searchsorted(self.edges, latencies),
-                            minlength=len(counts)).tolist()
-        self.counts = [a + b for a, b in zip(counts, found, strict=True)]
-        self.total += float(latencies.sum())
+        bounds = self.bounds
+        if len(values) < _SORT_FROM:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1  # le: value <= bound
+        else:
+            ordered = sorted(values)
+            below = 0
+            for i, bound in enumerate(bounds):
+                upto = bisect_right(ordered, bound, below)
+                counts[i] += upto - below
+                below = upto
+            counts[-1] += len(ordered) - below
+        self.total += sum(values)
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative ``(le, count)`` pairs, as the exposition format has them."""
@@ -113,7 +115,7 @@ class _Histogram:
 
     def copy(self) -> _Histogram:
         other = _Histogram.__new__(_Histogram)
-        other.bounds, other.edges = self.bounds, self.edges
+        other.bounds = self.bounds
         other.counts, other.total = list(self.counts), self.total
         return other
 
@@ -211,20 +213,23 @@ class PrometheusMetrics(Collector):
     @hookimpl
     def batchdb_batch_committed(self, batch: Batch, seconds: float, backend: Backend) -> None:
         """Count a committed batch: its operations by priority, rows, latency, write time."""
-        now = _monotonic()
         ops = batch.operations
-        rows = batch.row_count
+        latencies = batch.latencies  # the scheduler's, one per operation
+        if latencies is None or len(latencies) != len(ops):
+            now = _monotonic()
+            latencies = [now - op.enqueued_at for op in ops]
+        counts = batch.priority_counts()
         table = batch.table.name
-        priorities = list(map(_priority_of, ops))
         with self._lock:
-            first = priorities[0]
-            if priorities.count(first) == len(priorities):  # the usual case: one priority
-                self._committed(table, first.name, ops, now)
+            if len(counts) == 1:  # the usual case: one priority, known without a look
+                self._committed(table, next(iter(counts)).name, latencies)
             else:
-                for prio in sorted(set(priorities), reverse=True):
-                    self._committed(table, prio.name, [
-                        op for op, p in zip(ops, priorities, strict=True) if p is prio], now)
-            self._rows[table] = self._rows.get(table, 0) + rows
+                by_priority: dict[Priority, list[float]] = {}
+                for op, latency in zip(ops, latencies, strict=True):
+                    by_priority.setdefault(op.priority, []).append(latency)
+                for prio in sorted(by_priority, reverse=True):
+                    self._committed(table, prio.name, by_priority[prio])
+            self._rows[table] = self._rows.get(table, 0) + batch.row_count
             key = (table, "committed")
             self._batches[key] = self._batches.get(key, 0) + 1
             name = backend.name
@@ -233,22 +238,19 @@ class PrometheusMetrics(Collector):
                 write = self._write[name] = _Histogram(LATENCY_BUCKETS)
             write.observe(seconds)
 
-    def _committed(self, table: str, priority: str, ops: list[BatchOperation],
-                   now: float) -> None:
+    def _committed(self, table: str, priority: str, latencies: list[float]) -> None:
         key = (table, priority, "committed")
-        self._operations[key] = self._operations.get(key, 0) + len(ops)
+        self._operations[key] = self._operations.get(key, 0) + len(latencies)
         latency = self._latency.get(priority)
         if latency is None:
             latency = self._latency[priority] = _Histogram(LATENCY_BUCKETS)
-        latency.observe_since(now, ops)
+        latency.observe_all(latencies)
 
     @hookimpl
     def batchdb_batch_failed(self, batch: Batch, error: BaseException, backend: Backend) -> None:
         """Count a failed batch and its operations by priority."""
         table = batch.table.name
-        counts: dict[Priority, int] = {}
-        for op in batch.operations:
-            counts[op.priority] = counts.get(op.priority, 0) + 1
+        counts = batch.priority_counts()
         with self._lock:
             for prio, n in counts.items():
                 key = (table, prio.name, "failed")

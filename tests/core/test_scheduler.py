@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 
-from batchdb import BatchOperation, OperationFailed, OperationType, Priority, QueueFull
+from batchdb import (
+    BatchOperation,
+    OperationFailed,
+    OperationType,
+    Priority,
+    QueueFull,
+    hookimpl,
+)
+from batchdb.backend import Backend, Batch
 from tests.conftest import (
     LOCKER,
     LOG_DDL,
@@ -437,6 +445,53 @@ async def test_later_submission_wins_across_priorities(db_path: Path,
     assert got[1704067200000 + 2 * 60000] == 999.0 + 2
     assert got[1704067200000] == 100.0
     assert (await m.get_queue_status())["stats"]["promotions"] == 1
+
+
+class _Committed:
+    """A plugin noting what each committed batch says of itself."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Priority, dict[Priority, int], list[str], list[float] | None]] = []
+
+    @hookimpl
+    def batchdb_batch_committed(self, batch: Batch, seconds: float, backend: Backend) -> None:
+        self.seen.append((batch.priority, batch.priority_counts(),
+                          [op.operation_id for op in batch.operations], batch.latencies))
+
+
+async def test_a_batch_counts_its_operations_at_the_priorities_they_were_queued_at(
+        db_path: Path, make_manager: ManagerFactory) -> None:
+    """A batch of one queue holds operations of other priorities once one was promoted into
+    it, or queued behind a higher write of its key: ``priority_counts()`` counts each at its
+    own, and ``latencies`` gives each operation's queue-to-commit seconds."""
+    make_table(db_path, LOG_DDL)
+    seen = _Committed()
+    m = make_manager(plugins_extra=[seen], **batch_cfg(linger_seconds=SLOW_LINGER,
+                                                       flush_interval_seconds=100))
+    await m.start()
+    q = m.queue_operation
+    # a LOW write of key 1, then a CRITICAL rewrite: LOW's is promoted into CRITICAL's batch
+    low = await q("kv", OperationType.UPSERT, [{"k": 1, "v": "low"}], Priority.LOW)
+    crit = await q("kv", OperationType.UPSERT, [{"k": 1, "v": "crit"}], Priority.CRITICAL)
+    await m.wait(crit)
+    # a HIGH write of key 2 held back, then a LOW write of it: LOW joins HIGH's queue
+    high = await q("kv", OperationType.UPSERT, [{"k": 2, "v": "high"}], Priority.HIGH)
+    late = await q("kv", OperationType.UPSERT, [{"k": 2, "v": "late"}], Priority.LOW)
+    # and a batch of one priority alone
+    plain = [await q("log", OperationType.INSERT, [{"tag": str(i)}], Priority.NORMAL)
+             for i in range(20)]
+    await m.flush()
+    batches = {tuple(ids): (prio, counts, latencies) for prio, counts, ids, latencies in seen.seen}
+    assert batches[(low, crit)][:2] == (Priority.CRITICAL, {Priority.CRITICAL: 1, Priority.LOW: 1})
+    assert batches[(high, late)][:2] == (Priority.HIGH, {Priority.HIGH: 1, Priority.LOW: 1})
+    assert batches[tuple(plain)][:2] == (Priority.NORMAL, {Priority.NORMAL: 20})
+    for ids, (_, _, latencies) in batches.items():
+        assert latencies is not None and len(latencies) == len(ids)
+        assert all(0 < s < 60 for s in latencies)
+    # submitted in order, committed together: the earlier waited at least as long
+    latencies = batches[tuple(plain)][2]
+    assert latencies == sorted(latencies, reverse=True)
+    assert rows_of(db_path, "SELECT k, v FROM kv ORDER BY k") == [(1, "crit"), (2, "late")]
 
 
 async def test_cross_priority_delete_then_insert(db_path: Path,

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, generate_latest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from batchdb import BatchDBError, BatchOperation, OperationType, Priority, SettingsError
 from batchdb.plugins.prometheus import PrometheusMetrics
-from batchdb.plugins.prometheus.exporter import LATENCY_BUCKETS
+from batchdb.plugins.prometheus.exporter import LATENCY_BUCKETS, _Histogram
 from batchdb.plugins.prometheus.top import histogram_quantile
 from tests.conftest import ManagerFactory
 
@@ -297,3 +299,32 @@ async def test_a_scrape_while_the_loop_is_busy_leaves_the_queue_figures_out(
         assert [k for k in samples if k[0] == "batchdb_queue_operations"]
     finally:
         await manager.stop()
+
+
+_LATENCIES = st.lists(st.one_of(st.sampled_from(LATENCY_BUCKETS),
+                                st.floats(0, 40, allow_nan=False)), max_size=80)
+
+
+@settings(max_examples=200, deadline=None)
+@given(small=_LATENCIES, large=_LATENCIES.filter(lambda v: len(v) >= 16),
+       nearly_in_order=st.booleans())
+def test_latency_buckets_count_as_prometheus_clients_own_histogram(
+        small: list[float], large: list[float], nearly_in_order: bool) -> None:
+    """The exporter buckets a batch's latencies itself (one by one for a few, sorted once
+    for many): the same counts, "le" bounds included, and sum as prometheus-client's
+    Histogram observing them one by one."""
+    if nearly_in_order:  # as a batch's latencies come: the oldest operation first
+        large = sorted(large, reverse=True)
+    values = small + large
+    ours = _Histogram(LATENCY_BUCKETS)
+    ours.observe_all(small)
+    ours.observe_all(large)
+    registry = CollectorRegistry()
+    theirs = Histogram("h", "h", buckets=LATENCY_BUCKETS, registry=registry)
+    for v in values:
+        theirs.observe(v)
+    expected = {s.labels["le"]: s.value for s in next(iter(registry.collect())).samples
+                if s.name == "h_bucket"}
+    got = dict(ours.buckets())
+    assert {float(k): v for k, v in got.items()} == {float(k): v for k, v in expected.items()}
+    assert ours.total == pytest.approx(sum(values))
