@@ -10,7 +10,11 @@ the raw paths, in one run, each round in fresh processes (their peak memory is t
   is downloaded by ``INSTALL sqlite``: on a machine without network access it cannot, and
   the benchmark says so and leaves it out);
 - ``batchdb, a quarter of the rows``: the same export of a quarter of the table, to show that
-  peak memory does not grow with the table (what would a 10M-row table take: the same).
+  peak memory does not grow with the table (what would a 10M-row table take: the same);
+- ``batchdb query --format csv``: ``write_query`` (what ``batchdb query "SELECT * FROM
+  candles" --format csv`` runs) writing the whole table as CSV to a file: its rows stream
+  too, so its peak memory is flat as well (its rows/s, CSV text against Parquet, is not
+  comparable with the others').
 
 ``--bench-rows`` sizes the table (default 1M; the README's figures: 2M rows, under a minute
 a round on 2 cores). Rows/s, peak RSS growth per variant and every round are printed and
@@ -55,6 +59,17 @@ if variant == "batchdb":
             until = limit if limit >= 0 else None
             done = (await export_table(m, "candles", Path(out), until=until)).rows
             snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))  # reader still open
+            return done
+    rows = asyncio.run(go())
+elif variant == "query-csv":
+    from batchdb.workloads.export import write_query
+    async def go():
+        m = BatchDBManager.from_settings(None, sqlite={"path": db},
+                                         maintenance={"enabled": False})
+        async with m:
+            with open(out, "w", newline="", encoding="utf-8") as f:
+                done = await write_query(m, "SELECT * FROM candles" + where, f, "csv")
+            snap.update(file=rss_mb("RssFile"), anon=rss_mb("RssAnon"))
             return done
     rows = asyncio.run(go())
 elif variant == "raw":
@@ -168,6 +183,7 @@ def test_export_sqlite_to_parquet(benchmark: Any, tmp_path: Path, bench_rows: in
     if reason is None:
         variants["duckdb sqlite_scan"] = ("duckdb", -1)
     variants["batchdb, a quarter of the rows"] = ("batchdb", quarter_limit)
+    variants["batchdb query --format csv"] = ("query-csv", -1)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     counter = iter(range(10**9))
 
@@ -176,7 +192,8 @@ def test_export_sqlite_to_parquet(benchmark: Any, tmp_path: Path, bench_rows: in
         names = list(variants)
         for name in names[k % len(names):] + names[:k % len(names)]:
             variant, limit = variants[name]
-            results[name].append(_child(variant, db, tmp_path / f"out-{k}.parquet", limit))
+            suffix = ".csv" if variant == "query-csv" else ".parquet"
+            results[name].append(_child(variant, db, tmp_path / f"out-{k}{suffix}", limit))
 
     benchmark.pedantic(one_round, rounds=bench_rounds, iterations=1)
     info: dict[str, Any] = {"table_rows": rows, "duckdb_sqlite_scan": reason or "available"}

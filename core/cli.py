@@ -68,9 +68,8 @@ from .workloads.export import (
     check_table,
     export_format,
     export_table,
-    rows_as_json,
     run_query,
-    write_csv,
+    write_query,
 )
 from .workloads.ingest import FileReport, Ingester
 from .workloads.readers import DEFAULT_CHUNK_SIZE
@@ -862,7 +861,7 @@ async def _database_errors(work: Awaitable[T]) -> T:
     code 1, no traceback."""
     try:
         return await work
-    except BatchDBError:
+    except (BatchDBError, BrokenPipeError):  # the reader of the output went away
         raise
     except Exception as exc:
         raise BatchDBError(f"{type(exc).__name__}: {exc}") from exc
@@ -883,14 +882,12 @@ def query(
     with expected_errors():
         manager = manager_from_options(settings, backend, maintenance={"enabled": False})
         _require_database(manager)
-        columns, rows = asyncio.run(_query(manager, sql))
-    fmt = fmt.lower()  # type: ignore[assignment]
-    if fmt == "csv":
-        write_csv(sys.stdout, columns, rows)
-        return
-    if fmt == "json":
-        sys.stdout.write(rows_as_json(columns, rows) + "\n")
-        return
+        fmt = fmt.lower()  # type: ignore[assignment]
+        if fmt != "table":  # streamed as the rows come
+            with _stdout_to_a_pipe():
+                asyncio.run(_query(manager, lambda: write_query(manager, sql, sys.stdout, fmt)))
+            return
+        columns, rows = asyncio.run(_query(manager, lambda: run_query(manager, sql)))
     table = rich_table(f"{len(rows):,} row{'' if len(rows) == 1 else 's'}")
     for name in columns:
         table.add_column(Text(name), overflow="fold")
@@ -899,13 +896,26 @@ def query(
     stdout_console().print(table)
 
 
-async def _query(manager: BatchDBManager, sql: str
-                 ) -> tuple[tuple[str, ...], list[tuple[Any, ...]]]:
+async def _query(manager: BatchDBManager, work: Callable[[], Awaitable[T]]) -> T:
     await manager.start()
     try:
-        return await _database_errors(run_query(manager, sql))
+        return await _database_errors(work())
     finally:
         await manager.stop()
+
+
+@contextlib.contextmanager
+def _stdout_to_a_pipe() -> Iterator[None]:
+    """A reader that stops early (``batchdb query … | head``) ends the output quietly, as
+    Python's documentation on SIGPIPE advises: stdout is pointed at devnull so that the
+    interpreter's last flush does not fail again, and the exit code is 1."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(1) from None
 
 
 # ---------------------------------------------------------------------- maintain

@@ -26,23 +26,25 @@ import difflib
 import json
 import os
 import re
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from ..models import BatchDBError
-from ..reads import epoch_ms, require_pyarrow
+from ..reads import epoch_ms, require_pyarrow, shape_rows
 from ..schema import quote_ident
 
 if TYPE_CHECKING:
     from ..manager import BatchDBManager
 
 __all__ = ["DEFAULT_CHUNK_ROWS", "EXPORT_FORMATS", "ExportArgumentError", "ExportReport",
-           "check_table", "export_format", "export_table", "rows_as_json", "run_query", "write_csv"]
+           "check_table", "export_format", "export_table", "run_query", "write_csv",
+           "write_query"]
 
 #: rows read and written at a time: a Parquet row group each
 DEFAULT_CHUNK_ROWS = 65_536
@@ -380,18 +382,70 @@ def _json_value(value: Any) -> Any:
     return value if value is None or isinstance(value, bool | int | float | str) else str(value)
 
 
-def rows_as_json(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A JSON array of objects, one per row, keyed by column name (a repeated name gets
-    ``_2``, ``_3``); times in ISO 8601, decimals as strings, bytes in hex."""
-    from ..reads import shape_rows
-
-    dicts = shape_rows(columns, [tuple(r) for r in rows], "dicts")
-    return json.dumps([{k: _json_value(v) for k, v in row.items()} for row in dicts],
-                      ensure_ascii=False, indent=1)
-
-
 def write_csv(out: TextIO, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """CSV with a header row to ``out``, values written as an export writes them."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows([[_csv_value(v) for v in row] for row in rows])
+
+
+class _CsvOut:
+    """CSV to ``out`` one chunk at a time: the header row with the first chunk."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.writer = csv.writer(out, lineterminator="\n")
+        self.header = False
+
+    def write(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if not self.header:
+            self.writer.writerow(columns)
+            self.header = True
+        self.writer.writerows([[_csv_value(v) for v in row] for row in rows])
+
+    def close(self) -> None:
+        pass
+
+
+class _JsonArray:
+    """A JSON array of objects to ``out`` one chunk at a time, laid out as
+    ``json.dumps(rows, indent=1)`` lays out the whole list."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.empty = True
+        out.write("[")
+
+    def write(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        for row in shape_rows(columns, [tuple(r) for r in rows], "dicts"):
+            text = json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False,
+                              indent=1)
+            self.out.write(("\n" if self.empty else ",\n") + textwrap.indent(text, " "))
+            self.empty = False
+
+    def close(self) -> None:
+        self.out.write("]\n" if self.empty else "\n]\n")
+
+
+async def write_query(manager: BatchDBManager, sql: str, out: TextIO,
+                      fmt: Literal["csv", "json"], chunk_rows: int = DEFAULT_CHUNK_ROWS
+                      ) -> int:
+    """Write the rows of a read-only ``sql`` to ``out`` as CSV (a header row, values as an
+    export writes them) or as a JSON array of objects keyed by column name (a repeated name
+    gets ``_2``, ``_3``; times in ISO 8601, decimals as strings, bytes in hex), chunk by
+    chunk as the database produces them, so memory stays flat whatever the result's size.
+    Returns the number of rows. A statement that would write is refused with
+    ``ReadOnlyFetchError`` before anything is written."""
+    chunks = manager.fetch_chunks(sql, chunk_rows=chunk_rows)
+    writer: _CsvOut | _JsonArray | None = None
+    n = 0
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if writer is None:  # nothing is written before the database answered
+                writer = _CsvOut(out) if fmt == "csv" else _JsonArray(out)
+            writer.write(chunk.columns, chunk.rows)
+            n += len(chunk.rows)
+    if writer is None and fmt == "json":
+        writer = _JsonArray(out)
+    if writer is not None:
+        writer.close()
+    return n

@@ -10,9 +10,10 @@ import csv
 import io
 import json
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +23,7 @@ from batchdb import BatchDBManager
 from batchdb.cli import app
 from batchdb.models import BatchDBError
 from batchdb.reads import bind_named, epoch_ms
-from batchdb.workloads.export import export_table, write_csv
+from batchdb.workloads.export import export_table, write_csv, write_query
 
 pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
@@ -122,6 +123,58 @@ def test_export_command_options(db: Path, tmp_path: Path) -> None:
     assert "100/100" in result.stderr  # the progress bar, on stderr
     rows = list(csv.reader(io.StringIO((tmp_path / "x.csv").read_text())))
     assert rows[0] == ["id", "price", "note"] and rows[3] == ["2", "1.0", "n2"]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT id, price, note, NULL AS missing FROM loose ORDER BY id",
+    "SELECT id, id, note FROM loose WHERE id < 30 ORDER BY id",  # a repeated name: id_2
+    "SELECT id FROM loose WHERE id < 0",  # no rows
+])
+def test_query_output_streamed_in_chunks_is_the_whole_result_written_at_once(
+        db: Path, sql: str) -> None:
+    """``write_query`` writes each chunk as it comes (7 rows at a time here): the text is
+    what writing the whole result at once gives (CSV as the export writes it, JSON as
+    ``json.dumps(rows, indent=1)`` lays it out)."""
+
+    async def go(fmt: Literal["csv", "json"]) -> tuple[str, int]:
+        out = io.StringIO()
+        async with manager(db) as m:
+            n = await write_query(m, sql, out, fmt, chunk_rows=7)
+        return out.getvalue(), n
+
+    with sqlite3.connect(db) as conn:
+        cursor = conn.execute(sql)
+        columns = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    text, n = asyncio.run(go("csv"))
+    whole = io.StringIO()
+    write_csv(whole, columns, rows)
+    assert n == len(rows)
+    assert text == whole.getvalue()  # no rows: the header alone
+    text, n = asyncio.run(go("json"))
+    names = [f"{c}_2" if c in columns[:i] else c for i, c in enumerate(columns)]
+    assert text == json.dumps([dict(zip(names, r, strict=True)) for r in rows],
+                              ensure_ascii=False, indent=1) + "\n"
+    assert n == len(rows)
+
+
+def test_query_into_a_pipe_that_closes_early_ends_quietly(db: Path, tmp_path: Path) -> None:
+    """``batchdb query … --format csv | head -n 3``: the rows stream out, and when the
+    reader stops early the command ends with exit code 1 and no traceback."""
+    with sqlite3.connect(db) as conn:
+        conn.executemany("INSERT INTO loose VALUES (?, ?, ?)",
+                         [(i, i * 0.5, "x" * 50) for i in range(100, 200_000)])
+    batchdb = Path(sys.executable).with_name("batchdb")
+    query = subprocess.Popen([str(batchdb), "query", "SELECT * FROM loose", "--format", "csv"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    assert query.stdout is not None
+    head = subprocess.run(["head", "-n", "3"], stdin=query.stdout, capture_output=True,
+                          check=True, timeout=60)
+    query.stdout.close()  # only head reads it
+    stderr = query.communicate(timeout=60)[1].decode()
+    assert head.stdout.decode() == "id,price,note\n0,0.0,n0\n1,0.5,n1\n"
+    assert query.returncode == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
 
 
 def test_export_of_a_database_that_does_not_exist_creates_nothing(tmp_path: Path) -> None:
