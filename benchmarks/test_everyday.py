@@ -36,14 +36,16 @@ ROTATION = (Priority.CRITICAL, Priority.HIGH, Priority.NORMAL, Priority.LOW)
 
 
 class _Batches:
-    """A plugin noting the operation ids of each committed batch, in commit order."""
+    """A plugin noting the operation ids of each committed batch, in commit order;
+    ``indexes``: the same batches as indexes into the operations queued (set by _timed)."""
 
     def __init__(self) -> None:
-        self.batches: list[list[str]] = []
+        self.ids: list[list[str]] = []
+        self.indexes: list[list[int]] = []
 
     @hookimpl
     def batchdb_batch_committed(self, batch: Batch, seconds: float, backend: Backend) -> None:
-        self.batches.append([op.operation_id for op in batch.operations])
+        self.ids.append([op.operation_id for op in batch.operations])
 
 
 async def _timed(path: Path, ops: list[list[dict[str, Any]]], op_type: OperationType,
@@ -67,18 +69,18 @@ async def _timed(path: Path, ops: list[list[dict[str, Any]]], op_type: Operation
     assert status["stats"]["failed_operations"] == 0
     if batches is not None:
         where = {op_id: i for i, op_id in enumerate(ids)}
-        batches.batches = [[str(where[op_id]) for op_id in batch] for batch in batches.batches]
+        batches.indexes = [[where[op_id] for op_id in batch] for batch in batches.ids]
     return elapsed
 
 
-def _raw_replay(path: Path, ops: list[list[dict[str, Any]]], batches: list[list[str]]) -> float:
+def _raw_replay(path: Path, ops: list[list[dict[str, Any]]], batches: list[list[int]]) -> float:
     """Seconds raw sqlite3 takes to commit ``batches`` (indexes into ``ops``) in order: WAL,
     synchronous NORMAL, one multi-row UPSERT per batch (batchdb's statement for a batch of
     at most its batch size), the values bound ready-made."""
     statements: dict[int, str] = {}
     work = []
     for batch in batches:
-        rows = [row for i in batch for row in ops[int(i)]]
+        rows = [row for i in batch for row in ops[i]]
         sql = statements.get(len(rows))
         if sql is None:
             sql = statements[len(rows)] = (
@@ -160,12 +162,12 @@ def test_priorities(benchmark: Any, tmp_path: Path, bench_rows: int,
     def rotating(i: int) -> Priority:
         return ROTATION[i % 4]
 
-    variants = {
-        "one priority": variant("one priority", distinct, lambda i: Priority.NORMAL),
-        "four priorities, distinct": variant("four priorities, distinct", distinct, rotating),
-        "four priorities, 10% rewrite": variant("four priorities, 10% rewrite", overlapping,
-                                                rotating),
+    cases: dict[str, tuple[list[list[dict[str, Any]]], Callable[[int], Priority]]] = {
+        "one priority": (distinct, lambda i: Priority.NORMAL),
+        "four priorities, distinct": (distinct, rotating),
+        "four priorities, 10% rewrite": (overlapping, rotating),
     }
+    variants = {name: variant(name, ops, prio) for name, (ops, prio) in cases.items()}
     info = interleaved(benchmark, tmp_path, bench_rounds, n_ops * 100, variants,
                        "one priority")
     assert min(info["rows_per_s"].values()) > 0
@@ -173,18 +175,18 @@ def test_priorities(benchmark: Any, tmp_path: Path, bench_rows: int,
     # the database alone: raw sqlite3 replays each variant's last batches, round by round
     raw: dict[str, list[float]] = {name: [] for name in variants}
     for k in range(bench_rounds):
-        for name in raw:
-            path = tmp_path / f"raw-{len(raw[name])}-{k}.sqlite3"
+        for j, name in enumerate(raw):
+            path = tmp_path / f"raw-{k}-{j}.sqlite3"
             plain_table_at(path)
             ops, batches = recorded[name]
-            raw[name].append(_raw_replay(path, ops, batches.batches))
+            raw[name].append(_raw_replay(path, ops, batches.indexes))
             for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 leftover.unlink(missing_ok=True)
     base = statistics.median(raw["one priority"])
     info["raw_sqlite3_same_batches"] = {
         name: {"rows_per_s": round(n_ops * 100 / statistics.median(t)),
                "ratio": round(base / statistics.median(t), 3),
-               "batches": len(recorded[name][1].batches)} for name, t in raw.items()}
+               "batches": len(recorded[name][1].indexes)} for name, t in raw.items()}
     benchmark.extra_info["raw_sqlite3_same_batches"] = info["raw_sqlite3_same_batches"]
     print("  raw sqlite3 replaying the same batches (one multi-row UPSERT each):")
     for name, figures in info["raw_sqlite3_same_batches"].items():

@@ -209,7 +209,7 @@ class Lanes:
         if index is None:
             index = self.indexes[table] = self._start_index(table, pk)
         if index.bounds is not None:
-            if self._apart_op(index.bounds, op.priority, op, pk):
+            if self._apart(index.bounds, op.priority, op, pk):
                 return op.priority
             self._index_keys(index, table, pk)  # a key may be queued in another lane
         own = keys_of(op, pk)
@@ -247,28 +247,22 @@ class Lanes:
         return target
 
     @staticmethod
-    def _apart_op(bounds: dict[int, list[Any]], prio: int, op: BatchOperation,
-                  pk: tuple[str, ...]) -> bool:
-        """:meth:`_apart` for the keys ``op`` writes (False if they cannot be read)."""
+    def _apart(bounds: dict[int, list[Any]], prio: int, op: BatchOperation,
+               pk: tuple[str, ...]) -> bool:
+        """Whether the keys ``op`` writes lie outside the bounds of every lane but
+        ``prio``'s; if so they join ``prio``'s bounds. False when some key may be queued in
+        another lane (or the keys cannot be read or compared with the others)."""
         span = _plain_span(op, pk)
-        if span is not None:
-            return Lanes._apart_span(bounds, prio, *span)
-        keys = keys_of(op, pk)
-        return keys is not None and Lanes._apart(bounds, prio, keys)
-
-    @staticmethod
-    def _apart(bounds: dict[int, list[Any]], prio: int, keys: list[Any]) -> bool:
-        """Whether ``keys`` lie outside the bounds of every lane but ``prio``'s; if so they
-        join ``prio``'s bounds. False when some key may be queued in another lane (or the
-        keys cannot be compared with the others)."""
-        if not keys:
-            return True  # rows without the key (AUTOINCREMENT): they overwrite nothing
-        span = _bounds(keys)
-        return span is not None and Lanes._apart_span(bounds, prio, *span)
-
-    @staticmethod
-    def _apart_span(bounds: dict[int, list[Any]], prio: int, low: Any, high: Any) -> bool:
-        """:meth:`_apart` for keys whose lowest and highest are ``low`` and ``high``."""
+        if span is None:
+            keys = keys_of(op, pk)
+            if keys is None:
+                return False
+            if not keys:
+                return True  # rows without the key (AUTOINCREMENT): they overwrite nothing
+            span = _bounds(keys)
+            if span is None:
+                return False
+        low, high = span
         try:
             for lane, (lane_low, lane_high) in bounds.items():
                 if lane != prio and not (high < lane_low or low > lane_high):
@@ -294,7 +288,7 @@ class Lanes:
         for prio in _PRIORITIES:
             lane = self.lanes[prio].get(table)
             for op in lane.ops if lane is not None else ():
-                if not self._apart_op(bounds, prio, op, pk):
+                if not self._apart(bounds, prio, op, pk):
                     self._index_keys(index, table, pk)
                     return index
         return index

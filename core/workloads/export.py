@@ -266,14 +266,25 @@ class _ParquetFile:
             self.writer.close()
 
 
-class _CsvFile:
-    def __init__(self, path: Path, columns: Sequence[str]) -> None:
-        self.file = path.open("w", newline="", encoding="utf-8")
-        self.writer = csv.writer(self.file, lineterminator="\n")
+class _CsvRows:
+    """CSV to ``out``: a header row of ``columns``, then rows as they are written, values
+    as an export writes them."""
+
+    def __init__(self, out: TextIO, columns: Sequence[str]) -> None:
+        self.writer = csv.writer(out, lineterminator="\n")
         self.writer.writerow(columns)
 
-    def write(self, rows: list[tuple[Any, ...]]) -> None:
+    def write(self, rows: Sequence[Sequence[Any]]) -> None:
         self.writer.writerows([[_csv_value(v) for v in row] for row in rows])
+
+    def close(self) -> None:
+        pass
+
+
+class _CsvFile(_CsvRows):
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.file = path.open("w", newline="", encoding="utf-8")
+        super().__init__(self.file, columns)
 
     def close(self) -> None:
         self.file.close()
@@ -384,39 +395,21 @@ def _json_value(value: Any) -> Any:
 
 def write_csv(out: TextIO, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """CSV with a header row to ``out``, values written as an export writes them."""
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows([[_csv_value(v) for v in row] for row in rows])
-
-
-class _CsvOut:
-    """CSV to ``out`` one chunk at a time: the header row with the first chunk."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.writer = csv.writer(out, lineterminator="\n")
-        self.header = False
-
-    def write(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        if not self.header:
-            self.writer.writerow(columns)
-            self.header = True
-        self.writer.writerows([[_csv_value(v) for v in row] for row in rows])
-
-    def close(self) -> None:
-        pass
+    _CsvRows(out, columns).write(rows)
 
 
 class _JsonArray:
-    """A JSON array of objects to ``out`` one chunk at a time, laid out as
+    """A JSON array of objects to ``out``, rows written as they come, laid out as
     ``json.dumps(rows, indent=1)`` lays out the whole list."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, columns: Sequence[str]) -> None:
         self.out = out
+        self.columns = columns
         self.empty = True
         out.write("[")
 
-    def write(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        for row in shape_rows(columns, [tuple(r) for r in rows], "dicts"):
+    def write(self, rows: Sequence[Sequence[Any]]) -> None:
+        for row in shape_rows(self.columns, [tuple(r) for r in rows], "dicts"):
             text = json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False,
                               indent=1)
             self.out.write(("\n" if self.empty else ",\n") + textwrap.indent(text, " "))
@@ -435,17 +428,15 @@ async def write_query(manager: BatchDBManager, sql: str, out: TextIO,
     chunk as the database produces them, so memory stays flat whatever the result's size.
     Returns the number of rows. A statement that would write is refused with
     ``ReadOnlyFetchError`` before anything is written."""
+    kind = _CsvRows if fmt == "csv" else _JsonArray
     chunks = manager.fetch_chunks(sql, chunk_rows=chunk_rows)
-    writer: _CsvOut | _JsonArray | None = None
+    writer: _CsvRows | _JsonArray | None = None
     n = 0
     async with contextlib.aclosing(chunks):
         async for chunk in chunks:
             if writer is None:  # nothing is written before the database answered
-                writer = _CsvOut(out) if fmt == "csv" else _JsonArray(out)
-            writer.write(chunk.columns, chunk.rows)
+                writer = kind(out, chunk.columns)
+            writer.write(chunk.rows)
             n += len(chunk.rows)
-    if writer is None and fmt == "json":
-        writer = _JsonArray(out)
-    if writer is not None:
-        writer.close()
+    (writer or kind(out, ())).close()
     return n
