@@ -3,7 +3,8 @@
 Per batch, on one pooled connection::
 
     BEGIN
-    SELECT txid_current()                         -- remembered until COMMIT answers
+    INSERT INTO batchdb_spool_applied …           -- this transaction's commit mark (and the
+      RETURNING txid_current()                    -- deletion of marks no longer needed)
     COPY pg_temp._batchdb_<table>_<n> (…) FROM STDIN (FORMAT BINARY)
     INSERT INTO t … SELECT … FROM staging [ON CONFLICT (pk) DO UPDATE … WHERE changed]
       | UPDATE t … FROM staging WHERE key = key | DELETE FROM t USING staging WHERE key = key
@@ -20,10 +21,18 @@ isolate the bad operation); missing privileges, disk full and the like are RESOU
 
 A COMMIT whose answer never arrived (the connection dropped during it) leaves the outcome
 unknown. Retrying such a batch blindly would duplicate a plain INSERT into a table without
-a primary key, or fail it on its own primary key. Instead the batch's transaction id,
-read before COMMIT, is looked up with ``txid_status()`` on a fresh connection before the
-retry: ``committed`` means the batch is done (it is acknowledged without writing it
-again), ``aborted`` means it is written again, ``in progress`` means ask again later.
+a primary key, or fail it on its own primary key. So every batch's transaction writes a
+mark, a row of its own in ``batchdb_spool_applied`` (this backend's key and a sequence
+number), and before the retry the mark is looked for on a fresh connection: there, the
+batch committed (it is acknowledged without writing it again); not there, it did not (it is
+written again). ``txid_status()`` of the transaction's id, read in the transaction, is
+asked first, only to wait while the transaction is still committing (``in progress``). The
+id alone cannot tell committed from not: after a crash (``pg_ctl stop -m immediate``) the
+ids that never reached the WAL are handed out again, and ``txid_status()`` then answers
+"committed" for another transaction, which acknowledged a lost batch. The marks of
+acknowledged batches are deleted by the next batch's transaction. Where the marks table
+cannot be created (no CREATE privilege), the backend says so once and falls back on
+``txid_status()`` alone.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import importlib
+import itertools
 import logging
 import math
 import re
@@ -42,11 +52,12 @@ from decimal import Decimal
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import sqlalchemy as sa
 
 from batchdb.backend import (
+    BOOKKEEPING_TABLES,
     Backend,
     BackendContext,
     Batch,
@@ -339,12 +350,18 @@ class PostgresBackend(Backend):
         # (table, columns) -> batches in a row whose values binary COPY refused
         self._text_fallbacks: dict[tuple[str, tuple[str, ...]], int] = {}
         self._written: dict[str, Target] = {}
-        # operations whose COMMIT got no answer -> the transaction id to look up
-        self._uncertain: weakref.WeakKeyDictionary[BatchOperation, int] = (
+        # operations whose COMMIT got no answer -> their transaction's id and commit mark
+        self._uncertain: weakref.WeakKeyDictionary[BatchOperation, tuple[int, int | None]] = (
             weakref.WeakKeyDictionary())
         self.server_version: str | None = None
         self.outcomes_resolved = {"committed": 0, "aborted": 0}
         self._marks_ready = False
+        # commit marks (see the module docstring): this backend's key, the next number,
+        # and the marks of acknowledged commits that the next transaction deletes
+        self._commit_marks = True  # False once the marks table cannot be created
+        self._commit_key = f"commit:{uuid4().hex}"
+        self._commit_seqs = itertools.count(1)
+        self._forget: list[int] = []
 
     @property
     def capabilities(self) -> Capabilities:
@@ -415,8 +432,15 @@ class PostgresBackend(Backend):
                  self.server_version, self.settings.pool_size)
 
     async def close(self) -> None:
-        """Close the pool's connections; idempotent."""
+        """Delete the marks of the last acknowledged commits (best effort, on a connection
+        already open and within a second: a row each is all that stays otherwise) and
+        close the pool's connections; idempotent."""
         if self._pool is not None:
+            if self._forget and not self._pool.closed and self._pool.stats()["idle"]:
+                forget, self._forget = self._forget, []
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0), self._pool.connection() as conn:
+                        await conn.raw.execute(_FORGET_SQL, (self._commit_key, forget))
             await self._pool.close()
 
     # ------------------------------------------------------------------ reading
@@ -633,8 +657,16 @@ class PostgresBackend(Backend):
             conn, ("write", target.qualified, batch.operation_type, staging, columns),
             lambda: write_statement(target, batch.operation_type, staging, columns))
         await raw.execute("BEGIN", prepare=False)
+        seq: int | None = None
+        forget: list[int] = []
         try:
-            cur = await raw.execute("SELECT txid_current()")
+            if self._commit_marks:
+                seq = next(self._commit_seqs)
+                forget, self._forget = self._forget, []
+                cur = await raw.execute(_COMMIT_MARK_SQL, {"key": self._commit_key,
+                                                           "forget": forget, "seq": seq})
+            else:
+                cur = await raw.execute("SELECT txid_current()")
             xid_row = await cur.fetchone()
             assert xid_row is not None
             xid = int(xid_row[0])
@@ -654,29 +686,35 @@ class PostgresBackend(Backend):
             if marks:  # replayed from the spool: noted in the same transaction
                 await raw.execute(_MARK_SQL, (self.context.spool_id, marks))
         except BaseException:
+            self._forget.extend(forget)  # not deleted: by a later transaction
             await _rollback(conn)
             raise
         try:
             await raw.execute("COMMIT", prepare=False)
         except BaseException as exc:
+            self._forget.extend(forget)  # maybe not deleted (deleting again is harmless)
             answered = (isinstance(exc, self._pg.Error) and exc.sqlstate is not None
                         and not raw.broken and not raw.closed)
             if not answered:  # the server may have committed: remember how to find out
                 for op in batch.operations:
-                    self._uncertain[op] = xid
+                    self._uncertain[op] = (xid, seq)
                 log.warning("batch on %r: connection lost during COMMIT of transaction %d; "
                             "its outcome is checked before the batch is retried",
                             batch.table.name, xid)
             raise
+        if seq is not None:
+            self._forget.append(seq)  # acknowledged: its mark is not needed any more
         return changed
 
     async def _resolve_uncertain(self, ops: Sequence[BatchOperation]) -> set[int]:
-        """Ids of ``ops`` whose earlier, unanswered COMMIT did commit. Operations whose
-        transaction aborted are forgotten (they are written again)."""
-        xids = {self._uncertain[op] for op in ops if op in self._uncertain}
+        """Ids of ``ops`` whose earlier, unanswered COMMIT did commit (see the module
+        docstring). Operations whose transaction did not commit are forgotten (they are
+        written again)."""
+        questions = {self._uncertain[op] for op in ops if op in self._uncertain}
         status: dict[int, str | None] = {}
+        marked: set[int] = set()
         async with self._require_pool().connection() as conn:
-            for xid in xids:
+            for xid, _ in questions:  # first: a transaction still committing is waited for
                 try:
                     cur = await conn.raw.execute("SELECT txid_status(%s)", (xid,))
                 except self._pg.errors.InvalidParameterValue as exc:
@@ -689,30 +727,41 @@ class PostgresBackend(Backend):
                     continue
                 row = await cur.fetchone()
                 status[xid] = None if row is None else row[0]
+            seqs = [seq for _, seq in questions if seq is not None]
+            if seqs:  # then: a transaction that is over committed if its mark is there
+                cur = await conn.raw.execute(_MARKED_SQL, (self._commit_key, seqs))
+                marked = {int(r[0]) for r in await cur.fetchall()}
+        outcome: dict[tuple[int, int | None], str | None] = {}
+        for xid, seq in questions:
+            state = status.get(xid)
+            if seq is not None and state != "in progress":
+                state = "committed" if seq in marked else "aborted"
+            outcome[xid, seq] = state
         committed: set[int] = set()
         for op in ops:
-            op_xid = self._uncertain.get(op)
-            if op_xid is None:
+            question = self._uncertain.get(op)
+            if question is None:
                 continue
-            xid = op_xid
-            state = status.get(xid)
+            state = outcome[question]
             if state == "committed":
                 committed.add(id(op))
             elif state == "aborted":
                 del self._uncertain[op]
             elif state == "in progress":
                 raise CommitOutcomePending(
-                    f"transaction {xid} of an earlier attempt at this batch is still "
+                    f"transaction {question[0]} of an earlier attempt at this batch is still "
                     "committing on the server")
             else:
                 raise BatchDBError(
-                    f"the outcome of transaction {xid} (a COMMIT whose answer was lost) "
-                    f"cannot be determined any more: txid_status returned {state!r}; the "
-                    "operation is not retried so that it is never applied twice")
-        for xid, state in status.items():
+                    f"the outcome of transaction {question[0]} (a COMMIT whose answer was "
+                    f"lost) cannot be determined any more: txid_status returned {state!r}; "
+                    "the operation is not retried so that it is never applied twice")
+        for (xid, seq), state in outcome.items():
             if state in self.outcomes_resolved:
                 self.outcomes_resolved[state] += 1
                 log.info("transaction %d of a retried batch: %s", xid, state)
+                if state == "committed" and seq is not None:
+                    self._forget.append(seq)
         return committed
 
     async def write_batch(self, batch: Batch) -> BatchResult:
@@ -752,8 +801,8 @@ class PostgresBackend(Backend):
                 # that row would have failed if its key exists
                 if await self._key_exists(target, batch.columns, key_pos, suspect[2]):
                     raise _not_null_violation(target, suspect)
-        if not self._marks_ready and any(op.spool_seq for op in ops):
-            await self._create_marks_table()
+        if not self._marks_ready and (self._commit_marks or any(op.spool_seq for op in ops)):
+            await self._create_marks_table(needed=any(op.spool_seq for op in ops))
         copy_key = (batch.table.name, batch.columns)
         text_copy = (_screen(rows, batch.columns, target)
                      or self._text_fallbacks.get(copy_key, 0) >= TEXT_COPY_AFTER)
@@ -804,9 +853,11 @@ class PostgresBackend(Backend):
         return BatchResult(batch.row_count, changed=changed)
 
     # ------------------------------------------------------------------ spool marks
-    async def _create_marks_table(self) -> None:
-        """``batchdb_spool_applied`` (spool id, sequence number) in the first schema of the
-        search_path, created once, under the advisory lock ``create_table`` takes."""
+    async def _create_marks_table(self, needed: bool) -> None:
+        """``batchdb_spool_applied`` (spool id or commit key, sequence number) in the first
+        schema of the search_path, created once, under the advisory lock ``create_table``
+        takes. Without the privilege to create it, the commit marks are left out (said
+        once), unless ``needed`` (a replayed batch's marks): then the error is raised."""
         async with self._require_pool().connection() as conn:
             try:
                 await conn.raw.execute("BEGIN")
@@ -816,6 +867,15 @@ class PostgresBackend(Backend):
                     "CREATE TABLE IF NOT EXISTS batchdb_spool_applied (spool text NOT NULL, "
                     "seq bigint NOT NULL, PRIMARY KEY (spool, seq))")
                 await conn.raw.execute("COMMIT")
+            except self._pg.errors.InsufficientPrivilege as exc:
+                await _rollback(conn)
+                if needed:
+                    raise
+                self._commit_marks = False
+                log.warning("postgres: cannot create batchdb_spool_applied (%s): a COMMIT "
+                            "whose answer is lost is resolved by txid_status() alone, which "
+                            "can take a batch lost in a server crash for committed", exc)
+                return
             except BaseException:
                 await _rollback(conn)
                 raise
@@ -915,10 +975,12 @@ class PostgresBackend(Backend):
     async def maintenance_tables(self) -> list[tuple[str, str]]:
         """(schema, table) of the tables maintenance works on: every table of the schemas
         on the search_path (a fresh process has written nothing, and ``batchdb maintain``
-        is such a process), then those written elsewhere in this run."""
+        is such a process), then those written elsewhere in this run. batchdb's own marks
+        table is left to autovacuum, as it is left out of ``list_tables()``."""
         async with self._require_pool().connection() as conn:
             cur = await conn.raw.execute(_SEARCH_PATH_TABLES)
-            found = [(str(schema), str(relname)) for schema, relname in await cur.fetchall()]
+            found = [(str(schema), str(relname)) for schema, relname in await cur.fetchall()
+                     if relname not in BOOKKEEPING_TABLES]
         for target in self._written.values():
             if (target.schema, target.relname) not in found:
                 found.append((target.schema, target.relname))
@@ -989,6 +1051,17 @@ class PostgresBackend(Backend):
 
 
 _MARKS_PKEY = "batchdb_spool_applied_pkey"
+#: a batch's commit mark, and the deletion of marks of commits since acknowledged: one
+#: statement, in the round trip that reads the transaction's id
+_COMMIT_MARK_SQL = (
+    "WITH forgotten AS (DELETE FROM batchdb_spool_applied WHERE spool = %(key)s "
+    "AND seq = ANY(%(forget)s::bigint[])) "
+    "INSERT INTO batchdb_spool_applied (spool, seq) VALUES (%(key)s, %(seq)s) "
+    "RETURNING pg_catalog.txid_current()")
+#: which of a backend's commit marks are there
+_MARKED_SQL = ("SELECT seq FROM batchdb_spool_applied WHERE spool = %s "
+               "AND seq = ANY(%s::bigint[])")
+_FORGET_SQL = "DELETE FROM batchdb_spool_applied WHERE spool = %s AND seq = ANY(%s::bigint[])"
 #: the spool sequence numbers of a replayed batch, noted in its own transaction
 _MARK_SQL = ("INSERT INTO batchdb_spool_applied (spool, seq) "
              "SELECT %s, pg_catalog.unnest(%s::bigint[])")

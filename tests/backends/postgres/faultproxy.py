@@ -7,7 +7,10 @@ messages for a statement text (e.g. ``COMMIT``) and then cuts that connection:
   answers; the answer is dropped and both sockets are closed. For COMMIT this is the
   "connection lost during COMMIT, but it did commit" case.
 - ``after_answer=False``: the connection is cut before the statement reaches the server
-  (the server then rolls the transaction back).
+  (the server then rolls the transaction back);
+- ``after_answer=False, hold_server=True``: only the client's side is cut; the server's
+  side stays open, without the statement, until :meth:`close`: the server's session waits
+  in its transaction (it neither commits nor rolls back, and writes no record of either).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class _Fault:
     marker: bytes
     after_answer: bool
     times: int
+    hold_server: bool = False
 
 
 class FaultProxy:
@@ -37,6 +41,7 @@ class FaultProxy:
         self.cuts = 0
         self._handlers: set[asyncio.Task[object]] = set()
         self._cuts: set[asyncio.Event] = set()
+        self._held: list[asyncio.StreamWriter] = []  # server sides kept open (hold_server)
 
     async def start(self, port: int = 0) -> FaultProxy:
         """Start listening on ``port`` (default: a free one) of 127.0.0.1."""
@@ -44,10 +49,11 @@ class FaultProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    def arm(self, marker: bytes, *, after_answer: bool, times: int = 1) -> None:
+    def arm(self, marker: bytes, *, after_answer: bool, times: int = 1,
+            hold_server: bool = False) -> None:
         """Cut the next ``times`` connections that send ``marker`` (a NUL-terminated query
         text in the wire protocol, e.g. ``b"COMMIT\\x00"``)."""
-        self._fault = _Fault(marker, after_answer, times)
+        self._fault = _Fault(marker, after_answer, times, hold_server)
 
     def dsn(self, server_dsn: str) -> str:
         """``server_dsn`` pointed at the proxy instead of the server."""
@@ -60,6 +66,9 @@ class FaultProxy:
         for cut in list(self._cuts):
             cut.set()
         await asyncio.gather(*self._handlers, return_exceptions=True)
+        for writer in self._held:
+            writer.close()
+        self._held.clear()
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -72,6 +81,7 @@ class FaultProxy:
             return
         cut = asyncio.Event()
         answer_pending = asyncio.Event()
+        hold = False
         me = asyncio.current_task()
         if me is not None:
             self._handlers.add(me)
@@ -91,6 +101,8 @@ class FaultProxy:
                         await server_w.drain()
                         answer_pending.set()  # the next answer is swallowed, then cut
                         return
+                    nonlocal hold
+                    hold = fault.hold_server
                     cut.set()
                     break
                 server_w.write(data)
@@ -115,7 +127,9 @@ class FaultProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for writer in (client_w, server_w):
+            if hold:
+                self._held.append(server_w)
+            for writer in (client_w,) if hold else (client_w, server_w):
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()

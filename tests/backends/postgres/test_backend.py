@@ -370,3 +370,41 @@ def test_cli_status_and_config_hide_the_password(pg_server: PostgresServer, pg_s
         assert user in text
         if command == "status":
             assert "visible_to_cli" in text and "server_version" in text
+
+
+async def test_a_role_that_cannot_create_tables_writes_without_commit_marks(
+        pg_server: PostgresServer, make_pg_manager: ManagerFactory, pg_dsn: str,
+        pg_schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The commit marks' table cannot be created by a role with only INSERT on an existing
+    table: the batches are written all the same, and the backend says once that a lost
+    COMMIT is then resolved by the transaction id alone."""
+    sql_exec(pg_dsn, "CREATE TABLE only_insert (id int PRIMARY KEY, v int NOT NULL)")
+    user = f"inserter_{pg_schema}"
+    dsn = with_search_path(pg_server.add_user(user, "Ins3rt-only.pw"), pg_schema)
+    pg_server.psql(f"GRANT USAGE ON SCHEMA {pg_schema} TO {user}; "
+                   f"GRANT SELECT, INSERT, UPDATE ON {pg_schema}.only_insert TO {user}")
+    caplog.set_level(logging.WARNING, logger="batchdb")
+    async with make_pg_manager(postgres={"dsn": dsn}) as m:
+        for i in range(3):
+            await m.wait(await m.queue_operation("only_insert", "UPSERT", [{"id": i, "v": i}]))
+    assert sql_rows(pg_dsn, "SELECT count(*) FROM only_insert") == [(3,)]
+    assert sql_rows(pg_dsn, "SELECT pg_catalog.to_regclass('batchdb_spool_applied')") == [(None,)]
+    warnings = [r.getMessage() for r in caplog.records
+                if "cannot create batchdb_spool_applied" in r.getMessage()]
+    assert len(warnings) == 1 and "txid_status() alone" in warnings[0]
+
+
+async def test_commit_marks_of_acknowledged_batches_are_deleted(
+        make_pg_manager: ManagerFactory, pg_dsn: str) -> None:
+    """Each batch's transaction writes a commit mark and deletes those of the batches
+    acknowledged before it; the manager's stop deletes the last ones: none stays."""
+    sql_exec(pg_dsn, "CREATE TABLE marked (id int PRIMARY KEY, v int NOT NULL)")
+    async with make_pg_manager() as m:
+        for i in range(5):
+            await m.wait(await m.queue_operation("marked", "INSERT", [{"id": i, "v": i}]))
+            # the mark of the batch just acknowledged, and no older one
+            assert sql_rows(pg_dsn, "SELECT count(*) FROM batchdb_spool_applied "
+                                    "WHERE spool LIKE 'commit:%'") == [(1,)]
+        assert "batchdb_spool_applied" not in await m.list_tables()
+    assert sql_rows(pg_dsn, "SELECT count(*) FROM batchdb_spool_applied") == [(0,)]
+    assert sql_rows(pg_dsn, "SELECT count(*) FROM marked") == [(5,)]
