@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.pgserver import PostgresServer, sql_rows
 
 __all__ = ["outage_server", "start_again", "stop_immediate"]
@@ -38,7 +40,11 @@ def start_again(server: PostgresServer) -> None:
 
 
 def outage_server(base: Path) -> Iterator[PostgresServer]:
-    """A server for one module (stopping the session's server would disturb other tests)."""
+    """A server for one module (stopping the session's server would disturb other tests);
+    the module is skipped where no server can be started."""
+    reason = PostgresServer.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"no PostgreSQL server can be started here: {reason}")
     server = PostgresServer.start(base)
     try:
         yield server
